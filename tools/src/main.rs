@@ -1,1 +1,48 @@
-fn main(){}
+//! The `dase` command.
+
+mod dnode;
+mod fabric;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "dase",
+    version,
+    about = "dase: disaggregated, shared-everything storage over NVMe/TCP",
+    long_about = "dase: disaggregated, shared-everything storage over NVMe/TCP.\n\n\
+D-nodes (`dase dnode`) serve files, block devices or memory as NVMe namespaces over NVMe/TCP.\n\
+Any NVMe/TCP host can use them: the Linux kernel, SPDK, or dase's own host library.",
+    after_help = "Examples:\n  dase dnode --listen 127.0.0.1:4420 --nqn nqn.2026-11.io.dase:d0 --namespace /tmp/d0.img --size 1G\n  dase discover nvme-tcp://127.0.0.1:4420\n  dase identify nvme-tcp://127.0.0.1:4420/nqn.2026-11.io.dase:d0/1"
+)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. info, debug, dase_target=debug.
+    #[arg(long, global = true, env = "DASE_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Dnode(dnode::Args),
+    Discover(fabric::DiscoverArgs),
+    Identify(fabric::IdentifyArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match cli.cmd {
+        Cmd::Dnode(a) => dnode::run(a),
+        Cmd::Discover(a) => fabric::discover(a),
+        Cmd::Identify(a) => fabric::identify(a),
+    };
+    if let Err(e) = r {
+        eprintln!("dase: error: {e:#}");
+        std::process::exit(1);
+    }
+}
