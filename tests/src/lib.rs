@@ -1,1 +1,243 @@
+//! Helpers for the end-to-end suites: real `dase` processes on loopback
+//! ports, and a raw NVMe/TCP connection for sending what no well-behaved host
+//! would.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use dase_protocol::pdu::{dgst, Fes};
+use dase_protocol::{DecodeError, Limits, Pdu, PduDecoder, PduEncoder, Role};
+
+/// The `dase` binary: `$DASE_BIN`, or the one cargo built beside this test,
+/// built on demand when missing.
+pub fn dase_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("DASE_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>/dase
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let bin = profile_dir.join("dase");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-q", "-p", "dase-tools", "--bin", "dase"]);
+        if release {
+            cmd.arg("--release");
+        }
+        // Always build: cheap when fresh, and never tests a stale binary.
+        let st = cmd.status().expect("run cargo build for the dase binary");
+        assert!(st.success(), "building the dase binary failed");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A running `dase dnode` process, killed when dropped.
+pub struct DNode {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub nqn: String,
+    args: Vec<String>,
+}
+
+impl DNode {
+    /// Starts `dase dnode --listen 127.0.0.1:0 <args>` and waits for its port.
+    pub fn start(args: &[&str]) -> DNode {
+        Self::start_on("127.0.0.1:0", args)
+    }
+
+    pub fn start_on(listen: &str, args: &[&str]) -> DNode {
+        let mut all: Vec<String> = vec!["dnode".into(), "--listen".into(), listen.into(), "--stats-interval".into(), "0".into()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let mut child = Command::new(dase_bin())
+            .args(&all)
+            .env("DASE_LOG", std::env::var("DASE_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dase dnode");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.parse::<SocketAddr>().ok());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Some(a)) => a,
+            _ => {
+                let _ = child.kill();
+                let st = child.wait().ok();
+                panic!("dase dnode {all:?} did not start (exit {st:?})");
+            }
+        };
+        let nqn = args
+            .windows(2)
+            .find(|w| w[0] == "--nqn")
+            .map(|w| w[1].to_string())
+            .unwrap_or_default();
+        DNode { child, addr, nqn, args: args.iter().map(|s| s.to_string()).collect() }
+    }
+
+    /// A D-node with one memory namespace of `size` and `block_size`.
+    pub fn memory(nqn: &str, size: &str, block_size: u32) -> DNode {
+        Self::start(&["--nqn", nqn, "--namespace", "memory", "--size", size, "--block-size", &block_size.to_string()])
+    }
+
+    pub fn addr_string(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills and starts the same D-node again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The port may linger briefly; retry until it binds.
+            let n = std::panic::catch_unwind(|| DNode::start_on(&self.addr.to_string(), &args));
+            match n {
+                Ok(mut n) => {
+                    std::mem::swap(&mut self.child, &mut n.child);
+                    std::mem::forget(n);
+                    return;
+                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for DNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A unique NQN per test so logs are readable.
+pub fn nqn(name: &str) -> String {
+    format!("nqn.2026-11.io.dase:test-{name}")
+}
+
+pub const HOSTNQN: &str = "nqn.2026-11.io.dase:test-host";
+
+/// A blocking raw NVMe/TCP connection for malformed-input tests.
+pub struct RawConn {
+    pub s: TcpStream,
+    pub dec: PduDecoder,
+    pub enc: PduEncoder,
+    buf: BytesMut,
+}
+
+impl RawConn {
+    /// Connects and, unless `handshake` is false, completes ICReq/ICResp.
+    pub fn connect(addr: SocketAddr, handshake: bool, hd: bool, dd: bool) -> RawConn {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut c = RawConn { s, dec: PduDecoder::new(Role::Host), enc: PduEncoder::default(), buf: BytesMut::new() };
+        if handshake {
+            let mut w = BytesMut::new();
+            let bits = if hd { dgst::HDGST_ENABLE } else { 0 } | if dd { dgst::DDGST_ENABLE } else { 0 };
+            PduEncoder::default().ic_req(&mut w, 0, bits, 0);
+            c.send(&w);
+            match c.recv() {
+                Some(Pdu::IcResp(r)) => {
+                    assert_eq!(r.dgst, bits);
+                    c.enc = PduEncoder { hdgst: hd, ddgst: dd, pda: 0 };
+                    c.dec.establish(Limits { hdgst: hd, ddgst: dd, max_data: 16 << 20, pda: 0 });
+                }
+                other => panic!("expected ICResp, got {other:?}"),
+            }
+        }
+        c
+    }
+
+    pub fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).expect("send");
+    }
+
+    /// Next PDU, or None on EOF.
+    pub fn recv(&mut self) -> Option<Pdu> {
+        loop {
+            match self.dec.decode(&mut self.buf) {
+                Ok(Some(p)) => return Some(p),
+                Ok(None) => {}
+                Err(DecodeError::Fatal(f)) => panic!("target sent a malformed PDU: {f:?}"),
+                Err(DecodeError::DataDigest(_)) => panic!("data digest error from target"),
+            }
+            let mut tmp = [0u8; 65536];
+            match self.s.read(&mut tmp) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// Expects a C2HTermReq with `fes`/`fei`, then the connection to close.
+    pub fn expect_term(&mut self, fes: Fes, fei: Option<u32>) {
+        match self.recv() {
+            Some(Pdu::TermReq { hdr, .. }) => {
+                assert_eq!(hdr.ch.pdu_type, 0x03, "not a C2HTermReq");
+                assert_eq!(Fes::from_u16(hdr.fes.get()), Some(fes), "FES");
+                if let Some(fei) = fei {
+                    assert_eq!(hdr.fei.get(), fei, "FEI");
+                }
+            }
+            other => panic!("expected C2HTermReq {fes:?}, got {other:?}"),
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut tmp = [0u8; 256];
+        loop {
+            match self.s.read(&mut tmp) {
+                Ok(0) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                Ok(_) if Instant::now() < deadline => continue,
+                r => panic!("connection not closed after TermReq: {r:?}"),
+            }
+        }
+    }
+}
+
+/// A tokio runtime for async tests that also spawn processes.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

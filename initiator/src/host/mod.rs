@@ -1,0 +1,13 @@
+//! The NVMe/TCP host: queue pairs, controllers, discovery.
+
+mod controller;
+mod discovery;
+mod error;
+mod queue;
+mod uri;
+
+pub use controller::{Controller, ControllerOptions, NamespaceInfo};
+pub use discovery::{discover, DiscoveryEntry};
+pub use error::HostError;
+pub use queue::{Completion, QueuePair};
+pub use uri::NvmeUri;
