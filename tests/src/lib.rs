@@ -40,6 +40,26 @@ pub fn dase_bin() -> PathBuf {
     .clone()
 }
 
+/// Spawns `cmd` from one thread that lives as long as the test process:
+/// PR_SET_PDEATHSIG fires when the spawning *thread* exits, so children
+/// spawned from short-lived test threads would die with them.
+pub fn spawn_tied(cmd: Command) -> std::io::Result<Child> {
+    type Req = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Req>>> = OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Req>();
+        std::thread::spawn(move || {
+            for (mut cmd, reply) in rx {
+                let _ = reply.send(cmd.spawn());
+            }
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (rtx, rrx) = std::sync::mpsc::channel();
+    tx.lock().unwrap().send((cmd, rtx)).expect("spawner thread");
+    rrx.recv().expect("spawner reply")
+}
+
 /// A running `dase dnode` process, killed when dropped.
 pub struct DNode {
     pub child: Child,
@@ -57,13 +77,21 @@ impl DNode {
     pub fn start_on(listen: &str, args: &[&str]) -> DNode {
         let mut all: Vec<String> = vec!["dnode".into(), "--listen".into(), listen.into(), "--stats-interval".into(), "0".into()];
         all.extend(args.iter().map(|s| s.to_string()));
-        let mut child = Command::new(dase_bin())
-            .args(&all)
+        let mut cmd = Command::new(dase_bin());
+        // The D-node dies with the test process, even one held in a static.
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        cmd.args(&all)
             .env("DASE_LOG", std::env::var("DASE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn dase dnode");
+            .stderr(Stdio::inherit());
+        let mut child = spawn_tied(cmd).expect("spawn dase dnode");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
