@@ -165,21 +165,8 @@ impl Controller {
         let cntlid = admin.connect(&cd, 31, kato_ms, o.connect_timeout).await?;
         let admin = Arc::new(admin);
 
-        // Enable the controller: CC.EN with 64-byte SQEs and 16-byte CQEs; wait for CSTS.RDY.
         let t = o.connect_timeout;
-        let cc: u32 = 1 | 6 << 16 | 4 << 20;
-        admin.submit(prop_set(prop::CC, cc), Bytes::new(), 0, t).await?.ok()?;
-        let deadline = Instant::now() + t;
-        loop {
-            let c = admin.submit(prop_get(prop::CSTS, false), Bytes::new(), 0, t).await?.ok()?;
-            if c.dw0 & 1 != 0 {
-                break;
-            }
-            if c.dw0 & 2 != 0 || Instant::now() > deadline {
-                return Err(HostError::Connect { addr: self.addr.clone(), reason: "controller did not become ready".into() });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        enable(&admin, &self.addr, t).await?;
         let id = identify_controller(&admin, t).await?;
         if id.cntlid.get() != cntlid {
             return Err(HostError::Connect {
@@ -441,6 +428,24 @@ pub(crate) fn prop_get(offset: u32, wide: bool) -> Sqe {
     sqe.cdw10 = (wide as u32).into();
     sqe.cdw11 = offset.into();
     sqe
+}
+
+/// Sets CC.EN (64-byte SQEs, 16-byte CQEs) and waits for CSTS.RDY. Targets
+/// refuse admin commands other than fabrics ones until then.
+pub(crate) async fn enable(admin: &QueuePair, addr: &str, t: Duration) -> Result<(), HostError> {
+    let cc: u32 = 1 | 6 << 16 | 4 << 20;
+    admin.submit(prop_set(prop::CC, cc), Bytes::new(), 0, t).await?.ok()?;
+    let deadline = Instant::now() + t;
+    loop {
+        let c = admin.submit(prop_get(prop::CSTS, false), Bytes::new(), 0, t).await?.ok()?;
+        if c.dw0 & 1 != 0 {
+            return Ok(());
+        }
+        if c.dw0 & 2 != 0 || Instant::now() > deadline {
+            return Err(HostError::Connect { addr: addr.to_string(), reason: "controller did not become ready".into() });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 pub(crate) async fn identify_controller(admin: &QueuePair, t: Duration) -> Result<IdentifyController, HostError> {

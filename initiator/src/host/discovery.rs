@@ -43,6 +43,7 @@ pub async fn discover(addr: &str, opts: &ControllerOptions) -> Result<Vec<Discov
     let cd = ConnectData::new(opts.hostid, 0xffff, DISCOVERY_NQN, &opts.hostnqn);
     // No keep-alive: the association lasts one log read.
     q.connect(&cd, 31, 0, t).await?;
+    super::controller::enable(&q, addr, t).await?;
     let read = |offset: u64, len: u32| {
         let mut sqe = Sqe::new(admin_opc::GET_LOG_PAGE, 0, 0);
         let numd = len / 4 - 1;

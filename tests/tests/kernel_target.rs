@@ -1,0 +1,120 @@
+//! The host library against the Linux kernel NVMe/TCP target (nvmet-tcp),
+//! booted under QEMU by `../shared/kernel-peer/target.sh`.
+//!
+//! Ignored by default (the emulated kernel takes ~15 s to boot and moves only
+//! a few MiB/s). Run it with:
+//!
+//! ```text
+//! cargo test -p dase-tests --test kernel_target -- --ignored --nocapture
+//! ```
+//!
+//! It starts `target.sh` itself, or uses a running one named by
+//! `DASE_KERNEL_TARGET=127.0.0.1:PORT`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dase_initiator::host::{discover, Controller, ControllerOptions};
+use dase_protocol::Status;
+use dase_tests::*;
+
+const KERNEL_NQN: &str = "nqn.2014-08.org.example:kernel-target";
+
+struct KernelTarget {
+    addr: String,
+    child: Option<std::process::Child>,
+}
+
+impl Drop for KernelTarget {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            // SIGTERM lets target.sh stop its QEMU.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+fn kernel_target() -> KernelTarget {
+    if let Ok(a) = std::env::var("DASE_KERNEL_TARGET") {
+        return KernelTarget { addr: a, child: None };
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/kernel-peer/target.sh");
+    assert!(script.exists(), "{} not found: run from a checkout with shared/ beside it", script.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg(port.to_string()).arg("128").stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = spawn_tied(cmd).expect("start target.sh");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("READY ") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(240)).expect("kernel target did not become READY");
+    KernelTarget { addr: format!("127.0.0.1:{port}"), child: Some(child) }
+}
+
+fn opts(hd: bool, dd: bool) -> ControllerOptions {
+    ControllerOptions {
+        hostnqn: HOSTNQN.into(),
+        hdr_digest: hd,
+        data_digest: dd,
+        io_queues: 2,
+        queue_depth: 32,
+        // Emulated: everything is slow.
+        io_timeout: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+#[test]
+#[ignore = "boots a Linux kernel under QEMU; run with --ignored"]
+fn host_library_against_the_linux_kernel_target() {
+    let k = kernel_target();
+    rt().block_on(async {
+        let entries = discover(&k.addr, &opts(false, false)).await.expect("discovery");
+        assert!(entries.iter().any(|e| e.subnqn == KERNEL_NQN), "{entries:?}");
+
+        for (hd, dd) in [(false, false), (true, true)] {
+            let c = Controller::connect(&k.addr, KERNEL_NQN, opts(hd, dd)).await.expect("connect");
+            let id = c.identify().await.unwrap();
+            assert_eq!(dase_protocol::admin::get_str(&id.subnqn), KERNEL_NQN);
+            let nsids = c.active_namespaces().await.unwrap();
+            assert_eq!(nsids, vec![1]);
+            let ns = c.namespace(1).await.unwrap();
+            assert!(ns.bytes() >= 64 << 20);
+            let bs = ns.block_size as usize;
+            // In-capsule (small), R2T with one and with several H2CData PDUs.
+            for (i, len) in [bs, 8 * 1024, 64 * 1024, 1 << 20].into_iter().enumerate() {
+                let slba = (i as u64 + 1) * 4096 + hd as u64 * 100_000 / bs as u64;
+                let data = pattern(len, i as u64 + 100 * hd as u64);
+                c.write(&ns, slba, Bytes::from(data.clone())).await.unwrap();
+                let back = c.read(&ns, slba, (len / bs) as u32).await.unwrap();
+                assert!(back[..] == data[..], "{len} bytes at {slba} differ (digests {hd}/{dd})");
+            }
+            c.flush(&ns).await.unwrap();
+            // The last block.
+            let last = ns.blocks - 1;
+            c.write(&ns, last, Bytes::from(vec![0xab; bs])).await.unwrap();
+            assert_eq!(&c.read(&ns, last, 1).await.unwrap()[..], &vec![0xab; bs][..]);
+            c.write_zeroes(&ns, last, 1).await.unwrap();
+            assert!(c.read(&ns, last, 1).await.unwrap().iter().all(|&b| b == 0));
+            // Out of range is an NVMe status, not a transport failure. (nvmet
+            // on a brd ramdisk in 6.1 says Internal Error rather than LBA Out
+            // of Range; either way the queue must stay usable.)
+            let e = c.read(&ns, ns.blocks, 1).await.unwrap_err();
+            let st = e.status().unwrap_or_else(|| panic!("transport error instead of a status: {e}"));
+            assert!(st == Status::LBA_OUT_OF_RANGE || st == Status::INTERNAL_ERROR.dnr(), "{st}");
+            assert_eq!(&c.read(&ns, last, 1).await.unwrap()[..], &vec![0u8; bs][..]);
+            c.disconnect().await.unwrap();
+        }
+    });
+}
