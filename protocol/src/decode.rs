@@ -53,7 +53,7 @@ pub enum DecodeError {
     /// returned so the command it belongs to can be failed and its lengths
     /// still accounted for; the connection may continue.
     #[error("data digest mismatch")]
-    DataDigest(Pdu),
+    DataDigest(Box<Pdu>),
 }
 
 /// One decoded PDU.
@@ -263,7 +263,7 @@ impl PduDecoder {
             }
             let pdo = ch.pdo as usize;
             let pda = self.limits.pda as usize;
-            if pdo < header_total || pdo > plen || (pda > 4 && pdo % pda != 0) {
+            if pdo < header_total || pdo > plen || (pda > 4 && !pdo.is_multiple_of(pda)) {
                 return Err(FatalError::header_field(ch_offset::PDO).into());
             }
             let dd = digests && self.limits.ddgst;
@@ -276,7 +276,9 @@ impl PduDecoder {
             }
             let data_len = plen - pdo - tail;
             if data_len > self.limits.max_data as usize {
-                return Err(FatalError::new(Fes::DataTransferLimitExceeded, ch_offset::PLEN).into());
+                return Err(
+                    FatalError::new(Fes::DataTransferLimitExceeded, ch_offset::PLEN).into(),
+                );
             }
             (pdo, data_len, dd)
         };
@@ -306,7 +308,7 @@ impl PduDecoder {
         };
         let pdu = build(t, &header, data)?;
         if !digest_ok {
-            return Err(DecodeError::DataDigest(pdu));
+            return Err(DecodeError::DataDigest(Box::new(pdu)));
         }
         if matches!(t, PduType::IcReq | PduType::IcResp) {
             // The caller switches us to Established once negotiation is done;
@@ -365,9 +367,11 @@ fn build(t: PduType, header: &[u8], data: Bytes) -> Result<Pdu, FatalError> {
             let h = CapsuleCmdHeader::read_from_bytes(header).map_err(|_| bad)?;
             Pdu::CapsuleCmd { sqe: h.sqe, data }
         }
-        PduType::CapsuleResp => {
-            Pdu::CapsuleResp(CapsuleRespHeader::read_from_bytes(header).map_err(|_| bad)?.cqe)
-        }
+        PduType::CapsuleResp => Pdu::CapsuleResp(
+            CapsuleRespHeader::read_from_bytes(header)
+                .map_err(|_| bad)?
+                .cqe,
+        ),
         PduType::H2CData | PduType::C2HData => {
             let hdr = DataHeader::read_from_bytes(header).map_err(|_| bad)?;
             if hdr.datal.get() as usize != data.len() {

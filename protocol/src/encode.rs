@@ -187,7 +187,15 @@ impl PduEncoder {
         self.whole(out, h.as_bytes(), &[]);
     }
 
-    fn data_header(&self, t: PduType, fl: u8, cccid: u16, ttag: u16, datao: u32, len: usize) -> DataHeader {
+    fn data_header(
+        &self,
+        t: PduType,
+        fl: u8,
+        cccid: u16,
+        ttag: u16,
+        datao: u32,
+        len: usize,
+    ) -> DataHeader {
         DataHeader {
             ch: self.common(t, fl, len),
             cccid: U16::new(cccid),
@@ -199,7 +207,15 @@ impl PduEncoder {
     }
 
     /// An H2CData PDU carrying `data`.
-    pub fn h2c_data(&self, out: &mut BytesMut, cccid: u16, ttag: u16, datao: u32, data: &[u8], last: bool) {
+    pub fn h2c_data(
+        &self,
+        out: &mut BytesMut,
+        cccid: u16,
+        ttag: u16,
+        datao: u32,
+        data: &[u8],
+        last: bool,
+    ) {
         let fl = if last { flags::LAST_PDU } else { 0 };
         let h = self.data_header(PduType::H2CData, fl, cccid, ttag, datao, data.len());
         self.whole(out, h.as_bytes(), data);
@@ -227,7 +243,15 @@ impl PduEncoder {
     }
 
     /// A whole C2HData PDU from a slice.
-    pub fn c2h_data(&self, out: &mut BytesMut, cccid: u16, datao: u32, data: &[u8], last: bool, success: bool) {
+    pub fn c2h_data(
+        &self,
+        out: &mut BytesMut,
+        cccid: u16,
+        datao: u32,
+        data: &[u8],
+        last: bool,
+        success: bool,
+    ) {
         let m = self.begin_c2h_data(out, cccid, datao, data.len(), last, success);
         out.extend_from_slice(data);
         self.end_data(out, m);

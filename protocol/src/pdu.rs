@@ -64,11 +64,7 @@ impl PduType {
     pub const fn may_carry_data(self) -> bool {
         matches!(
             self,
-            Self::CapsuleCmd
-                | Self::H2CData
-                | Self::C2HData
-                | Self::H2CTermReq
-                | Self::C2HTermReq
+            Self::CapsuleCmd | Self::H2CData | Self::C2HData | Self::H2CTermReq | Self::C2HTermReq
         )
     }
 }

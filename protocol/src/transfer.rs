@@ -36,14 +36,20 @@ impl Transfer {
     /// the offset of the offending field, as a TermReq reports it.
     pub fn accept(&mut self, datao: u32, datal: u32) -> Result<bool, FatalError> {
         if datao != self.next {
-            return Err(FatalError::new(Fes::DataTransferOutOfRange, data_offset::DATAO));
+            return Err(FatalError::new(
+                Fes::DataTransferOutOfRange,
+                data_offset::DATAO,
+            ));
         }
         match datao.checked_add(datal) {
             Some(e) if e <= self.end => {
                 self.next = e;
                 Ok(self.is_complete())
             }
-            _ => Err(FatalError::new(Fes::DataTransferOutOfRange, data_offset::DATAL)),
+            _ => Err(FatalError::new(
+                Fes::DataTransferOutOfRange,
+                data_offset::DATAL,
+            )),
         }
     }
 }
@@ -62,8 +68,14 @@ mod tests {
     #[test]
     fn gaps_overlaps_and_overruns_are_fatal() {
         let mut t = Transfer::new(4096, 4096);
-        assert_eq!(t.accept(0, 4096).unwrap_err().fes, Fes::DataTransferOutOfRange);
+        assert_eq!(
+            t.accept(0, 4096).unwrap_err().fes,
+            Fes::DataTransferOutOfRange
+        );
         assert_eq!(t.accept(4096, 8192).unwrap_err().fei, data_offset::DATAL);
-        assert_eq!(t.accept(4096, u32::MAX).unwrap_err().fei, data_offset::DATAL);
+        assert_eq!(
+            t.accept(4096, u32::MAX).unwrap_err().fei,
+            data_offset::DATAL
+        );
     }
 }

@@ -11,7 +11,12 @@ const MAX_DATA: u32 = 64 * 1024;
 
 fn established(role: Role, hd: bool, dd: bool) -> PduDecoder {
     let mut d = PduDecoder::new(role);
-    d.establish(Limits { hdgst: hd, ddgst: dd, max_data: MAX_DATA, pda: 0 });
+    d.establish(Limits {
+        hdgst: hd,
+        ddgst: dd,
+        max_data: MAX_DATA,
+        pda: 0,
+    });
     d
 }
 
@@ -89,10 +94,12 @@ proptest! {
         let mut wire = BytesMut::new();
         enc.r2t(&mut wire, cid, 3, 0, 4096);
         enc.c2h_data(&mut wire, cid, 0, &data, true, false);
-        let mut cqe = Cqe::default();
-        cqe.cid = U16::new(cid);
-        cqe.dw0 = dw0.into();
-        cqe.status = U16::new(Status::COMPARE_FAILURE.to_word());
+        let cqe = Cqe {
+            cid: U16::new(cid),
+            dw0: dw0.into(),
+            status: U16::new(Status::COMPARE_FAILURE.to_word()),
+            ..Default::default()
+        };
         enc.capsule_resp(&mut wire, &cqe);
         let mut dec = PduDecoder::new(Role::Host);
         dec.establish(Limits { hdgst: hd, ddgst: dd, max_data: 20000, pda: pdu::pda_bytes(pda) as u32 });
@@ -144,7 +151,16 @@ fn fatal(r: Result<Option<Pdu>, DecodeError>) -> (Fes, u32) {
 
 fn capsule(hd: bool, dd: bool, data: &[u8]) -> BytesMut {
     let mut w = BytesMut::new();
-    PduEncoder { hdgst: hd, ddgst: dd, pda: 0 }.capsule_cmd(&mut w, &sqe(admin_opc::IDENTIFY, 1, data.len() as u32), data);
+    PduEncoder {
+        hdgst: hd,
+        ddgst: dd,
+        pda: 0,
+    }
+    .capsule_cmd(
+        &mut w,
+        &sqe(admin_opc::IDENTIFY, 1, data.len() as u32),
+        data,
+    );
     w
 }
 
@@ -152,24 +168,39 @@ fn capsule(hd: bool, dd: bool, data: &[u8]) -> BytesMut {
 fn wrong_hlen_is_an_invalid_header_field_at_offset_2() {
     let mut w = capsule(false, false, &[]);
     w[2] = 64;
-    assert_eq!(fatal(one(Role::Controller, false, false, &w)), (Fes::InvalidHeaderField, 2));
+    assert_eq!(
+        fatal(one(Role::Controller, false, false, &w)),
+        (Fes::InvalidHeaderField, 2)
+    );
 }
 
 #[test]
 fn pdu_of_the_other_direction_is_rejected() {
     let mut w = BytesMut::new();
     PduEncoder::default().r2t(&mut w, 1, 1, 0, 4096);
-    assert_eq!(fatal(one(Role::Controller, false, false, &w)), (Fes::InvalidHeaderField, 0));
+    assert_eq!(
+        fatal(one(Role::Controller, false, false, &w)),
+        (Fes::InvalidHeaderField, 0)
+    );
 }
 
 #[test]
 fn digest_flags_must_match_negotiation() {
     let w = capsule(true, false, &[]);
-    assert_eq!(fatal(one(Role::Controller, false, false, &w)), (Fes::InvalidHeaderField, 1));
+    assert_eq!(
+        fatal(one(Role::Controller, false, false, &w)),
+        (Fes::InvalidHeaderField, 1)
+    );
     let w = capsule(false, false, &[]);
-    assert_eq!(fatal(one(Role::Controller, true, false, &w)), (Fes::InvalidHeaderField, 1));
+    assert_eq!(
+        fatal(one(Role::Controller, true, false, &w)),
+        (Fes::InvalidHeaderField, 1)
+    );
     let w = capsule(false, false, &[1, 2, 3, 4]);
-    assert_eq!(fatal(one(Role::Controller, false, true, &w)), (Fes::InvalidHeaderField, 1));
+    assert_eq!(
+        fatal(one(Role::Controller, false, true, &w)),
+        (Fes::InvalidHeaderField, 1)
+    );
 }
 
 #[test]
@@ -179,7 +210,9 @@ fn header_digest_error_is_detected_before_the_data_arrives() {
     // Only the header and its digest are present.
     let mut dec = established(Role::Controller, true, false);
     let mut buf = BytesMut::from(&w[..76]);
-    assert!(matches!(dec.decode(&mut buf), Err(DecodeError::Fatal(f)) if f.fes == Fes::HeaderDigestError));
+    assert!(
+        matches!(dec.decode(&mut buf), Err(DecodeError::Fatal(f)) if f.fes == Fes::HeaderDigestError)
+    );
 }
 
 #[test]
@@ -188,7 +221,10 @@ fn data_digest_error_returns_the_pdu() {
     let n = w.len();
     w[n - 10] ^= 1;
     match one(Role::Controller, false, true, &w) {
-        Err(DecodeError::DataDigest(Pdu::CapsuleCmd { sqe, data })) => {
+        Err(DecodeError::DataDigest(p)) if matches!(*p, Pdu::CapsuleCmd { .. }) => {
+            let Pdu::CapsuleCmd { sqe, data } = *p else {
+                unreachable!()
+            };
             assert_eq!(sqe.cid.get(), 1);
             assert_eq!(data.len(), 100);
         }
@@ -200,35 +236,50 @@ fn data_digest_error_returns_the_pdu() {
 fn plen_beyond_the_negotiated_maximum_is_refused_without_buffering() {
     let mut w = capsule(false, false, &[0; 16]);
     w[4..8].copy_from_slice(&(MAX_DATA + 1000).to_le_bytes());
-    assert_eq!(fatal(one(Role::Controller, false, false, &w[..80])), (Fes::DataTransferLimitExceeded, 4));
+    assert_eq!(
+        fatal(one(Role::Controller, false, false, &w[..80])),
+        (Fes::DataTransferLimitExceeded, 4)
+    );
 }
 
 #[test]
 fn plen_smaller_than_the_header_is_refused() {
     let mut w = capsule(false, false, &[]);
     w[4..8].copy_from_slice(&10u32.to_le_bytes());
-    assert_eq!(fatal(one(Role::Controller, false, false, &w)), (Fes::InvalidHeaderField, 4));
+    assert_eq!(
+        fatal(one(Role::Controller, false, false, &w)),
+        (Fes::InvalidHeaderField, 4)
+    );
 }
 
 #[test]
 fn pdo_inside_the_header_is_refused() {
     let mut w = capsule(false, false, &[0; 16]);
     w[3] = 8;
-    assert_eq!(fatal(one(Role::Controller, false, false, &w)), (Fes::InvalidHeaderField, 3));
+    assert_eq!(
+        fatal(one(Role::Controller, false, false, &w)),
+        (Fes::InvalidHeaderField, 3)
+    );
 }
 
 #[test]
 fn second_icreq_is_a_sequence_error() {
     let mut w = BytesMut::new();
     PduEncoder::default().ic_req(&mut w, 0, dgst::HDGST_ENABLE, 0);
-    assert_eq!(fatal(one(Role::Controller, false, false, &w)), (Fes::PduSequenceError, 0));
+    assert_eq!(
+        fatal(one(Role::Controller, false, false, &w)),
+        (Fes::PduSequenceError, 0)
+    );
 }
 
 #[test]
 fn capsule_before_icreq_is_a_sequence_error() {
     let w = capsule(false, false, &[]);
     let mut dec = PduDecoder::new(Role::Controller);
-    assert_eq!(fatal(dec.decode(&mut BytesMut::from(&w[..]))), (Fes::PduSequenceError, 0));
+    assert_eq!(
+        fatal(dec.decode(&mut BytesMut::from(&w[..]))),
+        (Fes::PduSequenceError, 0)
+    );
 }
 
 #[test]
@@ -245,7 +296,10 @@ fn c2h_success_without_last_is_refused() {
     let mut w = BytesMut::new();
     PduEncoder::default().c2h_data(&mut w, 1, 0, &[1; 8], true, true);
     w[1] &= !flags::LAST_PDU;
-    assert_eq!(fatal(one(Role::Host, false, false, &w)), (Fes::InvalidHeaderField, 1));
+    assert_eq!(
+        fatal(one(Role::Host, false, false, &w)),
+        (Fes::InvalidHeaderField, 1)
+    );
 }
 
 #[test]
@@ -253,15 +307,24 @@ fn datal_must_match_the_data_present() {
     let mut w = BytesMut::new();
     PduEncoder::default().h2c_data(&mut w, 1, 1, 0, &[1; 64], true);
     w[16..20].copy_from_slice(&65u32.to_le_bytes());
-    assert_eq!(fatal(one(Role::Controller, false, false, &w)), (Fes::InvalidHeaderField, 16));
+    assert_eq!(
+        fatal(one(Role::Controller, false, false, &w)),
+        (Fes::InvalidHeaderField, 16)
+    );
 }
 
 #[test]
 fn every_pdu_type_has_its_spec_header_length() {
     for (t, l) in [
-        (PduType::IcReq, 128), (PduType::IcResp, 128), (PduType::H2CTermReq, 24),
-        (PduType::C2HTermReq, 24), (PduType::CapsuleCmd, 72), (PduType::CapsuleResp, 24),
-        (PduType::H2CData, 24), (PduType::C2HData, 24), (PduType::R2T, 24),
+        (PduType::IcReq, 128),
+        (PduType::IcResp, 128),
+        (PduType::H2CTermReq, 24),
+        (PduType::C2HTermReq, 24),
+        (PduType::CapsuleCmd, 72),
+        (PduType::CapsuleResp, 24),
+        (PduType::H2CData, 24),
+        (PduType::C2HData, 24),
+        (PduType::R2T, 24),
     ] {
         assert_eq!(t.header_len(), l);
         assert_eq!(PduType::from_u8(t as u8), Some(t));

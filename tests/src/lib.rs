@@ -23,7 +23,11 @@ pub fn dase_bin() -> PathBuf {
         }
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target/<profile>/dase
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
         let bin = profile_dir.join("dase");
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -75,7 +79,13 @@ impl DNode {
     }
 
     pub fn start_on(listen: &str, args: &[&str]) -> DNode {
-        let mut all: Vec<String> = vec!["dnode".into(), "--listen".into(), listen.into(), "--stats-interval".into(), "0".into()];
+        let mut all: Vec<String> = vec![
+            "dnode".into(),
+            "--listen".into(),
+            listen.into(),
+            "--stats-interval".into(),
+            "0".into(),
+        ];
         all.extend(args.iter().map(|s| s.to_string()));
         let mut cmd = Command::new(dase_bin());
         // The D-node dies with the test process, even one held in a static.
@@ -88,7 +98,10 @@ impl DNode {
             });
         }
         cmd.args(&all)
-            .env("DASE_LOG", std::env::var("DASE_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "DASE_LOG",
+                std::env::var("DASE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = spawn_tied(cmd).expect("spawn dase dnode");
@@ -114,12 +127,26 @@ impl DNode {
             .find(|w| w[0] == "--nqn")
             .map(|w| w[1].to_string())
             .unwrap_or_default();
-        DNode { child, addr, nqn, args: args.iter().map(|s| s.to_string()).collect() }
+        DNode {
+            child,
+            addr,
+            nqn,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     /// A D-node with one memory namespace of `size` and `block_size`.
     pub fn memory(nqn: &str, size: &str, block_size: u32) -> DNode {
-        Self::start(&["--nqn", nqn, "--namespace", "memory", "--size", size, "--block-size", &block_size.to_string()])
+        Self::start(&[
+            "--nqn",
+            nqn,
+            "--namespace",
+            "memory",
+            "--size",
+            size,
+            "--block-size",
+            &block_size.to_string(),
+        ])
     }
 
     pub fn addr_string(&self) -> String {
@@ -146,7 +173,9 @@ impl DNode {
                     std::mem::forget(n);
                     return;
                 }
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
                 Err(e) => std::panic::resume_unwind(e),
             }
         }
@@ -185,17 +214,32 @@ impl RawConn {
         let s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.set_nodelay(true).unwrap();
-        let mut c = RawConn { s, dec: PduDecoder::new(Role::Host), enc: PduEncoder::default(), buf: BytesMut::new() };
+        let mut c = RawConn {
+            s,
+            dec: PduDecoder::new(Role::Host),
+            enc: PduEncoder::default(),
+            buf: BytesMut::new(),
+        };
         if handshake {
             let mut w = BytesMut::new();
-            let bits = if hd { dgst::HDGST_ENABLE } else { 0 } | if dd { dgst::DDGST_ENABLE } else { 0 };
+            let bits =
+                if hd { dgst::HDGST_ENABLE } else { 0 } | if dd { dgst::DDGST_ENABLE } else { 0 };
             PduEncoder::default().ic_req(&mut w, 0, bits, 0);
             c.send(&w);
             match c.recv() {
                 Some(Pdu::IcResp(r)) => {
                     assert_eq!(r.dgst, bits);
-                    c.enc = PduEncoder { hdgst: hd, ddgst: dd, pda: 0 };
-                    c.dec.establish(Limits { hdgst: hd, ddgst: dd, max_data: 16 << 20, pda: 0 });
+                    c.enc = PduEncoder {
+                        hdgst: hd,
+                        ddgst: dd,
+                        pda: 0,
+                    };
+                    c.dec.establish(Limits {
+                        hdgst: hd,
+                        ddgst: dd,
+                        max_data: 16 << 20,
+                        pda: 0,
+                    });
                 }
                 other => panic!("expected ICResp, got {other:?}"),
             }
@@ -253,7 +297,11 @@ impl RawConn {
 
 /// A tokio runtime for async tests that also spawn processes.
 pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.

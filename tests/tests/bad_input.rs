@@ -25,8 +25,14 @@ fn dnode() -> &'static DNode {
 fn still_serves() {
     let d = dnode();
     rt().block_on(async {
-        let o = ControllerOptions { hostnqn: HOSTNQN.into(), io_timeout: Duration::from_secs(10), ..Default::default() };
-        let c = Controller::connect(&d.addr_string(), &d.nqn, o).await.expect("target still accepts hosts");
+        let o = ControllerOptions {
+            hostnqn: HOSTNQN.into(),
+            io_timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let c = Controller::connect(&d.addr_string(), &d.nqn, o)
+            .await
+            .expect("target still accepts hosts");
         let ns = c.namespace(1).await.unwrap();
         let data = pattern(64 * 1024, 11);
         c.write(&ns, 8, Bytes::from(data.clone())).await.unwrap();
@@ -63,7 +69,11 @@ fn connect(c: &mut RawConn, qid: u16, cd: &ConnectData) -> u16 {
     c.send(&w);
     match c.recv() {
         Some(Pdu::CapsuleResp(cqe)) => {
-            assert_eq!(Status::from_word(cqe.status.get()), Status::SUCCESS, "connect");
+            assert_eq!(
+                Status::from_word(cqe.status.get()),
+                Status::SUCCESS,
+                "connect"
+            );
             cqe.dw0.get() as u16
         }
         other => panic!("{other:?}"),
@@ -103,7 +113,11 @@ fn write_sqe(cid: u16, slba: u64, nlb: u32, sgl: SglDescriptor) -> Sqe {
 
 /// Sends a write that the target answers with an R2T; returns its TTAG.
 fn start_r2t_write(q: &mut RawConn, cid: u16, nlb: u32) -> u16 {
-    let w = capsule(&q.enc, &write_sqe(cid, 0, nlb, SglDescriptor::transport(nlb * 512)), &[]);
+    let w = capsule(
+        &q.enc,
+        &write_sqe(cid, 0, nlb, SglDescriptor::transport(nlb * 512)),
+        &[],
+    );
     q.send(&w);
     match q.recv() {
         Some(Pdu::R2T(r)) => {
@@ -179,7 +193,11 @@ fn data_offset_inside_the_header() {
 #[test]
 fn header_digest_flag_without_negotiation() {
     let mut c = RawConn::connect(dnode().addr, true, false, false);
-    let enc = PduEncoder { hdgst: true, ddgst: false, pda: 0 };
+    let enc = PduEncoder {
+        hdgst: true,
+        ddgst: false,
+        pda: 0,
+    };
     c.send(&capsule(&enc, &Sqe::new(6, 1, 0), &[]));
     c.expect_term(Fes::InvalidHeaderField, Some(1));
     still_serves();
@@ -188,7 +206,11 @@ fn header_digest_flag_without_negotiation() {
 #[test]
 fn missing_data_digest_when_negotiated() {
     let mut c = RawConn::connect(dnode().addr, true, true, true);
-    let enc = PduEncoder { hdgst: true, ddgst: false, pda: 0 };
+    let enc = PduEncoder {
+        hdgst: true,
+        ddgst: false,
+        pda: 0,
+    };
     c.send(&capsule(&enc, &Sqe::new(6, 1, 0), &[0u8; 16]));
     c.expect_term(Fes::InvalidHeaderField, Some(1));
     still_serves();
@@ -208,14 +230,21 @@ fn header_digest_error() {
 fn data_digest_error_fails_only_the_command() {
     let mut q = io_queue(false, true);
     let data = pattern(1024, 5);
-    let mut w = capsule(&q.enc, &write_sqe(9, 0, 2, SglDescriptor::in_capsule(1024)), &data);
+    let mut w = capsule(
+        &q.enc,
+        &write_sqe(9, 0, 2, SglDescriptor::in_capsule(1024)),
+        &data,
+    );
     let n = w.len();
     w[n - 20] ^= 1;
     q.send(&w);
     match q.recv() {
         Some(Pdu::CapsuleResp(cqe)) => {
             assert_eq!(cqe.cid.get(), 9);
-            assert_eq!(Status::from_word(cqe.status.get()), Status::TRANSIENT_TRANSPORT_ERROR);
+            assert_eq!(
+                Status::from_word(cqe.status.get()),
+                Status::TRANSIENT_TRANSPORT_ERROR
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -284,7 +313,8 @@ fn h2c_data_out_of_range() {
     let mut w = BytesMut::new();
     // The transfer is 32 KiB; data at offset 32 KiB - 512 of 1024 bytes overruns it.
     q.enc.h2c_data(&mut w, 4, ttag, 0, &[1u8; 31 * 1024], false);
-    q.enc.h2c_data(&mut w, 4, ttag, 31 * 1024, &[1u8; 2048], true);
+    q.enc
+        .h2c_data(&mut w, 4, ttag, 31 * 1024, &[1u8; 2048], true);
     q.send(&w);
     q.expect_term(Fes::DataTransferOutOfRange, Some(16));
     still_serves();
@@ -307,7 +337,8 @@ fn h2c_data_beyond_maxh2cdata() {
     let ttag = start_r2t_write(&mut q, 4, 1024);
     let mut w = BytesMut::new();
     // 512 KiB in one PDU: twice the advertised MAXH2CDATA.
-    q.enc.h2c_data(&mut w, 4, ttag, 0, &vec![1u8; 512 * 1024], true);
+    q.enc
+        .h2c_data(&mut w, 4, ttag, 0, &vec![1u8; 512 * 1024], true);
     q.send(&w[..24]);
     q.expect_term(Fes::DataTransferLimitExceeded, Some(4));
     still_serves();
@@ -341,10 +372,17 @@ fn invalid_io_commands_get_nvme_statuses_and_the_queue_continues() {
     r.dptr = SglDescriptor::transport(1024);
     expect_status(&mut q, &r, Status::DATA_SGL_LENGTH_INVALID);
     // In-capsule data shorter than the SGL says.
-    let w = capsule(&q.enc, &write_sqe(24, 0, 4, SglDescriptor::in_capsule(2048)), &[0u8; 512]);
+    let w = capsule(
+        &q.enc,
+        &write_sqe(24, 0, 4, SglDescriptor::in_capsule(2048)),
+        &[0u8; 512],
+    );
     q.send(&w);
     match q.recv() {
-        Some(Pdu::CapsuleResp(c)) => assert_eq!(Status::from_word(c.status.get()), Status::DATA_SGL_LENGTH_INVALID),
+        Some(Pdu::CapsuleResp(c)) => assert_eq!(
+            Status::from_word(c.status.get()),
+            Status::DATA_SGL_LENGTH_INVALID
+        ),
         other => panic!("{other:?}"),
     }
     // Unsupported SGL descriptor type.
@@ -358,7 +396,9 @@ fn invalid_io_commands_get_nvme_statuses_and_the_queue_continues() {
     let w = capsule(&q.enc, &w2, &[0u8; 512]);
     q.send(&w);
     match q.recv() {
-        Some(Pdu::CapsuleResp(c)) => assert_eq!(Status::from_word(c.status.get()), Status::MISSING_FUSED),
+        Some(Pdu::CapsuleResp(c)) => {
+            assert_eq!(Status::from_word(c.status.get()), Status::MISSING_FUSED)
+        }
         other => panic!("{other:?}"),
     }
     // A fused first half followed by an unrelated command.
@@ -379,7 +419,10 @@ fn invalid_io_commands_get_nvme_statuses_and_the_queue_continues() {
         }
     }
     assert!(saw.contains(&(27, Status::MISSING_FUSED)), "{saw:?}");
-    assert!(saw.contains(&(28, Status::SUCCESS)) || saw.len() == 2, "{saw:?}");
+    assert!(
+        saw.contains(&(28, Status::SUCCESS)) || saw.len() == 2,
+        "{saw:?}"
+    );
     still_serves();
 }
 

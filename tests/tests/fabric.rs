@@ -22,7 +22,9 @@ fn opts(hd: bool, dd: bool) -> ControllerOptions {
 }
 
 async fn connect(d: &DNode, o: ControllerOptions) -> (Controller, NamespaceInfo) {
-    let c = Controller::connect(&d.addr_string(), &d.nqn, o).await.expect("connect");
+    let c = Controller::connect(&d.addr_string(), &d.nqn, o)
+        .await
+        .expect("connect");
     let ns = c.namespace(1).await.expect("namespace 1");
     (c, ns)
 }
@@ -32,7 +34,11 @@ async fn connect(d: &DNode, o: ControllerOptions) -> (Controller, NamespaceInfo)
 const SIZES: [usize; 8] = [1, 8, 16, 32, 33, 255, 600, 8192];
 
 fn round_trip(block_size: u32, hd: bool, dd: bool) {
-    let d = DNode::memory(&nqn(&format!("rt-{block_size}-{hd}-{dd}")), "64M", block_size);
+    let d = DNode::memory(
+        &nqn(&format!("rt-{block_size}-{hd}-{dd}")),
+        "64M",
+        block_size,
+    );
     rt().block_on(async {
         let (c, ns) = connect(&d, opts(hd, dd)).await;
         assert_eq!(ns.block_size, block_size);
@@ -43,7 +49,10 @@ fn round_trip(block_size: u32, hd: bool, dd: bool) {
             let data = pattern(nblocks * block_size as usize, i as u64 + 1);
             c.write(&ns, slba, Bytes::from(data.clone())).await.unwrap();
             let back = c.read(&ns, slba, nblocks as u32).await.unwrap();
-            assert!(back[..] == data[..], "{nblocks} blocks at {slba}: data differs");
+            assert!(
+                back[..] == data[..],
+                "{nblocks} blocks at {slba}: data differs"
+            );
             slba += nblocks as u64 + 7;
         }
         // The very last block of the namespace.
@@ -112,7 +121,11 @@ fn write_zeroes_deallocate_and_compare() {
             if zero {
                 assert!(got.iter().all(|&b| b == 0), "block {blk} not zeroed");
             } else {
-                assert_eq!(got, &data[blk * 512..(blk + 1) * 512], "block {blk} changed");
+                assert_eq!(
+                    got,
+                    &data[blk * 512..(blk + 1) * 512],
+                    "block {blk} changed"
+                );
             }
         }
     });
@@ -124,21 +137,42 @@ fn invalid_commands_get_their_nvme_status() {
     rt().block_on(async {
         let (c, ns) = connect(&d, opts(false, false)).await;
         let status = |r: Result<Bytes, HostError>| r.unwrap_err().status().expect("an NVMe status");
-        assert_eq!(status(c.read(&ns, ns.blocks, 1).await), Status::LBA_OUT_OF_RANGE);
-        assert_eq!(status(c.read(&ns, ns.blocks - 1, 2).await), Status::LBA_OUT_OF_RANGE);
-        assert_eq!(status(c.read(&ns, u64::MAX, 1).await), Status::LBA_OUT_OF_RANGE);
+        assert_eq!(
+            status(c.read(&ns, ns.blocks, 1).await),
+            Status::LBA_OUT_OF_RANGE
+        );
+        assert_eq!(
+            status(c.read(&ns, ns.blocks - 1, 2).await),
+            Status::LBA_OUT_OF_RANGE
+        );
+        assert_eq!(
+            status(c.read(&ns, u64::MAX, 1).await),
+            Status::LBA_OUT_OF_RANGE
+        );
         let bogus = NamespaceInfo { nsid: 7, ..ns };
-        assert_eq!(status(c.read(&bogus, 0, 1).await), Status::INVALID_NAMESPACE);
-        let e = c.write(&ns, ns.blocks, Bytes::from(vec![0u8; 512 * 40])).await.unwrap_err();
+        assert_eq!(
+            status(c.read(&bogus, 0, 1).await),
+            Status::INVALID_NAMESPACE
+        );
+        let e = c
+            .write(&ns, ns.blocks, Bytes::from(vec![0u8; 512 * 40]))
+            .await
+            .unwrap_err();
         assert_eq!(e.status(), Some(Status::LBA_OUT_OF_RANGE));
         // More than MDTS in one command.
         assert_eq!(status(c.read(&ns, 0, 9000).await), Status::INVALID_FIELD);
         // Unknown I/O and admin opcodes.
         let sqe = dase_protocol::Sqe::new(0x7e, 0, 1);
-        assert_eq!(c.admin(sqe, 0).await.unwrap_err().status(), Some(Status::INVALID_OPCODE));
+        assert_eq!(
+            c.admin(sqe, 0).await.unwrap_err().status(),
+            Some(Status::INVALID_OPCODE)
+        );
         let mut lp = dase_protocol::Sqe::new(dase_protocol::nvme::admin_opc::GET_LOG_PAGE, 0, 0);
         lp.cdw10 = (0xc5u32 | 127 << 16).into();
-        assert_eq!(c.admin(lp, 512).await.unwrap_err().status(), Some(Status::INVALID_LOG_PAGE));
+        assert_eq!(
+            c.admin(lp, 512).await.unwrap_err().status(),
+            Some(Status::INVALID_LOG_PAGE)
+        );
         // Failures are recorded in the error log (newest first).
         let mut lp = dase_protocol::Sqe::new(dase_protocol::nvme::admin_opc::GET_LOG_PAGE, 0, 0);
         lp.cdw10 = (1u32 | 15 << 16).into();
@@ -153,21 +187,38 @@ fn invalid_commands_get_their_nvme_status() {
 fn discovery_lists_the_subsystems() {
     let d = DNode::memory(&nqn("disc"), "1M", 512);
     rt().block_on(async {
-        let e = discover(&d.addr_string(), &opts(false, false)).await.unwrap();
-        assert!(e.iter().any(|e| e.subnqn == d.nqn && e.subtype == 2 && e.trsvcid == d.addr.port().to_string()));
-        assert!(e.iter().any(|e| e.subnqn == dase_protocol::nvme::DISCOVERY_NQN && e.subtype == 3));
+        let e = discover(&d.addr_string(), &opts(false, false))
+            .await
+            .unwrap();
+        assert!(e.iter().any(|e| e.subnqn == d.nqn
+            && e.subtype == 2
+            && e.trsvcid == d.addr.port().to_string()));
+        assert!(e
+            .iter()
+            .any(|e| e.subnqn == dase_protocol::nvme::DISCOVERY_NQN && e.subtype == 3));
     });
 }
 
 #[test]
 fn access_control_refuses_unknown_hosts() {
     let name = nqn("acl");
-    let d = DNode::start(&["--nqn", &name, "--namespace", "memory", "--size", "1M", "--allow-host", HOSTNQN]);
+    let d = DNode::start(&[
+        "--nqn",
+        &name,
+        "--namespace",
+        "memory",
+        "--size",
+        "1M",
+        "--allow-host",
+        HOSTNQN,
+    ]);
     rt().block_on(async {
         let mut o = opts(false, false);
         o.hostnqn = "nqn.2026-11.io.dase:intruder".into();
         match Controller::connect(&d.addr_string(), &name, o).await {
-            Err(HostError::ConnectRejected { status, .. }) => assert_eq!(status, Status::CONNECT_INVALID_HOST),
+            Err(HostError::ConnectRejected { status, .. }) => {
+                assert_eq!(status, Status::CONNECT_INVALID_HOST)
+            }
             Err(e) => panic!("wrong error: {e}"),
             Ok(_) => panic!("unknown host was let in"),
         }
@@ -179,8 +230,16 @@ fn access_control_refuses_unknown_hosts() {
         // The allowed host gets in.
         connect(&d, opts(false, false)).await;
         // An unknown subsystem is an invalid parameter in the connect data.
-        match Controller::connect(&d.addr_string(), "nqn.2026-11.io.dase:nope", opts(false, false)).await {
-            Err(HostError::ConnectRejected { status, .. }) => assert_eq!(status, Status::CONNECT_INVALID_PARAMETERS),
+        match Controller::connect(
+            &d.addr_string(),
+            "nqn.2026-11.io.dase:nope",
+            opts(false, false),
+        )
+        .await
+        {
+            Err(HostError::ConnectRejected { status, .. }) => {
+                assert_eq!(status, Status::CONNECT_INVALID_PARAMETERS)
+            }
             other => panic!("{:?}", other.err()),
         }
     });
@@ -255,7 +314,10 @@ fn compare_and_write_is_atomic_under_contention() {
                         let v = u64::from_le_bytes(cur[..8].try_into().unwrap());
                         // Any torn write would break the "all words equal" invariant.
                         assert!(cur.chunks(8).all(|w| w == &cur[..8]), "torn counter block");
-                        if c.compare_and_write(ns, 0, block(v), block(v + 1)).await.unwrap() {
+                        if c.compare_and_write(ns, 0, block(v), block(v + 1))
+                            .await
+                            .unwrap()
+                        {
                             mine += 1;
                             wins.fetch_add(1, Ordering::Relaxed);
                         }
@@ -269,7 +331,9 @@ fn compare_and_write_is_atomic_under_contention() {
             tokio::spawn(async move {
                 let (c, ns) = &*host;
                 for i in 0..200u64 {
-                    c.write(ns, 8 + i % 32, Bytes::from(vec![i as u8; 512])).await.unwrap();
+                    c.write(ns, 8 + i % 32, Bytes::from(vec![i as u8; 512]))
+                        .await
+                        .unwrap();
                 }
             })
         };
@@ -282,7 +346,10 @@ fn compare_and_write_is_atomic_under_contention() {
         assert_eq!(v, wins.load(Ordering::Relaxed));
         assert_eq!(v, 3 * 4 * 15);
         // A compare-and-write with the wrong expectation changes nothing.
-        assert!(!c0.compare_and_write(ns0, 0, block(1), block(1000)).await.unwrap());
+        assert!(!c0
+            .compare_and_write(ns0, 0, block(1), block(1000))
+            .await
+            .unwrap());
         assert_eq!(c0.read(ns0, 0, 1).await.unwrap(), block(v));
     });
 }
@@ -296,7 +363,9 @@ fn keep_alive_expiry_tears_the_controller_down() {
         o.kato = Duration::from_millis(600);
         let (c, ns) = connect(&d, o).await;
         tokio::time::sleep(Duration::from_millis(2000)).await;
-        c.read(&ns, 0, 1).await.expect("keep-alive kept the controller");
+        c.read(&ns, 0, 1)
+            .await
+            .expect("keep-alive kept the controller");
         let cntlid = c.cntlid().await.unwrap();
 
         // A raw association that never sends Keep Alive is torn down.
@@ -308,16 +377,25 @@ fn keep_alive_expiry_tears_the_controller_down() {
         sqe.cdw12 = 300.into();
         sqe.dptr = dase_protocol::nvme::SglDescriptor::in_capsule(1024);
         let mut w = bytes::BytesMut::new();
-        raw.enc.capsule_cmd(&mut w, &sqe, zerocopy::IntoBytes::as_bytes(&cd));
+        raw.enc
+            .capsule_cmd(&mut w, &sqe, zerocopy::IntoBytes::as_bytes(&cd));
         raw.send(&w);
         match raw.recv() {
-            Some(dase_protocol::Pdu::CapsuleResp(cqe)) => assert!(Status::from_word(cqe.status.get()).is_success()),
+            Some(dase_protocol::Pdu::CapsuleResp(cqe)) => {
+                assert!(Status::from_word(cqe.status.get()).is_success())
+            }
             other => panic!("{other:?}"),
         }
         let t0 = std::time::Instant::now();
-        assert!(raw.recv().is_none(), "target should close the expired association");
+        assert!(
+            raw.recv().is_none(),
+            "target should close the expired association"
+        );
         let waited = t0.elapsed();
-        assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(5), "closed after {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+            "closed after {waited:?}"
+        );
         // The well-behaved host is unaffected.
         c.read(&ns, 0, 1).await.unwrap();
         assert_eq!(c.cntlid().await.unwrap(), cntlid);
@@ -329,7 +407,14 @@ fn host_reconnects_after_the_target_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.img");
     let name = nqn("restart");
-    let mut d = DNode::start(&["--nqn", &name, "--namespace", path.to_str().unwrap(), "--size", "4M"]);
+    let mut d = DNode::start(&[
+        "--nqn",
+        &name,
+        "--namespace",
+        path.to_str().unwrap(),
+        "--size",
+        "4M",
+    ]);
     rt().block_on(async {
         let (c, ns) = connect(&d, opts(false, false)).await;
         c.write(&ns, 0, Bytes::from(vec![5u8; 4096])).await.unwrap();
@@ -357,20 +442,47 @@ fn host_reconnects_after_the_target_restarts() {
 #[test]
 fn target_rejects_bad_configuration_at_start() {
     let out = std::process::Command::new(dase_bin())
-        .args(["dnode", "--nqn", "nqn.2026-11.io.dase:x", "--namespace", "/nonexistent/dir/x.img"])
+        .args([
+            "dnode",
+            "--nqn",
+            "nqn.2026-11.io.dase:x",
+            "--namespace",
+            "/nonexistent/dir/x.img",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does not exist") && err.contains("--size"), "{err}");
+    assert!(
+        err.contains("does not exist") && err.contains("--size"),
+        "{err}"
+    );
     let out = std::process::Command::new(dase_bin())
-        .args(["dnode", "--nqn", "bad nqn", "--namespace", "memory", "--size", "1M"])
+        .args([
+            "dnode",
+            "--nqn",
+            "bad nqn",
+            "--namespace",
+            "memory",
+            "--size",
+            "1M",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NQN"));
     let out = std::process::Command::new(dase_bin())
-        .args(["dnode", "--nqn", "nqn.2026-11.io.dase:x", "--namespace", "memory", "--size", "1M", "--block-size", "1000"])
+        .args([
+            "dnode",
+            "--nqn",
+            "nqn.2026-11.io.dase:x",
+            "--namespace",
+            "memory",
+            "--size",
+            "1M",
+            "--block-size",
+            "1000",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -40,13 +40,29 @@ impl Drop for KernelTarget {
 
 fn kernel_target() -> KernelTarget {
     if let Ok(a) = std::env::var("DASE_KERNEL_TARGET") {
-        return KernelTarget { addr: a, child: None };
+        return KernelTarget {
+            addr: a,
+            child: None,
+        };
     }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/kernel-peer/target.sh");
-    assert!(script.exists(), "{} not found: run from a checkout with shared/ beside it", script.display());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/kernel-peer/target.sh");
+    assert!(
+        script.exists(),
+        "{} not found: run from a checkout with shared/ beside it",
+        script.display()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut cmd = Command::new("bash");
-    cmd.arg(&script).arg(port.to_string()).arg("128").stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.arg(&script)
+        .arg(port.to_string())
+        .arg("128")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     let mut child = spawn_tied(cmd).expect("start target.sh");
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -57,8 +73,12 @@ fn kernel_target() -> KernelTarget {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(240)).expect("kernel target did not become READY");
-    KernelTarget { addr: format!("127.0.0.1:{port}"), child: Some(child) }
+    rx.recv_timeout(Duration::from_secs(240))
+        .expect("kernel target did not become READY");
+    KernelTarget {
+        addr: format!("127.0.0.1:{port}"),
+        child: Some(child),
+    }
 }
 
 fn opts(hd: bool, dd: bool) -> ControllerOptions {
@@ -80,11 +100,18 @@ fn opts(hd: bool, dd: bool) -> ControllerOptions {
 fn host_library_against_the_linux_kernel_target() {
     let k = kernel_target();
     rt().block_on(async {
-        let entries = discover(&k.addr, &opts(false, false)).await.expect("discovery");
-        assert!(entries.iter().any(|e| e.subnqn == KERNEL_NQN), "{entries:?}");
+        let entries = discover(&k.addr, &opts(false, false))
+            .await
+            .expect("discovery");
+        assert!(
+            entries.iter().any(|e| e.subnqn == KERNEL_NQN),
+            "{entries:?}"
+        );
 
         for (hd, dd) in [(false, false), (true, true)] {
-            let c = Controller::connect(&k.addr, KERNEL_NQN, opts(hd, dd)).await.expect("connect");
+            let c = Controller::connect(&k.addr, KERNEL_NQN, opts(hd, dd))
+                .await
+                .expect("connect");
             let id = c.identify().await.unwrap();
             assert_eq!(dase_protocol::admin::get_str(&id.subnqn), KERNEL_NQN);
             let nsids = c.active_namespaces().await.unwrap();
@@ -98,21 +125,34 @@ fn host_library_against_the_linux_kernel_target() {
                 let data = pattern(len, i as u64 + 100 * hd as u64);
                 c.write(&ns, slba, Bytes::from(data.clone())).await.unwrap();
                 let back = c.read(&ns, slba, (len / bs) as u32).await.unwrap();
-                assert!(back[..] == data[..], "{len} bytes at {slba} differ (digests {hd}/{dd})");
+                assert!(
+                    back[..] == data[..],
+                    "{len} bytes at {slba} differ (digests {hd}/{dd})"
+                );
             }
             c.flush(&ns).await.unwrap();
             // The last block.
             let last = ns.blocks - 1;
-            c.write(&ns, last, Bytes::from(vec![0xab; bs])).await.unwrap();
-            assert_eq!(&c.read(&ns, last, 1).await.unwrap()[..], &vec![0xab; bs][..]);
+            c.write(&ns, last, Bytes::from(vec![0xab; bs]))
+                .await
+                .unwrap();
+            assert_eq!(
+                &c.read(&ns, last, 1).await.unwrap()[..],
+                &vec![0xab; bs][..]
+            );
             c.write_zeroes(&ns, last, 1).await.unwrap();
             assert!(c.read(&ns, last, 1).await.unwrap().iter().all(|&b| b == 0));
             // Out of range is an NVMe status, not a transport failure. (nvmet
             // on a brd ramdisk in 6.1 says Internal Error rather than LBA Out
             // of Range; either way the queue must stay usable.)
             let e = c.read(&ns, ns.blocks, 1).await.unwrap_err();
-            let st = e.status().unwrap_or_else(|| panic!("transport error instead of a status: {e}"));
-            assert!(st == Status::LBA_OUT_OF_RANGE || st == Status::INTERNAL_ERROR.dnr(), "{st}");
+            let st = e
+                .status()
+                .unwrap_or_else(|| panic!("transport error instead of a status: {e}"));
+            assert!(
+                st == Status::LBA_OUT_OF_RANGE || st == Status::INTERNAL_ERROR.dnr(),
+                "{st}"
+            );
             assert_eq!(&c.read(&ns, last, 1).await.unwrap()[..], &vec![0u8; bs][..]);
             c.disconnect().await.unwrap();
         }

@@ -52,7 +52,12 @@ pub struct Args {
 fn to_config(a: &Args) -> Result<TargetConfig> {
     let mut cfg = match &a.config {
         Some(p) => TargetConfig::from_file(p)?,
-        None => TargetConfig { listen: vec![], discovery_port: None, stats_interval_secs: a.stats_interval, subsystems: vec![] },
+        None => TargetConfig {
+            listen: vec![],
+            discovery_port: None,
+            stats_interval_secs: a.stats_interval,
+            subsystems: vec![],
+        },
     };
     if a.config.is_none() || a.listen != vec!["127.0.0.1:4420".parse::<SocketAddr>().unwrap()] {
         cfg.listen = a.listen.clone();
@@ -63,7 +68,12 @@ fn to_config(a: &Args) -> Result<TargetConfig> {
     if a.config.is_none() {
         cfg.stats_interval_secs = a.stats_interval;
     }
-    let size = a.size.as_deref().map(dase_target::parse_size).transpose().map_err(anyhow::Error::msg)?;
+    let size = a
+        .size
+        .as_deref()
+        .map(dase_target::parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     match (&a.nqn, a.namespaces.is_empty()) {
         (Some(nqn), false) => cfg.subsystems.push(SubsystemConfig {
             nqn: nqn.clone(),
@@ -82,7 +92,9 @@ fn to_config(a: &Args) -> Result<TargetConfig> {
         }),
         (Some(_), true) => bail!("--nqn needs at least one --namespace"),
         (None, false) => bail!("--namespace needs --nqn"),
-        (None, true) if a.config.is_none() => bail!("nothing to serve: give --nqn and --namespace, or --config"),
+        (None, true) if a.config.is_none() => {
+            bail!("nothing to serve: give --nqn and --namespace, or --config")
+        }
         (None, true) => {}
     }
     Ok(cfg)
@@ -110,7 +122,8 @@ pub fn run(a: Args) -> Result<()> {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,

@@ -56,7 +56,10 @@ impl ConnArgs {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
 }
 
 pub fn discover(a: DiscoverArgs) -> Result<()> {
@@ -65,8 +68,22 @@ pub fn discover(a: DiscoverArgs) -> Result<()> {
     println!("Discovery Log Number of Records {}", entries.len());
     for (i, e) in entries.iter().enumerate() {
         println!("=====Discovery Log Entry {i}======");
-        println!("trtype:  {}", if e.trtype == 3 { "tcp".to_string() } else { e.trtype.to_string() });
-        println!("adrfam:  {}", match e.adrfam { 1 => "ipv4", 2 => "ipv6", _ => "other" });
+        println!(
+            "trtype:  {}",
+            if e.trtype == 3 {
+                "tcp".to_string()
+            } else {
+                e.trtype.to_string()
+            }
+        );
+        println!(
+            "adrfam:  {}",
+            match e.adrfam {
+                1 => "ipv4",
+                2 => "ipv6",
+                _ => "other",
+            }
+        );
         println!(
             "subtype: {}",
             match e.subtype {
@@ -97,7 +114,10 @@ fn human(bytes: u64) -> String {
 
 pub fn identify(a: IdentifyArgs) -> Result<()> {
     let uri = NvmeUri::parse(&a.uri)?;
-    let nqn = uri.nqn.clone().context("identify needs a subsystem NQN: nvme-tcp://HOST:PORT/NQN[/NSID]")?;
+    let nqn = uri
+        .nqn
+        .clone()
+        .context("identify needs a subsystem NQN: nvme-tcp://HOST:PORT/NQN[/NSID]")?;
     let mut opts = a.conn.options();
     opts.io_queues = 0;
     runtime()?.block_on(async move {
@@ -138,10 +158,20 @@ pub fn identify(a: IdentifyArgs) -> Result<()> {
             println!("nsze      : {:#x}", ns.nsze.get());
             println!("ncap      : {:#x}", ns.ncap.get());
             println!("lba size  : {bs}");
-            println!("capacity  : {} ({} bytes)", human(ns.nsze.get() * bs), ns.nsze.get() * bs);
+            println!(
+                "capacity  : {} ({} bytes)",
+                human(ns.nsze.get() * bs),
+                ns.nsze.get() * bs
+            );
             println!("nmic      : {:#x}", ns.nmic);
             println!("dlfeat    : {:#x}", ns.dlfeat);
-            println!("nguid     : {}", ns.nguid.iter().map(|b| format!("{b:02x}")).collect::<String>());
+            println!(
+                "nguid     : {}",
+                ns.nguid
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
         }
         let _ = c.disconnect().await;
         Ok(())

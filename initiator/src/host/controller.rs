@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dase_protocol::admin::{ConnectData, IdentifyController, IdentifyNamespace};
-use dase_protocol::nvme::{admin_opc, cns, feature, fuse, fctype, nvm_opc, prop};
+use dase_protocol::nvme::{admin_opc, cns, fctype, feature, fuse, nvm_opc, prop};
 use dase_protocol::Sqe;
 use tokio::sync::Mutex as AsyncMutex;
 use zerocopy::{FromBytes, FromZeros};
@@ -54,8 +54,16 @@ impl Default for ControllerOptions {
 /// A host NQN derived from this machine's identity, stable across runs.
 pub fn default_hostnqn() -> String {
     let id = default_hostid();
-    let h = |r: std::ops::Range<usize>| id[r].iter().map(|b| format!("{b:02x}")).collect::<String>();
-    format!("nqn.2014-08.org.nvmexpress:uuid:{}-{}-{}-{}-{}", h(0..4), h(4..6), h(6..8), h(8..10), h(10..16))
+    let h =
+        |r: std::ops::Range<usize>| id[r].iter().map(|b| format!("{b:02x}")).collect::<String>();
+    format!(
+        "nqn.2014-08.org.nvmexpress:uuid:{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
 }
 
 fn default_hostid() -> [u8; 16] {
@@ -71,7 +79,8 @@ fn default_hostid() -> [u8; 16] {
 }
 
 fn fnv(d: &[u8], seed: u64) -> u64 {
-    d.iter().fold(seed, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    d.iter()
+        .fold(seed, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// What a host needs to know of a namespace to address it.
@@ -106,7 +115,9 @@ impl Drop for Session {
 
 impl Session {
     fn failure(&self) -> Option<HostError> {
-        self.admin.failure().or_else(|| self.io.iter().find_map(|q| q.failure()))
+        self.admin
+            .failure()
+            .or_else(|| self.io.iter().find_map(|q| q.failure()))
     }
 }
 
@@ -126,7 +137,11 @@ pub struct Controller {
 
 impl Controller {
     /// Connects the admin queue and `opts.io_queues` I/O queues.
-    pub async fn connect(addr: &str, subnqn: &str, opts: ControllerOptions) -> Result<Self, HostError> {
+    pub async fn connect(
+        addr: &str,
+        subnqn: &str,
+        opts: ControllerOptions,
+    ) -> Result<Self, HostError> {
         let c = Self {
             addr: addr.to_string(),
             subnqn: subnqn.to_string(),
@@ -171,7 +186,10 @@ impl Controller {
         if id.cntlid.get() != cntlid {
             return Err(HostError::Connect {
                 addr: self.addr.clone(),
-                reason: format!("identify reports controller {} but connect returned {cntlid}", id.cntlid.get()),
+                reason: format!(
+                    "identify reports controller {} but connect returned {cntlid}",
+                    id.cntlid.get()
+                ),
             });
         }
         let keep_alive = (kato_ms > 0).then(|| spawn_keep_alive(admin.clone(), o.kato));
@@ -201,7 +219,13 @@ impl Controller {
                 io.push(r?);
             }
         }
-        Ok(Session { admin, io, cntlid, id: Box::new(id), keep_alive })
+        Ok(Session {
+            admin,
+            io,
+            cntlid,
+            id: Box::new(id),
+            keep_alive,
+        })
     }
 
     /// The live session, reconnecting if the last one failed.
@@ -267,7 +291,10 @@ impl Controller {
 
     pub async fn admin(&self, sqe: Sqe, data_in_len: u32) -> Result<Completion, HostError> {
         let s = self.session().await?;
-        s.admin.submit(sqe, Bytes::new(), data_in_len, self.opts.io_timeout).await?.ok()
+        s.admin
+            .submit(sqe, Bytes::new(), data_in_len, self.opts.io_timeout)
+            .await?
+            .ok()
     }
 
     pub async fn identify_namespace(&self, nsid: u32) -> Result<IdentifyNamespace, HostError> {
@@ -284,25 +311,42 @@ impl Controller {
         let mut sqe = Sqe::new(admin_opc::IDENTIFY, 0, 0);
         sqe.cdw10 = (cns::ACTIVE_NS_LIST as u32).into();
         let c = self.admin(sqe, 4096).await?;
-        Ok(c.data.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).take_while(|&n| n != 0).collect())
+        Ok(c.data
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .take_while(|&n| n != 0)
+            .collect())
     }
 
     pub async fn namespace(&self, nsid: u32) -> Result<NamespaceInfo, HostError> {
         let id = self.identify_namespace(nsid).await?;
         let bs = id.lba_size();
         if id.nsze.get() == 0 || bs == 0 {
-            return Err(HostError::InvalidArgument(format!("namespace {nsid} is not active")));
+            return Err(HostError::InvalidArgument(format!(
+                "namespace {nsid} is not active"
+            )));
         }
-        Ok(NamespaceInfo { nsid, block_size: bs as u32, blocks: id.nsze.get() })
+        Ok(NamespaceInfo {
+            nsid,
+            block_size: bs as u32,
+            blocks: id.nsze.get(),
+        })
     }
 
-    async fn io(&self, sqe: Sqe, data_out: Bytes, data_in_len: u32) -> Result<Completion, HostError> {
+    async fn io(
+        &self,
+        sqe: Sqe,
+        data_out: Bytes,
+        data_in_len: u32,
+    ) -> Result<Completion, HostError> {
         let s = self.session().await?;
         if s.io.is_empty() {
             return Err(HostError::InvalidArgument("no I/O queue connected".into()));
         }
         let q = &s.io[self.next_queue.fetch_add(1, Ordering::Relaxed) % s.io.len()];
-        q.submit(sqe, data_out, data_in_len, self.opts.io_timeout).await?.ok()
+        q.submit(sqe, data_out, data_in_len, self.opts.io_timeout)
+            .await?
+            .ok()
     }
 
     /// Reads `nlb` blocks of `block_size` bytes at `slba`.
@@ -319,7 +363,12 @@ impl Controller {
     }
 
     /// Compares the media with `data`: `Ok(false)` on a mismatch.
-    pub async fn compare(&self, ns: &NamespaceInfo, slba: u64, data: Bytes) -> Result<bool, HostError> {
+    pub async fn compare(
+        &self,
+        ns: &NamespaceInfo,
+        slba: u64,
+        data: Bytes,
+    ) -> Result<bool, HostError> {
         let nlb = blocks_of(ns, data.len())?;
         let sqe = rw(nvm_opc::COMPARE, ns, slba, nlb)?;
         match self.io(sqe, data, 0).await {
@@ -331,9 +380,17 @@ impl Controller {
 
     /// Atomically writes `new` if the media holds `expected` (fused Compare and
     /// Write). `Ok(false)`: the compare failed and nothing was written.
-    pub async fn compare_and_write(&self, ns: &NamespaceInfo, slba: u64, expected: Bytes, new: Bytes) -> Result<bool, HostError> {
+    pub async fn compare_and_write(
+        &self,
+        ns: &NamespaceInfo,
+        slba: u64,
+        expected: Bytes,
+        new: Bytes,
+    ) -> Result<bool, HostError> {
         if expected.len() != new.len() {
-            return Err(HostError::InvalidArgument("compare and write buffers differ in length".into()));
+            return Err(HostError::InvalidArgument(
+                "compare and write buffers differ in length".into(),
+            ));
         }
         let nlb = blocks_of(ns, new.len())?;
         let mut c = rw(nvm_opc::COMPARE, ns, slba, nlb)?;
@@ -341,8 +398,12 @@ impl Controller {
         let mut w = rw(nvm_opc::WRITE, ns, slba, nlb)?;
         w.flags |= fuse::SECOND;
         let s = self.session().await?;
-        let q = s.io.first().ok_or_else(|| HostError::InvalidArgument("no I/O queue connected".into()))?;
-        let (a, b) = q.submit_fused((c, expected), (w, new), self.opts.io_timeout).await?;
+        let q =
+            s.io.first()
+                .ok_or_else(|| HostError::InvalidArgument("no I/O queue connected".into()))?;
+        let (a, b) = q
+            .submit_fused((c, expected), (w, new), self.opts.io_timeout)
+            .await?;
         if a.status == dase_protocol::Status::COMPARE_FAILURE {
             return Ok(false);
         }
@@ -353,18 +414,31 @@ impl Controller {
 
     /// Makes completed writes durable.
     pub async fn flush(&self, ns: &NamespaceInfo) -> Result<(), HostError> {
-        self.io(Sqe::new(nvm_opc::FLUSH, 0, ns.nsid), Bytes::new(), 0).await.map(|_| ())
+        self.io(Sqe::new(nvm_opc::FLUSH, 0, ns.nsid), Bytes::new(), 0)
+            .await
+            .map(|_| ())
     }
 
-    pub async fn write_zeroes(&self, ns: &NamespaceInfo, slba: u64, nlb: u32) -> Result<(), HostError> {
+    pub async fn write_zeroes(
+        &self,
+        ns: &NamespaceInfo,
+        slba: u64,
+        nlb: u32,
+    ) -> Result<(), HostError> {
         let sqe = rw(nvm_opc::WRITE_ZEROES, ns, slba, nlb)?;
         self.io(sqe, Bytes::new(), 0).await.map(|_| ())
     }
 
     /// Deallocates (trims) `(slba, nlb)` ranges; they read back as zeros on dase D-nodes.
-    pub async fn deallocate(&self, ns: &NamespaceInfo, ranges: &[(u64, u32)]) -> Result<(), HostError> {
+    pub async fn deallocate(
+        &self,
+        ns: &NamespaceInfo,
+        ranges: &[(u64, u32)],
+    ) -> Result<(), HostError> {
         if ranges.is_empty() || ranges.len() > 256 {
-            return Err(HostError::InvalidArgument("1 to 256 ranges per deallocate".into()));
+            return Err(HostError::InvalidArgument(
+                "1 to 256 ranges per deallocate".into(),
+            ));
         }
         let mut data = Vec::with_capacity(ranges.len() * 16);
         for &(slba, nlb) in ranges {
@@ -385,7 +459,10 @@ impl Controller {
         let t = self.opts.connect_timeout;
         let r = async {
             let cc: u32 = 1 | 1 << 14 | 6 << 16 | 4 << 20;
-            s.admin.submit(prop_set(prop::CC, cc), Bytes::new(), 0, t).await?.ok()?;
+            s.admin
+                .submit(prop_set(prop::CC, cc), Bytes::new(), 0, t)
+                .await?
+                .ok()?;
             Ok::<_, HostError>(())
         }
         .await;
@@ -399,15 +476,19 @@ impl Controller {
 
 fn blocks_of(ns: &NamespaceInfo, len: usize) -> Result<u32, HostError> {
     let bs = ns.block_size as usize;
-    if len == 0 || len % bs != 0 || len / bs > 65536 {
-        return Err(HostError::InvalidArgument(format!("{len} bytes is not 1 to 65536 whole {bs}-byte blocks")));
+    if len == 0 || !len.is_multiple_of(bs) || len / bs > 65536 {
+        return Err(HostError::InvalidArgument(format!(
+            "{len} bytes is not 1 to 65536 whole {bs}-byte blocks"
+        )));
     }
     Ok((len / bs) as u32)
 }
 
 fn rw(opcode: u8, ns: &NamespaceInfo, slba: u64, nlb: u32) -> Result<Sqe, HostError> {
     if nlb == 0 || nlb > 65536 {
-        return Err(HostError::InvalidArgument(format!("{nlb} blocks: 1 to 65536 per command")));
+        return Err(HostError::InvalidArgument(format!(
+            "{nlb} blocks: 1 to 65536 per command"
+        )));
     }
     let mut sqe = Sqe::new(opcode, 0, ns.nsid);
     sqe.set_slba(slba);
@@ -434,26 +515,42 @@ pub(crate) fn prop_get(offset: u32, wide: bool) -> Sqe {
 /// refuse admin commands other than fabrics ones until then.
 pub(crate) async fn enable(admin: &QueuePair, addr: &str, t: Duration) -> Result<(), HostError> {
     let cc: u32 = 1 | 6 << 16 | 4 << 20;
-    admin.submit(prop_set(prop::CC, cc), Bytes::new(), 0, t).await?.ok()?;
+    admin
+        .submit(prop_set(prop::CC, cc), Bytes::new(), 0, t)
+        .await?
+        .ok()?;
     let deadline = Instant::now() + t;
     loop {
-        let c = admin.submit(prop_get(prop::CSTS, false), Bytes::new(), 0, t).await?.ok()?;
+        let c = admin
+            .submit(prop_get(prop::CSTS, false), Bytes::new(), 0, t)
+            .await?
+            .ok()?;
         if c.dw0 & 1 != 0 {
             return Ok(());
         }
         if c.dw0 & 2 != 0 || Instant::now() > deadline {
-            return Err(HostError::Connect { addr: addr.to_string(), reason: "controller did not become ready".into() });
+            return Err(HostError::Connect {
+                addr: addr.to_string(),
+                reason: "controller did not become ready".into(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-pub(crate) async fn identify_controller(admin: &QueuePair, t: Duration) -> Result<IdentifyController, HostError> {
+pub(crate) async fn identify_controller(
+    admin: &QueuePair,
+    t: Duration,
+) -> Result<IdentifyController, HostError> {
     let mut sqe = Sqe::new(admin_opc::IDENTIFY, 0, 0);
     sqe.cdw10 = (cns::CONTROLLER as u32).into();
     let c = admin.submit(sqe, Bytes::new(), 4096, t).await?.ok()?;
-    IdentifyController::read_from_bytes(&c.data[..])
-        .map_err(|_| HostError::Disconnected(format!("identify controller returned {} bytes, not 4096", c.data.len())))
+    IdentifyController::read_from_bytes(&c.data[..]).map_err(|_| {
+        HostError::Disconnected(format!(
+            "identify controller returned {} bytes, not 4096",
+            c.data.len()
+        ))
+    })
 }
 
 fn spawn_keep_alive(admin: Arc<QueuePair>, kato: Duration) -> tokio::task::JoinHandle<()> {
@@ -468,7 +565,10 @@ fn spawn_keep_alive(admin: Arc<QueuePair>, kato: Duration) -> tokio::task::JoinH
             if q.failure().is_some() {
                 return;
             }
-            if let Err(e) = q.submit(Sqe::new(admin_opc::KEEP_ALIVE, 0, 0), Bytes::new(), 0, kato).await {
+            if let Err(e) = q
+                .submit(Sqe::new(admin_opc::KEEP_ALIVE, 0, 0), Bytes::new(), 0, kato)
+                .await
+            {
                 tracing::warn!(error = %e, "keep-alive failed");
                 return;
             }
@@ -477,7 +577,9 @@ fn spawn_keep_alive(admin: Arc<QueuePair>, kato: Duration) -> tokio::task::JoinH
 }
 
 /// Awaits all futures concurrently (tokio has no join_all of its own).
-pub(crate) async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+pub(crate) async fn join_all<F: std::future::Future>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
     let mut out = Vec::with_capacity(handles.len());
     // Sequential awaits still overlap: each future was created up front but
@@ -504,6 +606,10 @@ pub(crate) async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Ite
         }
     })
     .await;
-    out.extend(results.into_iter().map(|r| r.expect("every future completed")));
+    out.extend(
+        results
+            .into_iter()
+            .map(|r| r.expect("every future completed")),
+    );
     out
 }

@@ -28,7 +28,10 @@ pub struct DiscoveryEntry {
 const MAX_RECORDS: u64 = 1024;
 
 /// Connects to the discovery subsystem at `addr` and reads its log.
-pub async fn discover(addr: &str, opts: &ControllerOptions) -> Result<Vec<DiscoveryEntry>, HostError> {
+pub async fn discover(
+    addr: &str,
+    opts: &ControllerOptions,
+) -> Result<Vec<DiscoveryEntry>, HostError> {
     let t = opts.connect_timeout;
     let q = QueuePair::open(&QueueParams {
         addr: addr.to_string(),
@@ -59,8 +62,9 @@ pub async fn discover(addr: &str, opts: &ControllerOptions) -> Result<Vec<Discov
     let mut attempts = 0;
     let entries = loop {
         let h = read(0, 1024).await?;
-        let hdr = DiscoveryLogHeader::read_from_bytes(&h.data[..])
-            .map_err(|_| HostError::Disconnected(format!("discovery log header is {} bytes", h.data.len())))?;
+        let hdr = DiscoveryLogHeader::read_from_bytes(&h.data[..]).map_err(|_| {
+            HostError::Disconnected(format!("discovery log header is {} bytes", h.data.len()))
+        })?;
         let n = hdr.numrec.get().min(MAX_RECORDS);
         let mut entries = Vec::with_capacity(n as usize);
         if n > 0 {
@@ -79,7 +83,9 @@ pub async fn discover(addr: &str, opts: &ControllerOptions) -> Result<Vec<Discov
             }
         }
         let again = read(0, 1024).await?;
-        let g2 = DiscoveryLogHeader::read_from_bytes(&again.data[..]).map(|h| h.genctr.get()).unwrap_or(0);
+        let g2 = DiscoveryLogHeader::read_from_bytes(&again.data[..])
+            .map(|h| h.genctr.get())
+            .unwrap_or(0);
         attempts += 1;
         if g2 == hdr.genctr.get() || attempts >= 3 {
             break entries;

@@ -18,7 +18,11 @@ pub enum HostError {
     #[error("NVMe status {0}")]
     Status(Status),
     #[error("connect to {subnqn} refused: {status}{detail}")]
-    ConnectRejected { subnqn: String, status: Status, detail: String },
+    ConnectRejected {
+        subnqn: String,
+        status: Status,
+        detail: String,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("data digest mismatch")]
@@ -30,7 +34,11 @@ impl HostError {
     pub fn is_transport(&self) -> bool {
         matches!(
             self,
-            Self::Connect { .. } | Self::Timeout { .. } | Self::Disconnected(_) | Self::Protocol(_) | Self::Terminated { .. }
+            Self::Connect { .. }
+                | Self::Timeout { .. }
+                | Self::Disconnected(_)
+                | Self::Protocol(_)
+                | Self::Terminated { .. }
         )
     }
 

@@ -18,7 +18,9 @@ use bytes::{Bytes, BytesMut};
 use dase_protocol::admin::ConnectData;
 use dase_protocol::nvme::{admin_opc, fctype, SglDescriptor};
 use dase_protocol::pdu::{dgst, flags, pda_bytes, Fes, PduType};
-use dase_protocol::{Cqe, DecodeError, FatalError, Limits, Pdu, PduDecoder, PduEncoder, Role, Sqe, Status, Transfer};
+use dase_protocol::{
+    Cqe, DecodeError, FatalError, Limits, Pdu, PduDecoder, PduEncoder, Role, Sqe, Status, Transfer,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -119,7 +121,10 @@ impl QueuePair {
     /// Opens the TCP connection and runs ICReq/ICResp; Connect is sent by the caller.
     pub async fn open(p: &QueueParams) -> Result<Self, HostError> {
         let cto = p.connect_timeout;
-        let conn_err = |reason: String| HostError::Connect { addr: p.addr.clone(), reason };
+        let conn_err = |reason: String| HostError::Connect {
+            addr: p.addr.clone(),
+            reason,
+        };
         let mut s = tokio::time::timeout(cto, TcpStream::connect(&p.addr))
             .await
             .map_err(|_| conn_err(format!("no answer within {} ms", cto.as_millis())))?
@@ -143,25 +148,52 @@ impl QueuePair {
                 match dec.decode(&mut rbuf) {
                     Ok(Some(Pdu::IcResp(ic))) => return Ok(ic),
                     Ok(Some(Pdu::TermReq { hdr, .. })) => {
-                        return Err(HostError::Terminated { fes: Fes::from_u16(hdr.fes.get()), fei: hdr.fei.get() })
+                        return Err(HostError::Terminated {
+                            fes: Fes::from_u16(hdr.fes.get()),
+                            fei: hdr.fei.get(),
+                        })
                     }
-                    Ok(Some(_)) => return Err(HostError::Protocol(FatalError::new(Fes::PduSequenceError, 0))),
+                    Ok(Some(_)) => {
+                        return Err(HostError::Protocol(FatalError::new(
+                            Fes::PduSequenceError,
+                            0,
+                        )))
+                    }
                     Ok(None) => {}
                     Err(DecodeError::Fatal(f)) => return Err(HostError::Protocol(f)),
                     Err(DecodeError::DataDigest(_)) => return Err(HostError::DataDigest),
                 }
-                if s.read_buf(&mut rbuf).await.map_err(|e| conn_err(e.to_string()))? == 0 {
+                if s.read_buf(&mut rbuf)
+                    .await
+                    .map_err(|e| conn_err(e.to_string()))?
+                    == 0
+                {
                     return Err(conn_err("target closed the connection during ICReq".into()));
                 }
             }
         })
         .await
-        .map_err(|_| HostError::Timeout { what: "ICResp", ms: cto.as_millis() as u64 })??;
+        .map_err(|_| HostError::Timeout {
+            what: "ICResp",
+            ms: cto.as_millis() as u64,
+        })??;
         if ic.dgst != bits {
-            return Err(conn_err(format!("target answered digest bits {:#x} to our {:#x}", ic.dgst, bits)));
+            return Err(conn_err(format!(
+                "target answered digest bits {:#x} to our {:#x}",
+                ic.dgst, bits
+            )));
         }
-        let enc = PduEncoder { hdgst: p.hdr_digest, ddgst: p.data_digest, pda: pda_bytes(ic.cpda) };
-        dec.establish(Limits { hdgst: p.hdr_digest, ddgst: p.data_digest, max_data: MAX_C2H_DATA, pda: 0 });
+        let enc = PduEncoder {
+            hdgst: p.hdr_digest,
+            ddgst: p.data_digest,
+            pda: pda_bytes(ic.cpda),
+        };
+        dec.establish(Limits {
+            hdgst: p.hdr_digest,
+            ddgst: p.data_digest,
+            max_data: MAX_C2H_DATA,
+            pda: 0,
+        });
 
         let depth = p.depth.max(2);
         let shared = Arc::new(Shared {
@@ -180,7 +212,12 @@ impl QueuePair {
         let (rd, wr) = s.into_split();
         let reader = tokio::spawn(reader(shared.clone(), rd, dec, rbuf));
         let writer = tokio::spawn(writer(shared.clone(), wr));
-        Ok(Self { shared, permits: Semaphore::new(depth as usize - 1), qid: p.qid, tasks: [reader, writer] })
+        Ok(Self {
+            shared,
+            permits: Semaphore::new(depth as usize - 1),
+            qid: p.qid,
+            tasks: [reader, writer],
+        })
     }
 
     pub fn qid(&self) -> u16 {
@@ -193,21 +230,40 @@ impl QueuePair {
     }
 
     /// Sends Fabrics Connect on this queue; returns the controller ID.
-    pub async fn connect(&self, data: &ConnectData, sqsize: u16, kato_ms: u32, timeout: Duration) -> Result<u16, HostError> {
+    pub async fn connect(
+        &self,
+        data: &ConnectData,
+        sqsize: u16,
+        kato_ms: u32,
+        timeout: Duration,
+    ) -> Result<u16, HostError> {
         let mut sqe = Sqe::new(admin_opc::FABRICS, 0, fctype::CONNECT as u32);
         sqe.cdw10 = ((self.qid as u32) << 16).into();
         // CATTR bit 2: SQ flow control disabled, so the target may use C2HData SUCCESS.
         sqe.cdw11 = (sqsize as u32 | 0x4 << 16).into();
         sqe.cdw12 = kato_ms.into();
-        let c = self.submit(sqe, Bytes::copy_from_slice(data.as_bytes()), 0, timeout).await?;
+        let c = self
+            .submit(sqe, Bytes::copy_from_slice(data.as_bytes()), 0, timeout)
+            .await?;
         if !c.status.is_success() {
             let detail = if c.status == Status::CONNECT_INVALID_PARAMETERS {
                 let (iattr, ipo) = (c.dw0 & 0xff, c.dw0 >> 16);
-                format!(" (invalid {} at byte {ipo})", if iattr & 1 != 0 { "connect data" } else { "command field" })
+                format!(
+                    " (invalid {} at byte {ipo})",
+                    if iattr & 1 != 0 {
+                        "connect data"
+                    } else {
+                        "command field"
+                    }
+                )
             } else {
                 String::new()
             };
-            return Err(HostError::ConnectRejected { subnqn: dase_protocol::admin::get_str(&data.subnqn), status: c.status, detail });
+            return Err(HostError::ConnectRejected {
+                subnqn: dase_protocol::admin::get_str(&data.subnqn),
+                status: c.status,
+                detail,
+            });
         }
         Ok(c.dw0 as u16)
     }
@@ -215,8 +271,18 @@ impl QueuePair {
     /// Submits a command. `data_out` is host-to-controller data (sent in the
     /// capsule when it fits, else on R2T); `data_in_len` is the
     /// controller-to-host transfer length. Waits for the completion.
-    pub async fn submit(&self, sqe: Sqe, data_out: Bytes, data_in_len: u32, timeout: Duration) -> Result<Completion, HostError> {
-        let _permit = self.permits.acquire().await.map_err(|_| HostError::Disconnected("queue closed".into()))?;
+    pub async fn submit(
+        &self,
+        sqe: Sqe,
+        data_out: Bytes,
+        data_in_len: u32,
+        timeout: Duration,
+    ) -> Result<Completion, HostError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| HostError::Disconnected("queue closed".into()))?;
         let cid = self.enqueue(&mut [(sqe, data_out, data_in_len)])?[0];
         self.wait(cid, timeout).await
     }
@@ -229,7 +295,11 @@ impl QueuePair {
         second: (Sqe, Bytes),
         timeout: Duration,
     ) -> Result<(Completion, Completion), HostError> {
-        let _p = self.permits.acquire_many(2).await.map_err(|_| HostError::Disconnected("queue closed".into()))?;
+        let _p = self
+            .permits
+            .acquire_many(2)
+            .await
+            .map_err(|_| HostError::Disconnected("queue closed".into()))?;
         let cids = self.enqueue(&mut [(first.0, first.1, 0), (second.0, second.1, 0)])?;
         let a = self.wait(cids[0], timeout).await;
         let b = self.wait(cids[1], timeout).await;
@@ -245,7 +315,9 @@ impl QueuePair {
                 return Err(e.clone());
             }
             if st.free.len() < cmds.len() {
-                return Err(HostError::Disconnected("no free command slot (commands abandoned by timeouts)".into()));
+                return Err(HostError::Disconnected(
+                    "no free command slot (commands abandoned by timeouts)".into(),
+                ));
             }
             for (sqe, data_out, data_in_len) in cmds.iter_mut() {
                 let cid = st.free.pop().expect("checked above");
@@ -262,12 +334,17 @@ impl QueuePair {
                 let slot = &mut slots[cid as usize];
                 *slot = Slot {
                     busy: true,
-                    data_out: if inline { Bytes::new() } else { data_out.clone() },
+                    data_out: if inline {
+                        Bytes::new()
+                    } else {
+                        data_out.clone()
+                    },
                     rx: (*data_in_len > 0).then(|| Transfer::new(0, *data_in_len)),
                     rx_buf: std::mem::take(&mut slot.rx_buf),
                     ..Slot::default()
                 };
-                sh.enc.capsule_cmd(out, sqe, if inline { data_out } else { &[] });
+                sh.enc
+                    .capsule_cmd(out, sqe, if inline { data_out } else { &[] });
                 cids.push(cid);
             }
         }
@@ -276,12 +353,19 @@ impl QueuePair {
     }
 
     async fn wait(&self, cid: u16, timeout: Duration) -> Result<Completion, HostError> {
-        let fut = Wait { shared: &self.shared, cid, finished: false };
+        let fut = Wait {
+            shared: &self.shared,
+            cid,
+            finished: false,
+        };
         match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
             Err(_) => {
                 // An unresponsive target: the queue cannot be trusted any more.
-                let e = HostError::Timeout { what: "NVMe command", ms: timeout.as_millis() as u64 };
+                let e = HostError::Timeout {
+                    what: "NVMe command",
+                    ms: timeout.as_millis() as u64,
+                };
                 fail(&self.shared, e.clone());
                 Err(e)
             }
@@ -401,7 +485,7 @@ async fn reader(sh: Arc<Shared>, mut rd: OwnedReadHalf, mut dec: PduDecoder, mut
                     Err((f, offending))
                 }
                 Err(DecodeError::DataDigest(pdu)) => {
-                    on_data_digest_error(&sh, pdu);
+                    on_data_digest_error(&sh, *pdu);
                     Ok(())
                 }
             };
@@ -419,7 +503,12 @@ async fn reader(sh: Arc<Shared>, mut rd: OwnedReadHalf, mut dec: PduDecoder, mut
             rbuf.reserve(READ_CHUNK);
         }
         match rd.read_buf(&mut rbuf).await {
-            Ok(0) => return fail(&sh, HostError::Disconnected("target closed the connection".into())),
+            Ok(0) => {
+                return fail(
+                    &sh,
+                    HostError::Disconnected("target closed the connection".into()),
+                )
+            }
             Ok(_) => {}
             Err(e) => return fail(&sh, HostError::Disconnected(format!("read: {e}"))),
         }
@@ -428,9 +517,16 @@ async fn reader(sh: Arc<Shared>, mut rd: OwnedReadHalf, mut dec: PduDecoder, mut
 
 fn finish(st: &mut State, cid: u16, r: Result<Completion, HostError>) {
     let slot = &mut st.slots[cid as usize];
-    let r = if slot.bad_digest { Err(HostError::DataDigest) } else { r };
+    let r = if slot.bad_digest {
+        Err(HostError::DataDigest)
+    } else {
+        r
+    };
     if slot.abandoned {
-        *slot = Slot { rx_buf: std::mem::take(&mut slot.rx_buf), ..Slot::default() };
+        *slot = Slot {
+            rx_buf: std::mem::take(&mut slot.rx_buf),
+            ..Slot::default()
+        };
         st.free.push(cid);
         return;
     }
@@ -460,7 +556,10 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
     match pdu {
         Pdu::CapsuleResp(cqe) => {
             let cid = cqe.cid.get();
-            if cid as usize >= nslots || !st.slots[cid as usize].busy || st.slots[cid as usize].done.is_some() {
+            if cid as usize >= nslots
+                || !st.slots[cid as usize].busy
+                || st.slots[cid as usize].done.is_some()
+            {
                 return Err((FatalError::header_field(8 + 12), cqe.as_bytes().to_vec()));
             }
             let data = take_data(&mut st.slots[cid as usize]);
@@ -470,14 +569,20 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
         Pdu::C2HData { hdr, data } => {
             let cid = hdr.cccid.get();
             let hb = hdr.as_bytes().to_vec();
-            let Some(slot) = st.slots.get_mut(cid as usize).filter(|s| s.busy && s.done.is_none()) else {
+            let Some(slot) = st
+                .slots
+                .get_mut(cid as usize)
+                .filter(|s| s.busy && s.done.is_none())
+            else {
                 return Err((FatalError::header_field(off::CCCID), hb));
             };
             let Some(rx) = slot.rx.as_mut() else {
                 return Err((FatalError::header_field(off::CCCID), hb));
             };
             let datao = hdr.datao.get();
-            let complete = rx.accept(datao, hdr.datal.get()).map_err(|f| (f, hb.clone()))?;
+            let complete = rx
+                .accept(datao, hdr.datal.get())
+                .map_err(|f| (f, hb.clone()))?;
             if datao == 0 && complete {
                 slot.rx_one = Some(data);
             } else {
@@ -488,7 +593,12 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
                     return Err((FatalError::header_field(1), hb));
                 }
                 let data = take_data(slot);
-                let c = Completion { status: Status::SUCCESS, dw0: 0, dw1: 0, data };
+                let c = Completion {
+                    status: Status::SUCCESS,
+                    dw0: 0,
+                    dw1: 0,
+                    data,
+                };
                 finish(&mut st, cid, Ok(c));
             }
         }
@@ -496,7 +606,10 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
             let cid = r.cccid.get();
             let hb = r.as_bytes().to_vec();
             let State { out, slots, .. } = &mut *st;
-            let Some(slot) = slots.get(cid as usize).filter(|s| s.busy && !s.data_out.is_empty()) else {
+            let Some(slot) = slots
+                .get(cid as usize)
+                .filter(|s| s.busy && !s.data_out.is_empty())
+            else {
                 return Err((FatalError::header_field(off::CCCID), hb));
             };
             let (o, l) = (r.r2to.get() as usize, r.r2tl.get() as usize);
@@ -508,7 +621,14 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
             while pos < o + l {
                 let n = (o + l - pos).min(max);
                 let last = pos + n == o + l;
-                sh.enc.h2c_data(out, cid, r.ttag.get(), pos as u32, &slot.data_out[pos..pos + n], last);
+                sh.enc.h2c_data(
+                    out,
+                    cid,
+                    r.ttag.get(),
+                    pos as u32,
+                    &slot.data_out[pos..pos + n],
+                    last,
+                );
                 pos += n;
             }
             drop(st);
@@ -516,7 +636,13 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
         }
         Pdu::TermReq { hdr, .. } => {
             drop(st);
-            fail(sh, HostError::Terminated { fes: Fes::from_u16(hdr.fes.get()), fei: hdr.fei.get() });
+            fail(
+                sh,
+                HostError::Terminated {
+                    fes: Fes::from_u16(hdr.fes.get()),
+                    fei: hdr.fei.get(),
+                },
+            );
         }
         // The decoder admits only controller-to-host PDUs; a second ICResp is a sequence error there.
         _ => return Err((FatalError::new(Fes::PduSequenceError, 0), Vec::new())),
@@ -528,7 +654,11 @@ fn on_data_digest_error(sh: &Shared, pdu: Pdu) {
     // The data is bad but the stream is intact: fail just that command.
     if let Pdu::C2HData { hdr, .. } = &pdu {
         let mut st = sh.st.lock().unwrap();
-        if let Some(s) = st.slots.get_mut(hdr.cccid.get() as usize).filter(|s| s.busy && s.done.is_none()) {
+        if let Some(s) = st
+            .slots
+            .get_mut(hdr.cccid.get() as usize)
+            .filter(|s| s.busy && s.done.is_none())
+        {
             s.bad_digest = true;
         }
     }
@@ -539,5 +669,10 @@ fn on_data_digest_error(sh: &Shared, pdu: Pdu) {
 }
 
 fn complete_from(cqe: &Cqe, data: Bytes) -> Completion {
-    Completion { status: Status::from_word(cqe.status.get()), dw0: cqe.dw0.get(), dw1: cqe.dw1.get(), data }
+    Completion {
+        status: Status::from_word(cqe.status.get()),
+        dw0: cqe.dw0.get(),
+        dw1: cqe.dw1.get(),
+        data,
+    }
 }
