@@ -143,3 +143,120 @@ fn counters_are_logged_on_sigusr1_and_sigterm_flushes_and_exits() {
     let st = child.wait().unwrap();
     assert!(st.success(), "SIGTERM should exit cleanly: {st:?}");
 }
+
+/// A loop device over a temp file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &std::path::Path) -> Option<Loop> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| Loop(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn block_device_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("blk.img");
+    std::fs::File::create(&f)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    // Needs root and loop devices, which this project's machines have.
+    let lo = Loop::new(&f).expect("losetup failed: block-device tests need root and /dev/loop*");
+    let name = nqn("blk");
+    // No --size: a block device is served at its own size.
+    let d = DNode::start(&["--nqn", &name, "--namespace", &lo.0, "--block-size", "4096"]);
+    let data = pattern(256 * 1024, 77);
+    rt().block_on(async {
+        let o = ControllerOptions {
+            hostnqn: HOSTNQN.into(),
+            ..Default::default()
+        };
+        let c = Controller::connect(&d.addr_string(), &name, o)
+            .await
+            .unwrap();
+        let ns = c.namespace(1).await.unwrap();
+        assert_eq!(ns.bytes(), 16 << 20);
+        c.write(&ns, 10, Bytes::from(data.clone())).await.unwrap();
+        c.flush(&ns).await.unwrap();
+        assert_eq!(&c.read(&ns, 10, 64).await.unwrap()[..], &data[..]);
+        c.deallocate(&ns, &[(10, 16)]).await.unwrap();
+        let back = c.read(&ns, 10, 64).await.unwrap();
+        assert!(back[..65536].iter().all(|&b| b == 0));
+        assert_eq!(&back[65536..], &data[65536..]);
+    });
+    drop(d);
+    // What was flushed through the device is in the file underneath.
+    let on_disk = std::fs::read(&f).unwrap();
+    assert_eq!(
+        &on_disk[10 * 4096 + 65536..10 * 4096 + 262144],
+        &data[65536..]
+    );
+}
+
+#[test]
+fn discover_and_identify_commands_print_what_they_find() {
+    let d = DNode::memory(&nqn("cli"), "8M", 4096);
+    let run = |args: &[&str]| {
+        let o = Command::new(dase_bin()).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let uri = format!("nvme-tcp://{}", d.addr);
+    let out = run(&["discover", &uri]);
+    assert!(
+        out.contains(&format!("subnqn:  {}", d.nqn)) && out.contains("subtype: nvme subsystem"),
+        "{out}"
+    );
+    let out = run(&[
+        "identify",
+        &format!("{uri}/{}", d.nqn),
+        "--hdr-digest",
+        "--data-digest",
+    ]);
+    assert!(
+        out.contains("mn        : dase D-node") && out.contains(&format!("subnqn    : {}", d.nqn)),
+        "{out}"
+    );
+    assert!(
+        out.contains("lba size  : 4096") && out.contains("capacity  : 8.00 MiB"),
+        "{out}"
+    );
+    // Errors are one clear line and a non-zero exit.
+    for (args, want) in [
+        (
+            vec!["identify".to_string(), format!("{uri}/{}/9", d.nqn)],
+            "not active",
+        ),
+        (
+            vec!["identify".into(), "nvme-tcp://127.0.0.1:1/nqn.x:y".into()],
+            "cannot connect",
+        ),
+        (
+            vec!["discover".into(), "http://x".into()],
+            "not an nvme-tcp URI",
+        ),
+    ] {
+        let o = Command::new(dase_bin()).args(&args).output().unwrap();
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+}

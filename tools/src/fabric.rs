@@ -148,7 +148,12 @@ pub fn identify(a: IdentifyArgs) -> Result<()> {
             None => c.active_namespaces().await?,
         };
         for nsid in nsids {
-            let ns = c.identify_namespace(nsid).await?;
+            let ns = match c.identify_namespace(nsid).await {
+                Err(e) if e.status() == Some(dase_protocol::Status::INVALID_NAMESPACE) => {
+                    anyhow::bail!("namespace {nsid} is not active on {nqn}")
+                }
+                r => r?,
+            };
             if ns.nsze.get() == 0 {
                 anyhow::bail!("namespace {nsid} is not active on {nqn}");
             }
