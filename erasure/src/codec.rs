@@ -44,8 +44,8 @@ impl Codec {
                 let data: Vec<[u8; 1]> = (0..geo.k()).map(|x| [(x == i) as u8]).collect();
                 let mut parity = vec![[0u8; 1]; g];
                 rs.encode_sep(&data, &mut parity).map_err(backend_err)?;
-                for (j, p) in parity.iter().enumerate() {
-                    global_rows[j][i] = p[0];
+                for (row, p) in global_rows.iter_mut().zip(&parity) {
+                    row[i] = p[0];
                 }
             }
         }
@@ -209,7 +209,7 @@ impl Codec {
                 let mut r = strips[*pidx].to_vec();
                 for (i, &c) in row.iter().enumerate() {
                     if c != 0 && !missing[i] {
-                        galois_8::mul_slice_xor(c, &strips[i], &mut r);
+                        galois_8::mul_slice_xor(c, strips[i], &mut r);
                     }
                 }
                 rhs.push(r);
@@ -239,7 +239,7 @@ impl Codec {
                 tmp.fill(0);
                 for (i, &c) in self.global_rows[j].iter().enumerate() {
                     if c != 0 {
-                        galois_8::mul_slice_xor(c, &strips[i], &mut tmp);
+                        galois_8::mul_slice_xor(c, strips[i], &mut tmp);
                     }
                 }
                 strips[k + l + j].copy_from_slice(&tmp);
