@@ -28,6 +28,13 @@ enum Cmd {
     Dnode(dnode::Args),
     Discover(fabric::DiscoverArgs),
     Identify(fabric::IdentifyArgs),
+    Bench(Box<dase_tools::bench::cli::Args>),
+    /// Internal: the plain-TCP peer `dase bench --ceiling` measures against.
+    #[command(hide = true)]
+    CeilingServer {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() {
@@ -43,6 +50,19 @@ fn main() {
         Cmd::Dnode(a) => dnode::run(a),
         Cmd::Discover(a) => fabric::discover(a),
         Cmd::Identify(a) => fabric::identify(a),
+        Cmd::Bench(a) => match dase_tools::bench::cli::run(&a) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
+        Cmd::CeilingServer { listen } => (|| {
+            let l = std::net::TcpListener::bind(listen)?;
+            println!("listening on {}", l.local_addr()?);
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            dase_tools::bench::ceiling::serve(l);
+            Ok(())
+        })(),
     };
     if let Err(e) = r {
         eprintln!("dase: error: {e:#}");

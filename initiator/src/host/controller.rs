@@ -351,15 +351,19 @@ impl Controller {
 
     /// Reads `nlb` blocks of `block_size` bytes at `slba`.
     pub async fn read(&self, ns: &NamespaceInfo, slba: u64, nlb: u32) -> Result<Bytes, HostError> {
-        let sqe = rw(nvm_opc::READ, ns, slba, nlb)?;
-        Ok(self.io(sqe, Bytes::new(), nlb * ns.block_size).await?.data)
+        let q = self.pick_queue().await?;
+        read_on(&q, ns, slba, nlb, self.opts.io_timeout).await
     }
 
     /// Writes whole blocks at `slba`; `data` must be a multiple of the block size.
     pub async fn write(&self, ns: &NamespaceInfo, slba: u64, data: Bytes) -> Result<(), HostError> {
-        let nlb = blocks_of(ns, data.len())?;
-        let sqe = rw(nvm_opc::WRITE, ns, slba, nlb)?;
-        self.io(sqe, data, 0).await.map(|_| ())
+        let q = self.pick_queue().await?;
+        write_on(&q, ns, slba, data, self.opts.io_timeout).await
+    }
+
+    async fn pick_queue(&self) -> Result<Arc<QueuePair>, HostError> {
+        self.io_queue(self.next_queue.fetch_add(1, Ordering::Relaxed))
+            .await
     }
 
     /// Compares the media with `data`: `Ok(false)` on a mismatch.
@@ -472,6 +476,34 @@ impl Controller {
         s.admin.close();
         r
     }
+}
+
+/// Reads on a given I/O queue (for callers that keep one queue per worker).
+pub async fn read_on(
+    q: &QueuePair,
+    ns: &NamespaceInfo,
+    slba: u64,
+    nlb: u32,
+    timeout: Duration,
+) -> Result<Bytes, HostError> {
+    let sqe = rw(nvm_opc::READ, ns, slba, nlb)?;
+    Ok(q.submit(sqe, Bytes::new(), nlb * ns.block_size, timeout)
+        .await?
+        .ok()?
+        .data)
+}
+
+/// Writes on a given I/O queue; `data` must be whole blocks.
+pub async fn write_on(
+    q: &QueuePair,
+    ns: &NamespaceInfo,
+    slba: u64,
+    data: Bytes,
+    timeout: Duration,
+) -> Result<(), HostError> {
+    let nlb = blocks_of(ns, data.len())?;
+    let sqe = rw(nvm_opc::WRITE, ns, slba, nlb)?;
+    q.submit(sqe, data, 0, timeout).await?.ok().map(|_| ())
 }
 
 fn blocks_of(ns: &NamespaceInfo, len: usize) -> Result<u32, HostError> {
