@@ -49,7 +49,8 @@ pub struct JobResult {
     pub runtime: Duration,
     pub errors: Vec<String>,
     pub verify_failures: Vec<String>,
-    pub verified_blocks: u64,
+    /// Bytes read back and checked (during the run and after it).
+    pub verified_bytes: u64,
 }
 
 /// Shared state of one job's `iodepth` workers.
@@ -74,6 +75,8 @@ struct JobState {
     live: [AtomicU64; 4],
     errors: Mutex<Vec<String>>,
     verify_failures: Mutex<Vec<String>>,
+    /// 512-byte units verified by reads during the run.
+    checked: AtomicU64,
 }
 
 fn xorshift(x: &mut u64) -> u64 {
@@ -196,6 +199,8 @@ impl JobState {
                         if let Err(f) = verify::check(&data, off, expected) {
                             self.verify_failed(f.to_string());
                         }
+                        self.checked
+                            .fetch_add((len / verify::UNIT) as u64, Ordering::Relaxed);
                     }
                 }
             })
@@ -349,14 +354,10 @@ pub async fn run_job(
             total: spec.size.unwrap_or(share),
             stop: AtomicBool::new(false),
             measuring: AtomicBool::new(spec.ramp_time.is_zero()),
-            next_gen: AtomicU64::new(
-                1 + ((std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs()
-                    & 0xffff_ffff)
-                    << 20),
-            ),
+            // Later runs write later generations, so data left by an earlier
+            // run reads as older: milliseconds since the epoch, 2^20 writes of
+            // room per run, 2^16 per job.
+            next_gen: AtomicU64::new(run_generation_base() + ((j as u64) << 16)),
             gens: Mutex::new(vec![0; units]),
             inflight: Mutex::new(HashSet::new()),
             read: Mutex::new(OpStats::default()),
@@ -364,6 +365,7 @@ pub async fn run_job(
             live: Default::default(),
             errors: Mutex::new(Vec::new()),
             verify_failures: Mutex::new(Vec::new()),
+            checked: AtomicU64::new(0),
         }));
     }
     let mut workers = Vec::new();
@@ -473,10 +475,20 @@ pub async fn run_job(
             runtime: measured,
             errors: st.errors.lock().unwrap().clone(),
             verify_failures: st.verify_failures.lock().unwrap().clone(),
-            verified_blocks: verified,
+            verified_bytes: verified * align
+                + st.checked.load(Ordering::Relaxed) * verify::UNIT as u64,
         });
     }
     Ok(results)
+}
+
+/// The first generation number of this run.
+fn run_generation_base() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    1 + (ms << 20)
 }
 
 /// Opens the target a job names (creating a file laid out to `--size` when

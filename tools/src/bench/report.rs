@@ -100,7 +100,7 @@ pub fn to_json(results: &[JobResult], cpu: &CpuUse, ceiling: Option<&Ceiling>) -
                 "job_runtime": ms,
                 "usr_cpu": 100.0 * cpu.bench_s / cpu.wall_s.max(1e-9) / results.len() as f64,
                 "sys_cpu": 0.0,
-                "dase": {"errors": r.errors, "verify_failures": r.verify_failures, "verified_blocks": r.verified_blocks},
+                "dase": {"errors": r.errors, "verify_failures": r.verify_failures, "verified_bytes": r.verified_bytes},
             })
         })
         .collect();
@@ -206,13 +206,13 @@ pub fn to_text(results: &[JobResult], cpu: &CpuUse, ceiling: Option<&Ceiling>) -
         );
         if r.spec.verify.is_some() {
             out.push_str(&format!(
-                "  verify: {} ({} blocks read back after the run)\n",
+                "  verify: {} ({} checked)\n",
                 if r.verify_failures.is_empty() {
                     "OK"
                 } else {
                     "FAILED"
                 },
-                r.verified_blocks
+                bytes_h(r.verified_bytes as f64)
             ));
         }
         for e in &r.errors {

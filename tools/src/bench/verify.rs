@@ -2,11 +2,13 @@
 //!
 //! Every 512-byte unit of a written block starts with a 32-byte header —
 //! magic, the unit's own byte offset, the write's generation, a CRC32C of the
-//! unit — followed by a pattern derived from (offset, generation). A read
-//! then tells apart:
+//! unit, and its index within the write and the write's length in units —
+//! followed by a pattern derived from (offset, generation). A read then tells
+//! apart:
 //! - a flipped bit or a unit torn inside (CRC),
 //! - a misdirected write (the header names another offset),
-//! - a torn write (units of one block from different generations),
+//! - a torn write (a unit inside a write's extent older than that write:
+//!   part of it never landed; newer units there are a later overwrite),
 //! - a stale write (a whole block from an older generation than last written),
 //! - a block never written (no header).
 
@@ -67,14 +69,25 @@ fn unit_crc(unit: &[u8]) -> u32 {
     crc32c::crc32c_append(c, &unit[28..])
 }
 
+/// Unit header fields after the CRC: index in its write, units in the write.
+fn unit_pos(unit: &[u8]) -> (usize, usize) {
+    let idx = u16::from_le_bytes(unit[28..30].try_into().unwrap()) as usize;
+    let cnt = u16::from_le_bytes(unit[30..32].try_into().unwrap()) as usize;
+    (idx, cnt.max(idx + 1))
+}
+
 /// Fills `buf`, a block to be written at `offset`, for generation `gen`.
+/// Writes are at most 65535 units (32 MiB).
 pub fn fill(buf: &mut [u8], offset: u64, gen: u64) {
+    let count = (buf.len() / UNIT).min(u16::MAX as usize) as u16;
     for (i, unit) in buf.chunks_exact_mut(UNIT).enumerate() {
         let off = offset + (i * UNIT) as u64;
         unit[..8].copy_from_slice(&MAGIC.to_le_bytes());
         unit[8..16].copy_from_slice(&off.to_le_bytes());
         unit[16..24].copy_from_slice(&gen.to_le_bytes());
-        unit[28..32].fill(0);
+        unit[24..28].fill(0);
+        unit[28..30].copy_from_slice(&(i as u16).to_le_bytes());
+        unit[30..32].copy_from_slice(&count.to_le_bytes());
         let mut x = off ^ gen.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         for w in unit[HDR..].chunks_exact_mut(8) {
             x ^= x << 13;
@@ -88,9 +101,12 @@ pub fn fill(buf: &mut [u8], offset: u64, gen: u64) {
 }
 
 /// Checks a block read from `offset`. `expected` is the generation last
-/// written there, when this run knows it.
+/// written over the whole block, when this run knows it.
 pub fn check(buf: &[u8], offset: u64, expected: Option<u64>) -> Result<(), Fault> {
-    let mut gens: Option<(u64, u64)> = None;
+    let n = buf.len() / UNIT;
+    let mut gens = Vec::with_capacity(n);
+    // Runs of consecutive units from one write: (first unit of the write, relative to the read; units; generation).
+    let mut writes: Vec<(isize, usize, u64)> = Vec::new();
     for (i, unit) in buf.chunks_exact(UNIT).enumerate() {
         let off = offset + (i * UNIT) as u64;
         let word = |r: std::ops::Range<usize>| u64::from_le_bytes(unit[r].try_into().unwrap());
@@ -109,19 +125,27 @@ pub fn check(buf: &[u8], offset: u64, expected: Option<u64>) -> Result<(), Fault
             });
         }
         let g = word(16..24);
-        gens = match gens {
-            None => Some((g, g)),
-            Some((first, _)) if first != g => {
-                return Err(Fault::Torn {
-                    block: offset,
-                    generations: (first, g),
-                })
-            }
-            s => s,
-        };
+        let (idx, cnt) = unit_pos(unit);
+        let w = (i as isize - idx as isize, cnt, g);
+        if writes.last() != Some(&w) {
+            writes.push(w);
+        }
+        gens.push(g);
     }
-    if let (Some((found, _)), Some(expected)) = (gens, expected) {
-        if found != expected {
+    // Every unit inside a write's extent must be that write or newer.
+    for &(start, cnt, g) in &writes {
+        let lo = start.max(0) as usize;
+        let hi = ((start + cnt as isize).max(0) as usize).min(n);
+        if let Some(j) = (lo..hi).find(|&j| gens[j] < g) {
+            let block = (offset as i64 + start as i64 * UNIT as i64).max(0) as u64;
+            return Err(Fault::Torn {
+                block,
+                generations: (g, gens[j]),
+            });
+        }
+    }
+    if let Some(expected) = expected {
+        if let Some(&found) = gens.iter().find(|&&g| g != expected) {
             return Err(Fault::Stale {
                 block: offset,
                 found,
@@ -186,6 +210,18 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("torn"));
+    }
+
+    #[test]
+    fn a_newer_write_inside_an_older_one_is_not_torn() {
+        // 16 KiB written, then a 4 KiB overwrite in its middle, read as one.
+        let mut b = block(0, 1, 16384);
+        b[4096..8192].copy_from_slice(&block(4096, 2, 4096));
+        assert_eq!(check(&b, 0, None), Ok(()));
+        // A read spanning two whole writes of different generations is fine too.
+        let mut two = block(0, 3, 4096);
+        two.extend_from_slice(&block(4096, 9, 4096));
+        assert_eq!(check(&two, 0, None), Ok(()));
     }
 
     #[test]
