@@ -44,6 +44,10 @@ pub struct Args {
     /// TOML configuration; flags above add to it (see `dase_target::config` docs for the format).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Microseconds each connection keeps polling its socket after traffic
+    /// before sleeping: trades idle CPU for latency; 0 never polls.
+    #[arg(long, default_value_t = 50)]
+    poll_us: u64,
     /// Worker threads for the runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -56,6 +60,7 @@ fn to_config(a: &Args) -> Result<TargetConfig> {
             listen: vec![],
             discovery_port: None,
             stats_interval_secs: a.stats_interval,
+            poll_us: a.poll_us,
             subsystems: vec![],
         },
     };
@@ -67,6 +72,7 @@ fn to_config(a: &Args) -> Result<TargetConfig> {
     }
     if a.config.is_none() {
         cfg.stats_interval_secs = a.stats_interval;
+        cfg.poll_us = a.poll_us;
     }
     let size = a
         .size

@@ -41,6 +41,7 @@ pub async fn discover(
         data_digest: opts.data_digest,
         connect_timeout: t,
         inline_max: 8192,
+        poll: Duration::ZERO,
     })
     .await?;
     let cd = ConnectData::new(opts.hostid, 0xffff, DISCOVERY_NQN, &opts.hostnqn);

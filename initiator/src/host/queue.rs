@@ -98,6 +98,8 @@ pub struct QueueParams {
     pub connect_timeout: Duration,
     /// Largest in-capsule data this queue may send (admin: 8 KiB; I/O: from IOCCSZ).
     pub inline_max: u32,
+    /// Keep polling the socket this long after traffic before sleeping.
+    pub poll: Duration,
 }
 
 /// One connected queue.
@@ -210,7 +212,7 @@ impl QueuePair {
             inline_max: p.inline_max,
         });
         let (rd, wr) = s.into_split();
-        let reader = tokio::spawn(reader(shared.clone(), rd, dec, rbuf));
+        let reader = tokio::spawn(reader(shared.clone(), rd, dec, rbuf, p.poll));
         let writer = tokio::spawn(writer(shared.clone(), wr));
         Ok(Self {
             shared,
@@ -473,7 +475,7 @@ async fn writer(sh: Arc<Shared>, mut wr: OwnedWriteHalf) {
     }
 }
 
-async fn reader(sh: Arc<Shared>, mut rd: OwnedReadHalf, mut dec: PduDecoder, mut rbuf: BytesMut) {
+async fn reader(sh: Arc<Shared>, mut rd: OwnedReadHalf, mut dec: PduDecoder, mut rbuf: BytesMut, poll: Duration) {
     loop {
         loop {
             let r = match dec.decode(&mut rbuf) {
@@ -501,6 +503,22 @@ async fn reader(sh: Arc<Shared>, mut rd: OwnedReadHalf, mut dec: PduDecoder, mut
         }
         if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
+        }
+        // Poll briefly before sleeping (a wake-up costs more than a small I/O).
+        if !poll.is_zero() {
+            let until = std::time::Instant::now() + poll;
+            let mut got = false;
+            while !got && std::time::Instant::now() < until {
+                match rd.try_read_buf(&mut rbuf) {
+                    Ok(0) => return fail(&sh, HostError::Disconnected("target closed the connection".into())),
+                    Ok(_) => got = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tokio::task::yield_now().await,
+                    Err(e) => return fail(&sh, HostError::Disconnected(format!("read: {e}"))),
+                }
+            }
+            if got {
+                continue;
+            }
         }
         match rd.read_buf(&mut rbuf).await {
             Ok(0) => {

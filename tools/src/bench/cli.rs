@@ -97,6 +97,10 @@ pub struct Args {
     /// NVMe/TCP data digests.
     #[arg(long)]
     pub data_digest: bool,
+    /// NVMe/TCP: microseconds each queue keeps polling for completions before
+    /// sleeping, as SPDK's perf polls (0: sleep at once, saving CPU).
+    #[arg(long = "poll_us", default_value_t = 50)]
+    pub poll_us: u64,
 }
 
 fn flag(s: &str, what: &str) -> Result<bool, String> {
@@ -136,6 +140,7 @@ impl Args {
             verify_fatal: flag(&self.verify_fatal, "verify_fatal")?,
             hdr_digest: self.hdr_digest,
             data_digest: self.data_digest,
+            poll_us: self.poll_us,
         })
     }
 

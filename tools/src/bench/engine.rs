@@ -47,6 +47,7 @@ impl Target {
         depth: usize,
         hd: bool,
         dd: bool,
+        poll: Duration,
     ) -> Result<Self, String> {
         let nqn = uri.nqn.clone().ok_or("the URI names no subsystem")?;
         let opts = ControllerOptions {
@@ -55,6 +56,7 @@ impl Target {
             queue_depth: (depth + 1).clamp(2, 1024) as u16,
             hdr_digest: hd,
             data_digest: dd,
+            poll,
             ..Default::default()
         };
         let ctrl = Controller::connect(&uri.addr, &nqn, opts)

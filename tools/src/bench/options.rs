@@ -209,6 +209,8 @@ pub struct JobSpec {
     pub verify_fatal: bool,
     pub hdr_digest: bool,
     pub data_digest: bool,
+    /// NVMe/TCP: microseconds to keep polling for completions before sleeping.
+    pub poll_us: u64,
 }
 
 impl JobSpec {
