@@ -32,7 +32,8 @@ use super::HostError;
 
 /// Largest controller-to-host data section we accept in one PDU.
 const MAX_C2H_DATA: u32 = 16 << 20;
-const READ_CHUNK: usize = 256 * 1024;
+// Large: each re-allocation copies the partial PDU at the tail along.
+const READ_CHUNK: usize = 2 << 20;
 
 /// A completed command.
 #[derive(Clone, Debug)]
@@ -475,7 +476,13 @@ async fn writer(sh: Arc<Shared>, mut wr: OwnedWriteHalf) {
     }
 }
 
-async fn reader(sh: Arc<Shared>, mut rd: OwnedReadHalf, mut dec: PduDecoder, mut rbuf: BytesMut, poll: Duration) {
+async fn reader(
+    sh: Arc<Shared>,
+    mut rd: OwnedReadHalf,
+    mut dec: PduDecoder,
+    mut rbuf: BytesMut,
+    poll: Duration,
+) {
     loop {
         loop {
             let r = match dec.decode(&mut rbuf) {
@@ -508,11 +515,21 @@ async fn reader(sh: Arc<Shared>, mut rd: OwnedReadHalf, mut dec: PduDecoder, mut
         if !poll.is_zero() {
             let until = std::time::Instant::now() + poll;
             let mut got = false;
-            while !got && std::time::Instant::now() < until {
+            let mut spins = 0u32;
+            // The clock costs more than a spin: look at it every 16.
+            while !got && (!spins.is_multiple_of(16) || std::time::Instant::now() < until) {
+                spins += 1;
                 match rd.try_read_buf(&mut rbuf) {
-                    Ok(0) => return fail(&sh, HostError::Disconnected("target closed the connection".into())),
+                    Ok(0) => {
+                        return fail(
+                            &sh,
+                            HostError::Disconnected("target closed the connection".into()),
+                        )
+                    }
                     Ok(_) => got = true,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tokio::task::yield_now().await,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        tokio::task::yield_now().await
+                    }
                     Err(e) => return fail(&sh, HostError::Disconnected(format!("read: {e}"))),
                 }
             }

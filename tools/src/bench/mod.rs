@@ -496,7 +496,15 @@ fn run_generation_base() -> u64 {
 pub async fn open_target(spec: &JobSpec) -> Result<Target, String> {
     match &spec.filename {
         Filename::Nvme(u) => {
-            Target::open_nvme(u, spec.numjobs, spec.iodepth, spec.hdr_digest, spec.data_digest, Duration::from_micros(spec.poll_us)).await
+            Target::open_nvme(
+                u,
+                spec.numjobs,
+                spec.iodepth,
+                spec.hdr_digest,
+                spec.data_digest,
+                Duration::from_micros(spec.poll_us),
+            )
+            .await
         }
         Filename::Path(p) => {
             let write = spec.rw.writes();
