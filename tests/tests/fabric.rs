@@ -488,3 +488,257 @@ fn target_rejects_bad_configuration_at_start() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("block size"));
 }
+
+#[test]
+fn admin_commands_features_properties_and_logs() {
+    use dase_protocol::nvme::{admin_opc, cns, fctype, feature, log_id, prop};
+    use dase_protocol::Sqe;
+    let d = DNode::memory(&nqn("admin"), "8M", 4096);
+    rt().block_on(async {
+        let (c, ns) = connect(&d, opts(false, false)).await;
+        let admin = |opc: u8, nsid: u32, cdw10: u32, cdw11: u32| {
+            let mut s = Sqe::new(opc, 0, nsid);
+            s.cdw10 = cdw10.into();
+            s.cdw11 = cdw11.into();
+            s
+        };
+        // Properties: CAP (8 bytes) has CSS NVM and MQES; VS is 1.4; CSTS ready.
+        let mut p = Sqe::new(admin_opc::FABRICS, 0, fctype::PROPERTY_GET as u32);
+        p.cdw10 = 1.into();
+        p.cdw11 = prop::CAP.into();
+        let cap = c.admin(p, 0).await.unwrap();
+        let cap = cap.dw0 as u64 | (cap.dw1 as u64) << 32;
+        assert!(cap & (1 << 37) != 0 && cap & 0xffff >= 127, "CAP {cap:#x}");
+        let mut p = Sqe::new(admin_opc::FABRICS, 0, fctype::PROPERTY_GET as u32);
+        p.cdw11 = prop::VS.into();
+        assert_eq!(c.admin(p, 0).await.unwrap().dw0, 0x0001_0400);
+        let mut p = Sqe::new(admin_opc::FABRICS, 0, fctype::PROPERTY_GET as u32);
+        p.cdw11 = prop::CSTS.into();
+        assert_eq!(c.admin(p, 0).await.unwrap().dw0 & 1, 1);
+        // Features: number of queues, keep alive, async event config, write cache.
+        let nq = c
+            .admin(
+                admin(
+                    admin_opc::GET_FEATURES,
+                    0,
+                    feature::NUMBER_OF_QUEUES as u32,
+                    0,
+                ),
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            nq.dw0 & 0xffff,
+            1,
+            "two I/O queues were granted (0's based)"
+        );
+        c.admin(
+            admin(
+                admin_opc::SET_FEATURES,
+                0,
+                feature::ASYNC_EVENT_CONFIG as u32,
+                0x100,
+            ),
+            0,
+        )
+        .await
+        .unwrap();
+        let aec = c
+            .admin(
+                admin(
+                    admin_opc::GET_FEATURES,
+                    0,
+                    feature::ASYNC_EVENT_CONFIG as u32,
+                    0,
+                ),
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(aec.dw0, 0x100);
+        c.admin(
+            admin(
+                admin_opc::SET_FEATURES,
+                0,
+                feature::VOLATILE_WRITE_CACHE as u32,
+                0,
+            ),
+            0,
+        )
+        .await
+        .unwrap();
+        let vwc = c
+            .admin(
+                admin(
+                    admin_opc::GET_FEATURES,
+                    0,
+                    feature::VOLATILE_WRITE_CACHE as u32,
+                    0,
+                ),
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(vwc.dw0, 0);
+        let kato = c
+            .admin(
+                admin(
+                    admin_opc::GET_FEATURES,
+                    0,
+                    feature::KEEP_ALIVE_TIMER as u32,
+                    0,
+                ),
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(kato.dw0, 10_000);
+        let e = c
+            .admin(admin(admin_opc::SET_FEATURES, 0, 0x80 | 1 << 31, 0), 0)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(Status::FEATURE_NOT_SAVEABLE));
+        let e = c
+            .admin(admin(admin_opc::GET_FEATURES, 0, 0x7e, 0), 0)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(Status::INVALID_FIELD));
+        // Identify: active namespace list (CNS 2) and descriptors (CNS 3).
+        let l = c
+            .admin(
+                admin(admin_opc::IDENTIFY, 0, cns::ACTIVE_NS_LIST as u32, 0),
+                4096,
+            )
+            .await
+            .unwrap();
+        assert_eq!(&l.data[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
+        let ds = c
+            .admin(
+                admin(admin_opc::IDENTIFY, 1, cns::NS_DESCRIPTORS as u32, 0),
+                4096,
+            )
+            .await
+            .unwrap();
+        assert_eq!((ds.data[0], ds.data[1]), (2, 16), "NGUID descriptor first");
+        assert_eq!(
+            &ds.data[4..20],
+            &c.identify_namespace(1).await.unwrap().nguid
+        );
+        // Logs: SMART counts this host's I/O; the changed namespace list is empty.
+        c.write(&ns, 0, Bytes::from(vec![1u8; 8192])).await.unwrap();
+        let smart = c
+            .admin(
+                admin(
+                    admin_opc::GET_LOG_PAGE,
+                    0xffff_ffff,
+                    log_id::SMART as u32 | 127 << 16,
+                    0,
+                ),
+                512,
+            )
+            .await
+            .unwrap();
+        assert!(
+            u64::from_le_bytes(smart.data[80..88].try_into().unwrap()) >= 1,
+            "host writes"
+        );
+        let ch = c
+            .admin(
+                admin(
+                    admin_opc::GET_LOG_PAGE,
+                    0,
+                    log_id::CHANGED_NS_LIST as u32 | 1023 << 16,
+                    0,
+                ),
+                4096,
+            )
+            .await
+            .unwrap();
+        assert!(ch.data.iter().all(|&b| b == 0));
+        // Abort: nothing is ever pending long enough, so "not aborted" (DW0 bit 0).
+        let ab = c
+            .admin(admin(admin_opc::ABORT, 0, 1 << 16 | 5, 0), 0)
+            .await
+            .unwrap();
+        assert_eq!(ab.dw0 & 1, 1);
+        // Keep Alive is accepted.
+        c.admin(Sqe::new(admin_opc::KEEP_ALIVE, 0, 0), 0)
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn async_event_requests_wait_and_are_limited() {
+    use bytes::BytesMut;
+    use dase_protocol::admin::ConnectData;
+    use dase_protocol::nvme::{admin_opc, SglDescriptor};
+    use dase_protocol::{Pdu, Sqe};
+    let d = DNode::memory(&nqn("aer"), "1M", 512);
+    let mut raw = RawConn::connect(d.addr, true, false, false);
+    let cd = ConnectData::new([9; 16], 0xffff, &d.nqn, HOSTNQN);
+    let mut sqe = Sqe::new(admin_opc::FABRICS, 1, 1);
+    sqe.cdw11 = 31.into();
+    sqe.dptr = SglDescriptor::in_capsule(1024);
+    let mut w = BytesMut::new();
+    raw.enc
+        .capsule_cmd(&mut w, &sqe, zerocopy::IntoBytes::as_bytes(&cd));
+    // Five AERs: four stay outstanding (AERL = 3), the fifth is refused.
+    for cid in 10..15u16 {
+        raw.enc.capsule_cmd(
+            &mut w,
+            &Sqe::new(admin_opc::ASYNC_EVENT_REQUEST, cid, 0),
+            &[],
+        );
+    }
+    raw.enc
+        .capsule_cmd(&mut w, &Sqe::new(admin_opc::KEEP_ALIVE, 20, 0), &[]);
+    raw.send(&w);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match raw.recv() {
+            Some(Pdu::CapsuleResp(c)) => {
+                seen.push((c.cid.get(), Status::from_word(c.status.get())))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (1, Status::SUCCESS),
+            (14, Status::AER_LIMIT_EXCEEDED),
+            (20, Status::SUCCESS)
+        ]
+    );
+}
+
+#[test]
+fn commands_time_out_on_a_frozen_target_and_recover_after() {
+    let mut d = DNode::memory(&nqn("frozen"), "1M", 512);
+    rt().block_on(async {
+        let mut o = opts(false, false);
+        o.io_timeout = Duration::from_millis(500);
+        o.reconnect_backoff = Duration::from_millis(100);
+        let (c, ns) = connect(&d, o).await;
+        c.write(&ns, 0, Bytes::from(vec![3u8; 512])).await.unwrap();
+        unsafe { libc::kill(d.child.id() as i32, libc::SIGSTOP) };
+        let t0 = std::time::Instant::now();
+        let e = c.read(&ns, 0, 1).await.unwrap_err();
+        assert!(matches!(e, HostError::Timeout { .. }), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(3));
+        unsafe { libc::kill(d.child.id() as i32, libc::SIGCONT) };
+        // The timed-out queue was dropped; the next operations reconnect.
+        let mut back = None;
+        for _ in 0..50 {
+            if let Ok(b) = c.read(&ns, 0, 1).await {
+                back = Some(b);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(&back.expect("recovered")[..], &[3u8; 512][..]);
+    });
+    assert!(d.alive());
+}

@@ -5,7 +5,9 @@
 //! A read of `bs` is a 72-byte capsule answered by a 24-byte C2HData header
 //! plus `bs` of data; a write is a 72-byte capsule plus `bs` answered by a
 //! 24-byte response. The client keeps `iodepth` requests in flight per
-//! connection, one connection per job, exactly as the bench does.
+//! connection, one connection per job, exactly as the bench does. Both ends
+//! poll their sockets rather than sleep, as dase's target and host do by
+//! default, so the comparison is like for like.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -25,13 +27,36 @@ pub fn serve(l: TcpListener) {
     }
 }
 
+/// Reads, spinning instead of sleeping while nothing has arrived.
+fn read_spin(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            r => return r,
+        }
+    }
+}
+
+fn write_all_spin(s: &mut TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match s.write(data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn serve_one(mut s: TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
+    s.set_nonblocking(true)?;
     let zeros = vec![0u8; 1 << 20];
     let mut buf = vec![0u8; 4 << 20];
     let (mut have, mut need_resp) = (0usize, 0usize);
     loop {
-        let n = s.read(&mut buf[have..])?;
+        let n = read_spin(&mut s, &mut buf[have..])?;
         if n == 0 {
             return Ok(());
         }
@@ -54,7 +79,7 @@ fn serve_one(mut s: TcpStream) -> std::io::Result<()> {
         have -= pos;
         while need_resp > 0 {
             let n = need_resp.min(zeros.len());
-            s.write_all(&zeros[..n])?;
+            write_all_spin(&mut s, &zeros[..n])?;
             need_resp -= n;
         }
     }
@@ -88,14 +113,21 @@ fn closed_loop(
 ) -> std::io::Result<u64> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
+    s.set_nonblocking(true)?;
     let one = request(req, resp);
     let batch: Vec<u8> = one.iter().copied().cycle().take(req * depth).collect();
-    s.write_all(&batch)?;
+    write_all_spin(&mut s, &batch)?;
     let mut buf = vec![0u8; (resp * depth).clamp(4096, 8 << 20)];
     let (mut done, mut partial) = (0u64, 0usize);
     let t = Instant::now();
     while t.elapsed() < dur {
-        let n = s.read(&mut buf)?;
+        let n = match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::hint::spin_loop();
+                continue;
+            }
+            r => r?,
+        };
         if n == 0 {
             break;
         }
@@ -104,7 +136,7 @@ fn closed_loop(
         partial %= resp;
         done += complete as u64;
         if complete > 0 {
-            s.write_all(&batch[..complete * req])?;
+            write_all_spin(&mut s, &batch[..complete * req])?;
         }
     }
     Ok(done)

@@ -156,6 +156,10 @@ impl Target {
     pub async fn close(self) {
         if let Self::Nvme { ctrl, .. } = self {
             let _ = ctrl.disconnect().await;
+            drop(ctrl);
+            // Let the queues' tasks run once more so their sockets really
+            // close now, not whenever this runtime is next driven.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
