@@ -84,6 +84,17 @@ impl Codec {
         Ok(len)
     }
 
+    /// Checks a whole stripe's shape; returns the strip length.
+    fn check_stripe<T: AsRef<[u8]>>(&self, strips: &[T]) -> Result<usize, Error> {
+        if strips.len() != self.geo.width() {
+            return Err(Error::StripeWidth {
+                expected: self.geo.width(),
+                got: strips.len(),
+            });
+        }
+        Self::check_len(strips)
+    }
+
     /// Computes the `m` parity strips of `k` data strips into caller buffers.
     pub fn encode(&self, data: &[&[u8]], parity: &mut [&mut [u8]]) -> Result<(), Error> {
         let (k, m) = (self.geo.k(), self.geo.m());
@@ -112,13 +123,7 @@ impl Codec {
     /// out-of-range indices, or unequal strip sizes are errors.
     pub fn reconstruct(&self, strips: &mut [&mut [u8]], lost: &[usize]) -> Result<(), Error> {
         let w = self.geo.width();
-        if strips.len() != w {
-            return Err(Error::StripCount {
-                expected: (self.geo.k(), self.geo.m()),
-                got: (strips.len(), 0),
-            });
-        }
-        let len = Self::check_len(strips)?;
+        let len = self.check_stripe(strips)?;
         let mut missing = vec![false; w];
         for &i in lost {
             if i >= w {
@@ -251,14 +256,7 @@ impl Codec {
 
     /// Recomputes parity and compares: `Ok(false)` when any parity disagrees.
     pub fn verify(&self, strips: &[&[u8]]) -> Result<bool, Error> {
-        let w = self.geo.width();
-        if strips.len() != w {
-            return Err(Error::StripCount {
-                expected: (self.geo.k(), self.geo.m()),
-                got: (strips.len(), 0),
-            });
-        }
-        let len = Self::check_len(strips)?;
+        let len = self.check_stripe(strips)?;
         let k = self.geo.k();
         let l = self.groups.len();
         let mut tmp = vec![0u8; len];

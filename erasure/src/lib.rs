@@ -31,6 +31,8 @@ pub enum Error {
         expected: (usize, usize),
         got: (usize, usize),
     },
+    #[error("a stripe of this geometry has {expected} strips, not {got}")]
+    StripeWidth { expected: usize, got: usize },
     #[error("strip size: {0}")]
     StripSize(String),
     #[error("{0}")]

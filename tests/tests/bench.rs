@@ -25,6 +25,22 @@ fn ok(args: &[&str]) -> String {
     out
 }
 
+/// A verifying 4 KiB read of the first MiB.
+fn read_verify(u: &str) -> Output {
+    bench(&[
+        "--filename",
+        u,
+        "--rw",
+        "read",
+        "--bs",
+        "4k",
+        "--size",
+        "1m",
+        "--verify",
+        "crc32c",
+    ])
+}
+
 fn uri(d: &DNode) -> String {
     format!("nvme-tcp://{}/{}/1", d.addr, d.nqn)
 }
@@ -150,18 +166,7 @@ fn verify_catches_a_misdirected_and_a_torn_write_through_the_stack() {
         let b = c.read(&ns, 128, 8).await.unwrap();
         c.write(&ns, 0, b).await.unwrap();
     });
-    let o = bench(&[
-        "--filename",
-        &u,
-        "--rw",
-        "read",
-        "--bs",
-        "4k",
-        "--size",
-        "1m",
-        "--verify",
-        "crc32c",
-    ]);
+    let o = read_verify(&u);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         !o.status.success(),
@@ -201,18 +206,7 @@ fn verify_catches_a_misdirected_and_a_torn_write_through_the_stack() {
             .await
             .unwrap();
     });
-    let o = bench(&[
-        "--filename",
-        &u,
-        "--rw",
-        "read",
-        "--bs",
-        "4k",
-        "--size",
-        "1m",
-        "--verify",
-        "crc32c",
-    ]);
+    let o = read_verify(&u);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(!o.status.success());
     assert!(out.contains("torn write: block at offset 0x2000"), "{out}");

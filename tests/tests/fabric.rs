@@ -502,6 +502,14 @@ fn admin_commands_features_properties_and_logs() {
             s.cdw11 = cdw11.into();
             s
         };
+        let get_feature = |fid: u8| {
+            let c = &c;
+            async move {
+                c.admin(admin(admin_opc::GET_FEATURES, 0, fid as u32, 0), 0)
+                    .await
+                    .unwrap()
+            }
+        };
         // Properties: CAP (8 bytes) has CSS NVM and MQES; VS is 1.4; CSTS ready.
         let mut p = Sqe::new(admin_opc::FABRICS, 0, fctype::PROPERTY_GET as u32);
         p.cdw10 = 1.into();
@@ -516,18 +524,7 @@ fn admin_commands_features_properties_and_logs() {
         p.cdw11 = prop::CSTS.into();
         assert_eq!(c.admin(p, 0).await.unwrap().dw0 & 1, 1);
         // Features: number of queues, keep alive, async event config, write cache.
-        let nq = c
-            .admin(
-                admin(
-                    admin_opc::GET_FEATURES,
-                    0,
-                    feature::NUMBER_OF_QUEUES as u32,
-                    0,
-                ),
-                0,
-            )
-            .await
-            .unwrap();
+        let nq = get_feature(feature::NUMBER_OF_QUEUES).await;
         assert_eq!(
             nq.dw0 & 0xffff,
             1,
@@ -544,18 +541,7 @@ fn admin_commands_features_properties_and_logs() {
         )
         .await
         .unwrap();
-        let aec = c
-            .admin(
-                admin(
-                    admin_opc::GET_FEATURES,
-                    0,
-                    feature::ASYNC_EVENT_CONFIG as u32,
-                    0,
-                ),
-                0,
-            )
-            .await
-            .unwrap();
+        let aec = get_feature(feature::ASYNC_EVENT_CONFIG).await;
         assert_eq!(aec.dw0, 0x100);
         c.admin(
             admin(
@@ -568,31 +554,9 @@ fn admin_commands_features_properties_and_logs() {
         )
         .await
         .unwrap();
-        let vwc = c
-            .admin(
-                admin(
-                    admin_opc::GET_FEATURES,
-                    0,
-                    feature::VOLATILE_WRITE_CACHE as u32,
-                    0,
-                ),
-                0,
-            )
-            .await
-            .unwrap();
+        let vwc = get_feature(feature::VOLATILE_WRITE_CACHE).await;
         assert_eq!(vwc.dw0, 0);
-        let kato = c
-            .admin(
-                admin(
-                    admin_opc::GET_FEATURES,
-                    0,
-                    feature::KEEP_ALIVE_TIMER as u32,
-                    0,
-                ),
-                0,
-            )
-            .await
-            .unwrap();
+        let kato = get_feature(feature::KEEP_ALIVE_TIMER).await;
         assert_eq!(kato.dw0, 10_000);
         let e = c
             .admin(admin(admin_opc::SET_FEATURES, 0, 0x80 | 1 << 31, 0), 0)
@@ -724,6 +688,22 @@ fn commands_time_out_on_a_frozen_target_and_recover_after() {
         let (c, ns) = connect(&d, o).await;
         c.write(&ns, 0, Bytes::from(vec![3u8; 512])).await.unwrap();
         unsafe { libc::kill(d.child.id() as i32, libc::SIGSTOP) };
+        // kill() returns before the stop takes effect: wait until it has.
+        let stat = format!("/proc/{}/stat", d.child.id());
+        let stopped = || {
+            std::fs::read_to_string(&stat).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('T'))
+            })
+        };
+        for _ in 0..100 {
+            if stopped() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(stopped(), "the D-node did not stop");
         let t0 = std::time::Instant::now();
         let e = c.read(&ns, 0, 1).await.unwrap_err();
         assert!(matches!(e, HostError::Timeout { .. }), "{e}");
