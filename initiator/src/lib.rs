@@ -5,6 +5,7 @@
 //! at most. The C-node engine (cluster map, stripes, reduction, file system)
 //! will live beside it in `cnode` and depend on it downward only.
 
+pub mod cnode;
 pub mod host;
 
 pub use host::{Controller, ControllerOptions, HostError, NvmeUri, QueuePair};

@@ -615,9 +615,7 @@ fn spawn_keep_alive(admin: Arc<QueuePair>, kato: Duration) -> tokio::task::JoinH
 }
 
 /// Awaits all futures concurrently (tokio has no join_all of its own).
-pub(crate) async fn join_all<F: std::future::Future>(
-    futs: impl IntoIterator<Item = F>,
-) -> Vec<F::Output> {
+pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
     let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
     let mut out = Vec::with_capacity(handles.len());
     // Sequential awaits still overlap: each future was created up front but

@@ -6,7 +6,7 @@ mod error;
 mod queue;
 mod uri;
 
-pub use controller::{read_on, write_on, Controller, ControllerOptions, NamespaceInfo};
+pub use controller::{join_all, read_on, write_on, Controller, ControllerOptions, NamespaceInfo};
 pub use discovery::{discover, DiscoveryEntry};
 pub use error::HostError;
 pub use queue::{Completion, QueuePair};

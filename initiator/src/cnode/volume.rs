@@ -1,0 +1,375 @@
+//! Stripes over D-nodes: full-stripe writes of `k` data + `m` parity strips
+//! to `k + m` distinct D-nodes in parallel, reads of just the byte range
+//! needed, and degraded reads that reconstruct from any `k` good strips.
+//!
+//! On-media layout, version 1: each namespace reserves its first
+//! [`DATA_OFFSET`] bytes (superblock copies, written by the layers above);
+//! strip `s` of any stripe lives at `DATA_OFFSET + s * strip_size` on the
+//! D-node placement chose for it. Every D-node that takes part in stripe `s`
+//! uses the same slot, so nothing but the stripe number and the
+//! [`StripeRecord`] is needed to find a strip again. (With more D-nodes than
+//! `k + m`, each node leaves the slots of stripes it is not in unused: holes
+//! on thin media; a per-node slot allocator is the step after this one.)
+//!
+//! Where a stripe went and the checksum of every strip are returned as a
+//! [`StripeRecord`], for the metadata layer to store.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use dase_erasure::{place, strip_checksum, Codec, Geometry};
+
+use super::cluster::Cluster;
+use crate::host::{join_all, HostError};
+
+/// Bytes reserved at the start of every namespace.
+pub const DATA_OFFSET: u64 = 1 << 20;
+
+/// How many times a stripe write is re-placed after D-nodes fail under it.
+const WRITE_ATTEMPTS: usize = 3;
+
+/// Where one stripe is and how to check it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeRecord {
+    pub stripe: u64,
+    /// The geometry actually used (narrower than the volume's when D-nodes were down).
+    pub k: u16,
+    pub m: u16,
+    /// Cluster node index of each strip, data strips first.
+    pub nodes: Vec<u16>,
+    /// CRC32C of each strip.
+    pub crcs: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Erasure(#[from] dase_erasure::Error),
+    #[error("stripe {stripe}: {detail}")]
+    Unrecoverable { stripe: u64, detail: String },
+    #[error("D-node {node}: {error}")]
+    Node { node: String, error: HostError },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub struct Volume {
+    cluster: Arc<Cluster>,
+    geo: Geometry,
+}
+
+impl Volume {
+    /// A volume of geometry `geo` over `cluster`. Every reachable namespace
+    /// must hold whole strips in whole blocks.
+    pub fn new(cluster: Arc<Cluster>, geo: Geometry) -> Result<Self, VolumeError> {
+        if cluster.len() < geo.m() + 1 {
+            return Err(VolumeError::Invalid(format!(
+                "{} D-nodes cannot hold a {geo} stripe (at least {} needed)",
+                cluster.len(),
+                geo.m() + 1
+            )));
+        }
+        for i in 0..cluster.len() {
+            if let Some(ns) = cluster.namespace(i) {
+                if !(geo.strip_size() as u64).is_multiple_of(ns.block_size as u64) {
+                    return Err(VolumeError::Invalid(format!(
+                        "strip size {} is not a multiple of {}'s {}-byte blocks",
+                        geo.strip_size(),
+                        cluster.nodes[i].spec.addr,
+                        ns.block_size
+                    )));
+                }
+            }
+        }
+        Ok(Self { cluster, geo })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    fn slot(&self, stripe: u64) -> u64 {
+        DATA_OFFSET + stripe * self.geo.strip_size() as u64
+    }
+
+    /// Stripes every reachable namespace has room for.
+    pub fn capacity_stripes(&self) -> u64 {
+        (0..self.cluster.len())
+            .filter_map(|i| self.cluster.namespace(i))
+            .map(|ns| ns.bytes().saturating_sub(DATA_OFFSET) / self.geo.strip_size() as u64)
+            .min()
+            .unwrap_or(0)
+    }
+
+    fn codec(&self, k: usize) -> Result<Codec, VolumeError> {
+        let g = if k == self.geo.k() {
+            self.geo
+        } else {
+            self.geo.narrowed(k)?
+        };
+        Ok(Codec::new(g)?)
+    }
+
+    /// Writes stripe `stripe` holding `data` (at most `k * strip_size` bytes;
+    /// the rest is zero). All strips go out in parallel; when D-nodes fail
+    /// under the write, the stripe is placed again over the survivors (narrower
+    /// if need be) and written whole again.
+    pub async fn write_stripe(
+        &self,
+        stripe: u64,
+        data: &[u8],
+    ) -> Result<StripeRecord, VolumeError> {
+        if stripe >= self.capacity_stripes() {
+            return Err(VolumeError::Invalid(format!(
+                "stripe {stripe} is beyond the volume's {} stripes",
+                self.capacity_stripes()
+            )));
+        }
+        if data.len() > self.geo.data_bytes() {
+            return Err(VolumeError::Invalid(format!(
+                "{} bytes do not fit a {}-byte stripe",
+                data.len(),
+                self.geo.data_bytes()
+            )));
+        }
+        let s = self.geo.strip_size();
+        let mut last_err = None;
+        for _ in 0..WRITE_ATTEMPTS {
+            self.cluster.revive().await;
+            let p = place(&self.geo, &self.cluster.slots(), stripe)?;
+            let (k, m) = (p.geometry.k(), p.geometry.m());
+            // Narrower stripes carry less data: what does not fit is an error
+            // the caller sees (it splits its writes across more stripes).
+            if data.len() > k * s {
+                return Err(VolumeError::Invalid(format!(
+                    "only {} D-nodes are up: a stripe now holds {} bytes, not {}",
+                    self.cluster.up_count(),
+                    k * s,
+                    data.len()
+                )));
+            }
+            let codec = self.codec(k)?;
+            let mut buf = vec![0u8; (k + m) * s];
+            buf[..data.len()].copy_from_slice(data);
+            {
+                let (d, p) = buf.split_at_mut(k * s);
+                let dv: Vec<&[u8]> = d.chunks(s).collect();
+                let mut pv: Vec<&mut [u8]> = p.chunks_mut(s).collect();
+                codec.encode(&dv, &mut pv)?;
+            }
+            let all = Bytes::from(buf);
+            let crcs: Vec<u32> = all.chunks(s).map(strip_checksum).collect();
+            let offset = self.slot(stripe);
+            let writes = p.nodes.iter().enumerate().map(|(j, &n)| {
+                let strip = all.slice(j * s..(j + 1) * s);
+                async move { (n, self.cluster.write(n, offset, strip).await) }
+            });
+            let results = join_all(writes).await;
+            let failed: Vec<(usize, HostError)> = results
+                .into_iter()
+                .filter_map(|(n, r)| r.err().map(|e| (n, e)))
+                .collect();
+            if failed.is_empty() {
+                return Ok(StripeRecord {
+                    stripe,
+                    k: k as u16,
+                    m: m as u16,
+                    nodes: p.nodes.iter().map(|&n| n as u16).collect(),
+                    crcs,
+                });
+            }
+            for (n, e) in failed {
+                if !e.is_transport() {
+                    return Err(VolumeError::Node {
+                        node: self.cluster.nodes[n].spec.addr.clone(),
+                        error: e,
+                    });
+                }
+                last_err = Some(VolumeError::Node {
+                    node: self.cluster.nodes[n].spec.addr.clone(),
+                    error: e,
+                });
+            }
+        }
+        Err(last_err.unwrap_or_else(|| VolumeError::Invalid("stripe write failed".into())))
+    }
+
+    /// Reads `len` bytes at `offset` of the stripe's data. Reads only the
+    /// strips (and the part of each) that hold the range; falls back to
+    /// reconstruction when a D-node is down or a whole strip read fails its
+    /// checksum.
+    pub async fn read(
+        &self,
+        rec: &StripeRecord,
+        offset: usize,
+        len: usize,
+    ) -> Result<Bytes, VolumeError> {
+        let s = self.geo.strip_size();
+        let k = rec.k as usize;
+        if rec.nodes.len() != k + rec.m as usize || rec.crcs.len() != rec.nodes.len() {
+            return Err(VolumeError::Invalid(format!(
+                "stripe {}: malformed record",
+                rec.stripe
+            )));
+        }
+        if offset.checked_add(len).is_none_or(|e| e > k * s) {
+            return Err(VolumeError::Invalid(format!(
+                "range {offset}+{len} is outside stripe {}'s {} bytes",
+                rec.stripe,
+                k * s
+            )));
+        }
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let first = offset / s;
+        let last = (offset + len - 1) / s;
+        let base = self.slot(rec.stripe);
+        let reads = (first..=last).map(|j| {
+            let lo = if j == first { offset - j * s } else { 0 };
+            let hi = if j == last { offset + len - j * s } else { s };
+            let node = rec.nodes[j] as usize;
+            async move {
+                let bs = self
+                    .cluster
+                    .namespace(node)
+                    .map(|ns| ns.block_size as usize)
+                    .unwrap_or(512);
+                let (alo, ahi) = (lo - lo % bs, hi.div_ceil(bs) * bs);
+                let r = self.cluster.read(node, base + alo as u64, ahi - alo).await;
+                // A whole strip can be checked against its checksum.
+                let r = r.and_then(|b| {
+                    if alo == 0 && ahi == s && strip_checksum(&b) != rec.crcs[j] {
+                        Err(HostError::InvalidArgument("checksum mismatch".into()))
+                    } else {
+                        Ok(b.slice(lo - alo..hi - alo))
+                    }
+                });
+                (j, r)
+            }
+        });
+        let parts = join_all(reads).await;
+        if parts.iter().all(|(_, r)| r.is_ok()) {
+            let mut bufs: Vec<Bytes> = parts.into_iter().map(|(_, r)| r.unwrap()).collect();
+            if bufs.len() == 1 {
+                return Ok(bufs.pop().unwrap());
+            }
+            let mut out = BytesMut::with_capacity(len);
+            for b in bufs {
+                out.extend_from_slice(&b);
+            }
+            return Ok(out.freeze());
+        }
+        let bad: Vec<usize> = parts
+            .iter()
+            .filter(|(_, r)| r.is_err())
+            .map(|(j, _)| *j)
+            .collect();
+        tracing::info!(stripe = rec.stripe, strips = ?bad, "degraded read: reconstructing");
+        let strips = self.read_stripe(rec).await?;
+        let mut out = BytesMut::with_capacity(len);
+        // The stripe's data is the data strips end to end.
+        for (j, strip) in strips.iter().enumerate().take(last + 1).skip(first) {
+            let lo = if j == first { offset - j * s } else { 0 };
+            let hi = if j == last { offset + len - j * s } else { s };
+            out.extend_from_slice(&strip[lo..hi]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Reads a whole stripe, checking every strip's checksum and rebuilding
+    /// the ones that are unreachable or corrupt from the others. Returns all
+    /// `k + m` strips, correct; strips that were corrupt (not merely
+    /// unreachable) are written back repaired.
+    pub async fn read_stripe(&self, rec: &StripeRecord) -> Result<Vec<Vec<u8>>, VolumeError> {
+        let s = self.geo.strip_size();
+        let k = rec.k as usize;
+        let base = self.slot(rec.stripe);
+        let reads = rec
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| async move { (j, self.cluster.read(n as usize, base, s).await) });
+        let mut strips: Vec<Vec<u8>> = Vec::with_capacity(rec.nodes.len());
+        let mut lost = Vec::new();
+        let mut corrupt = Vec::new();
+        for (j, r) in join_all(reads).await {
+            match r {
+                Ok(b) if strip_checksum(&b) == rec.crcs[j] => strips.push(b.to_vec()),
+                Ok(_) => {
+                    tracing::warn!(stripe = rec.stripe, strip = j, dnode = %self.cluster.nodes[rec.nodes[j] as usize].spec.addr, "strip checksum mismatch");
+                    strips.push(vec![0; s]);
+                    lost.push(j);
+                    corrupt.push(j);
+                }
+                Err(_) => {
+                    strips.push(vec![0; s]);
+                    lost.push(j);
+                }
+            }
+        }
+        if lost.len() > rec.m as usize {
+            return Err(VolumeError::Unrecoverable {
+                stripe: rec.stripe,
+                detail: format!(
+                    "{} of {} strips unreadable; parity covers {}",
+                    lost.len(),
+                    rec.nodes.len(),
+                    rec.m
+                ),
+            });
+        }
+        if !lost.is_empty() {
+            let codec = self.codec(k)?;
+            let mut v: Vec<&mut [u8]> = strips.iter_mut().map(|x| &mut x[..]).collect();
+            codec.reconstruct(&mut v, &lost)?;
+        }
+        for j in corrupt {
+            let n = rec.nodes[j] as usize;
+            let fixed = Bytes::copy_from_slice(&strips[j]);
+            match self.cluster.write(n, base, fixed).await {
+                Ok(()) => tracing::info!(stripe = rec.stripe, strip = j, "corrupt strip repaired"),
+                Err(e) => {
+                    tracing::warn!(stripe = rec.stripe, strip = j, error = %e, "repairing a corrupt strip failed")
+                }
+            }
+        }
+        Ok(strips)
+    }
+
+    /// Rewrites the strips of `rec` that sit on `old` onto `new` (another
+    /// cluster node), reconstructing them from the others. Returns the
+    /// updated record; the caller stores it.
+    pub async fn move_strips(
+        &self,
+        rec: &StripeRecord,
+        old: usize,
+        new: usize,
+    ) -> Result<StripeRecord, VolumeError> {
+        if rec.nodes.contains(&(new as u16)) {
+            return Err(VolumeError::Invalid(format!(
+                "stripe {} already has a strip on node {new}",
+                rec.stripe
+            )));
+        }
+        let Some(j) = rec.nodes.iter().position(|&n| n as usize == old) else {
+            return Ok(rec.clone());
+        };
+        let strips = self.read_stripe(rec).await?;
+        let data = Bytes::copy_from_slice(&strips[j]);
+        self.cluster
+            .write(new, self.slot(rec.stripe), data)
+            .await
+            .map_err(|error| VolumeError::Node {
+                node: self.cluster.nodes[new].spec.addr.clone(),
+                error,
+            })?;
+        let mut out = rec.clone();
+        out.nodes[j] = new as u16;
+        Ok(out)
+    }
+}

@@ -1,0 +1,227 @@
+//! The C-node's stripe layer over 13 real D-node processes (10+3).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dase_erasure::Geometry;
+use dase_initiator::cnode::volume::DATA_OFFSET;
+use dase_initiator::cnode::{Cluster, ClusterFile, DNodeSpec, StripeRecord, Volume, VolumeError};
+use dase_initiator::host::{Controller, ControllerOptions};
+use dase_tests::*;
+
+const STRIP: usize = 64 * 1024;
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    nodes: Vec<DNode>,
+    file: ClusterFile,
+}
+
+/// `n` file-backed D-nodes (so a restarted one keeps its data), one failure domain each.
+fn rig(name: &str, n: usize) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    let mut specs = Vec::new();
+    for i in 0..n {
+        let nqn = nqn(&format!("{name}-d{i}"));
+        let img = dir.path().join(format!("d{i}.img"));
+        let d = DNode::start(&[
+            "--nqn",
+            &nqn,
+            "--namespace",
+            img.to_str().unwrap(),
+            "--size",
+            "32M",
+            "--block-size",
+            "4096",
+        ]);
+        specs.push(DNodeSpec {
+            addr: d.addr_string(),
+            nqn,
+            nsid: 1,
+            domain: format!("d{i}"),
+            id: None,
+        });
+        nodes.push(d);
+    }
+    Rig {
+        _dir: dir,
+        nodes,
+        file: ClusterFile { dnodes: specs },
+    }
+}
+
+fn opts() -> ControllerOptions {
+    ControllerOptions {
+        io_queues: 1,
+        queue_depth: 32,
+        io_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        reconnect_backoff: Duration::from_millis(100),
+        ..Default::default()
+    }
+}
+
+async fn volume(file: &ClusterFile) -> Volume {
+    let cluster = Arc::new(Cluster::connect(file, opts()).await);
+    Volume::new(cluster, Geometry::parse("10+3", STRIP).unwrap()).unwrap()
+}
+
+async fn check(v: &Volume, rec: &StripeRecord, data: &[u8]) {
+    let all = v.read(rec, 0, data.len()).await.unwrap();
+    assert!(all[..] == data[..], "stripe {} differs", rec.stripe);
+    // Unaligned ranges inside one strip and across strip boundaries.
+    for (off, len) in [
+        (1, 1000),
+        (STRIP - 10, 20),
+        (3 * STRIP + 7, 2 * STRIP + 100),
+        (data.len() - 1, 1),
+    ] {
+        if off + len <= data.len() {
+            let got = v.read(rec, off, len).await.unwrap();
+            assert!(
+                got[..] == data[off..off + len],
+                "stripe {} range {off}+{len}",
+                rec.stripe
+            );
+        }
+    }
+}
+
+#[test]
+fn stripes_survive_three_dead_dnodes_and_writes_go_on() {
+    let mut r = rig("vol-fail", 13);
+    rt().block_on(async {
+        let v = volume(&r.file).await;
+        assert_eq!(v.cluster().up_count(), 13);
+        let mut written: Vec<(StripeRecord, Vec<u8>)> = Vec::new();
+        for s in 0..12u64 {
+            let data = pattern(10 * STRIP - (s as usize * 4096), s + 1);
+            let rec = v.write_stripe(s, &data).await.unwrap();
+            assert_eq!((rec.k, rec.m, rec.nodes.len()), (10, 3, 13));
+            let mut distinct = rec.nodes.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 13, "strips on distinct D-nodes");
+            check(&v, &rec, &data).await;
+            written.push((rec, data));
+        }
+        // kill -9 three D-nodes in the middle of the workload.
+        for i in [2, 7, 11] {
+            r.nodes[i].kill();
+        }
+        for (rec, data) in &written {
+            check(&v, rec, data).await;
+        }
+        assert_eq!(v.cluster().up_count(), 10);
+        // Writes go on, narrowed to 7+3 over the ten survivors.
+        let data = pattern(7 * STRIP, 99);
+        let rec = v.write_stripe(100, &data).await.unwrap();
+        assert_eq!((rec.k, rec.m), (7, 3));
+        assert!(rec.nodes.iter().all(|&n| ![2u16, 7, 11].contains(&n)));
+        check(&v, &rec, &data).await;
+        // A full-size write cannot fit a narrowed stripe: a clear error, no silent truncation.
+        let e = v
+            .write_stripe(101, &pattern(10 * STRIP, 5))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("only 10 D-nodes are up"), "{e}");
+        // A fourth loss in a full-width stripe exceeds m = 3.
+        let victim = written[0]
+            .0
+            .nodes
+            .iter()
+            .map(|&n| n as usize)
+            .find(|n| ![2, 7, 11].contains(n))
+            .unwrap();
+        r.nodes[victim].kill();
+        match v.read(&written[0].0, 0, STRIP).await {
+            Err(VolumeError::Unrecoverable { .. }) => {}
+            other => panic!("expected Unrecoverable, got {:?}", other.map(|b| b.len())),
+        }
+        // The D-nodes come back (their files kept the strips): reconnected automatically.
+        for i in [2, 7, 11, victim] {
+            r.nodes[i].restart();
+        }
+        // Revival honours a per-node retry backoff; poll as a background task would.
+        for _ in 0..50 {
+            v.cluster().revive().await;
+            if v.cluster().up_count() == 13 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(v.cluster().up_count(), 13);
+        for (rec, data) in &written {
+            check(&v, rec, data).await;
+        }
+        let rec = v.write_stripe(102, &pattern(10 * STRIP, 7)).await.unwrap();
+        assert_eq!((rec.k, rec.m), (10, 3));
+    });
+}
+
+#[test]
+fn a_corrupt_strip_is_detected_served_from_parity_and_repaired() {
+    let r = rig("vol-corrupt", 13);
+    rt().block_on(async {
+        let v = volume(&r.file).await;
+        let data = pattern(10 * STRIP, 3);
+        let rec = v.write_stripe(5, &data).await.unwrap();
+        // Overwrite part of data strip 4 behind the volume's back.
+        let node = rec.nodes[4] as usize;
+        let spec = &r.file.dnodes[node];
+        let c = Controller::connect(&spec.addr, &spec.nqn, ControllerOptions::default())
+            .await
+            .unwrap();
+        let ns = c.namespace(1).await.unwrap();
+        let slot = (DATA_OFFSET + 5 * STRIP as u64) / 4096;
+        c.write(&ns, slot + 2, Bytes::from(vec![0xee; 4096]))
+            .await
+            .unwrap();
+        // A read of that whole strip notices, serves the right bytes and repairs it.
+        let got = v.read(&rec, 4 * STRIP, STRIP).await.unwrap();
+        assert!(got[..] == data[4 * STRIP..5 * STRIP]);
+        let on_media = c.read(&ns, slot, (STRIP / 4096) as u32).await.unwrap();
+        assert!(
+            on_media[..] == data[4 * STRIP..5 * STRIP],
+            "strip repaired on the D-node"
+        );
+        // A full-stripe check finds everything consistent now.
+        let strips = v.read_stripe(&rec).await.unwrap();
+        assert_eq!(strips.len(), 13);
+    });
+}
+
+#[test]
+fn strips_move_to_a_replacement_dnode() {
+    let mut r = rig("vol-move", 14);
+    rt().block_on(async {
+        // The stripe is written over the first 13 D-nodes; the 14th is a spare.
+        let mut file = r.file.clone();
+        let spare = file.dnodes.pop().unwrap();
+        let v = volume(&file).await;
+        let data = pattern(10 * STRIP, 11);
+        let rec = v.write_stripe(3, &data).await.unwrap();
+        let dead = rec.nodes[0] as usize;
+        r.nodes[dead].kill();
+        // With the spare added to the map, strip 0 is rebuilt onto it from the survivors.
+        let mut with_spare = file.clone();
+        with_spare.dnodes.push(spare);
+        let v2 = volume(&with_spare).await;
+        assert!(!v2.cluster().is_up(dead));
+        let spare_index = with_spare.dnodes.len() - 1;
+        let moved = v2.move_strips(&rec, dead, spare_index).await.unwrap();
+        assert_eq!(moved.nodes[0] as usize, spare_index);
+        assert_eq!(&moved.nodes[1..], &rec.nodes[1..]);
+        // Reading the first strip now touches no dead node and needs no reconstruction.
+        let got = v2.read(&moved, 0, STRIP).await.unwrap();
+        assert!(got[..] == data[..STRIP]);
+        check(&v2, &moved, &data).await;
+        // Moving onto a node the stripe already uses is refused.
+        assert!(v2
+            .move_strips(&moved, moved.nodes[1] as usize, moved.nodes[2] as usize)
+            .await
+            .is_err());
+    });
+}
