@@ -225,3 +225,62 @@ fn strips_move_to_a_replacement_dnode() {
             .is_err());
     });
 }
+
+#[test]
+fn cluster_up_and_down_keep_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(dase_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    /// Stops the cluster even when an assertion fails half-way.
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new(dase_bin())
+                .args(["cluster", "down", "--dir", &self.0])
+                .output();
+        }
+    }
+    run(&[
+        "cluster", "up", "--dir", d, "--dnodes", "13", "--size", "32M",
+    ]);
+    let guard = Down(d.to_string());
+    let file = ClusterFile::load(&dir.path().join("cluster.toml")).unwrap();
+    assert_eq!(file.dnodes.len(), 13);
+    let pids: Vec<i32> = std::fs::read_to_string(dir.path().join("cluster.pids"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let data = pattern(10 * STRIP, 42);
+    let rec = rt().block_on(async {
+        let v = volume(&file).await;
+        assert_eq!(v.cluster().up_count(), 13);
+        v.write_stripe(9, &data).await.unwrap()
+    });
+    run(&["cluster", "down", "--dir", d]);
+    assert!(
+        pids.iter().all(|&p| unsafe { libc::kill(p, 0) } != 0),
+        "every D-node exited"
+    );
+    // Up again: new ports, same backing files, same strips.
+    run(&[
+        "cluster", "up", "--dir", d, "--dnodes", "13", "--size", "32M",
+    ]);
+    let again = ClusterFile::load(&dir.path().join("cluster.toml")).unwrap();
+    rt().block_on(async {
+        let v = volume(&again).await;
+        check(&v, &rec, &data).await;
+    });
+    drop(guard);
+    assert!(!dir.path().join("cluster.pids").exists());
+}

@@ -1,5 +1,6 @@
 //! The `dase` command.
 
+mod cluster;
 mod dnode;
 mod fabric;
 
@@ -29,6 +30,7 @@ enum Cmd {
     Discover(fabric::DiscoverArgs),
     Identify(fabric::IdentifyArgs),
     Bench(Box<dase_tools::bench::cli::Args>),
+    Cluster(cluster::Args),
     /// Internal: the plain-TCP peer `dase bench --ceiling` measures against.
     #[command(hide = true)]
     CeilingServer {
@@ -68,6 +70,7 @@ fn main() {
             Ok(false) => std::process::exit(1),
             Err(e) => Err(e),
         },
+        Cmd::Cluster(a) => cluster::run(a),
         Cmd::CeilingServer { listen } => (|| {
             let l = std::net::TcpListener::bind(listen)?;
             println!("listening on {}", l.local_addr()?);
