@@ -284,3 +284,105 @@ fn cluster_up_and_down_keep_the_data() {
     drop(guard);
     assert!(!dir.path().join("cluster.pids").exists());
 }
+
+#[test]
+fn mkfs_refuses_to_overwrite_and_mismatched_cluster_files_are_caught() {
+    use dase_initiator::cnode::superblock::{self, SuperblockError};
+    let r = rig("sb", 8);
+    let geo = Geometry::parse("2+2", STRIP).unwrap();
+    let a = ClusterFile {
+        dnodes: r.file.dnodes[..4].to_vec(),
+    };
+    let b = ClusterFile {
+        dnodes: r.file.dnodes[4..].to_vec(),
+    };
+    rt().block_on(async {
+        let ca = Cluster::connect(&a, opts()).await;
+        let cb = Cluster::connect(&b, opts()).await;
+        let sa = superblock::format(&ca, &a, &geo, false).await.unwrap();
+        let sb = superblock::format(&cb, &b, &geo, false).await.unwrap();
+        assert_ne!(sa.uuid_string(), sb.uuid_string());
+        let got = superblock::verify(&ca, &a).await.unwrap();
+        assert_eq!(got.uuid_string(), sa.uuid_string());
+        assert_eq!(got.geometry().unwrap(), geo);
+        // Formatting over it again needs --force.
+        match superblock::format(&ca, &a, &geo, false).await {
+            Err(SuperblockError::Exists(m)) => assert!(
+                m.contains("--force") && m.contains(&sa.uuid_string()),
+                "{m}"
+            ),
+            other => panic!("{:?}", other.map(|s| s.uuid_string())),
+        }
+        let again = superblock::format(&ca, &a, &geo, true).await.unwrap();
+        assert_ne!(again.uuid_string(), sa.uuid_string());
+        // A cluster file that reorders the D-nodes does not match.
+        let mut swapped = a.clone();
+        swapped.dnodes.swap(1, 2);
+        let cs = Cluster::connect(&swapped, opts()).await;
+        let e = superblock::verify(&cs, &swapped)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not match"), "{e}");
+        // One that mixes D-nodes of two file systems is refused.
+        let mut mixed = a.clone();
+        mixed.dnodes[3] = b.dnodes[0].clone();
+        let cm = Cluster::connect(&mixed, opts()).await;
+        let e = superblock::verify(&cm, &mixed)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("two file systems") || e.contains("does not match"),
+            "{e}"
+        );
+        // An unformatted D-node is named.
+        let fresh = rig("sb-fresh", 1);
+        let mut with_blank = a.clone();
+        with_blank.dnodes.push(fresh.file.dnodes[0].clone());
+        let cw = Cluster::connect(&with_blank, opts()).await;
+        let e = superblock::verify(&cw, &with_blank)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no dase file system") || e.contains("does not match"),
+            "{e}"
+        );
+    });
+}
+
+#[test]
+fn mkfs_command_formats_and_refuses_to_reformat() {
+    let r = rig("mkfs-cli", 5);
+    let dir = tempfile::tempdir().unwrap();
+    let cf = dir.path().join("cluster.toml");
+    std::fs::write(&cf, r.file.to_toml()).unwrap();
+    let mkfs = |extra: &[&str]| {
+        std::process::Command::new(dase_bin())
+            .args(["mkfs", "--cluster", cf.to_str().unwrap(), "--ec", "3+2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = mkfs(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("formatted dase file system") && out.contains("3+2 (1.667 raw-to-usable"),
+        "{out}"
+    );
+    let o = mkfs(&[]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("use --force"));
+    assert!(mkfs(&["--force"]).status.success());
+    // A D-node down: formatting needs every one.
+    drop(r);
+    let o = mkfs(&["--force"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unreachable"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -3,6 +3,7 @@
 mod cluster;
 mod dnode;
 mod fabric;
+mod fs;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,7 @@ enum Cmd {
     Identify(fabric::IdentifyArgs),
     Bench(Box<dase_tools::bench::cli::Args>),
     Cluster(cluster::Args),
+    Mkfs(fs::MkfsArgs),
     /// Internal: the plain-TCP peer `dase bench --ceiling` measures against.
     #[command(hide = true)]
     CeilingServer {
@@ -71,6 +73,7 @@ fn main() {
             Err(e) => Err(e),
         },
         Cmd::Cluster(a) => cluster::run(a),
+        Cmd::Mkfs(a) => fs::mkfs(a),
         Cmd::CeilingServer { listen } => (|| {
             let l = std::net::TcpListener::bind(listen)?;
             println!("listening on {}", l.local_addr()?);

@@ -6,6 +6,7 @@
 //! is in the D-nodes or in records the layers above store there.
 
 pub mod cluster;
+pub mod superblock;
 pub mod volume;
 
 pub use cluster::{Cluster, ClusterFile, DNodeSpec};
