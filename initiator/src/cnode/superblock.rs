@@ -49,6 +49,11 @@ pub struct Superblock {
 }
 
 const _: () = assert!(size_of::<Superblock>() == SIZE);
+// The offsets ARCHITECTURE.md documents.
+const _: () = assert!(core::mem::offset_of!(Superblock, nodes) == 48);
+const _: () = assert!(core::mem::offset_of!(Superblock, k) == 64);
+const _: () = assert!(core::mem::offset_of!(Superblock, strip_size) == 72);
+const _: () = assert!(core::mem::offset_of!(Superblock, crc) == 4092);
 
 impl std::fmt::Debug for Superblock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
