@@ -25,6 +25,36 @@ fn ok(args: &[&str]) -> String {
     out
 }
 
+/// A verifying 4 KiB write of the first MiB.
+fn write_verify(u: &str) -> String {
+    ok(&[
+        "--filename",
+        u,
+        "--rw",
+        "write",
+        "--bs",
+        "4k",
+        "--size",
+        "1m",
+        "--verify",
+        "crc32c",
+    ])
+}
+
+/// Runs `f` with a host connection to namespace 1 of `d`, behind the bench's back.
+fn raw<T>(
+    d: &DNode,
+    f: impl AsyncFnOnce(&Controller, &dase_initiator::host::NamespaceInfo) -> T,
+) -> T {
+    rt().block_on(async {
+        let c = Controller::connect(&d.addr_string(), &d.nqn, ControllerOptions::default())
+            .await
+            .unwrap();
+        let ns = c.namespace(1).await.unwrap();
+        f(&c, &ns).await
+    })
+}
+
 /// A verifying 4 KiB read of the first MiB.
 fn read_verify(u: &str) -> Output {
     bench(&[
@@ -133,38 +163,12 @@ fn json_output_reads_like_fio() {
 fn verify_catches_a_misdirected_and_a_torn_write_through_the_stack() {
     let d = DNode::memory(&nqn("bench-faults"), "16M", 512);
     let u = uri(&d);
-    ok(&[
-        "--filename",
-        &u,
-        "--rw",
-        "write",
-        "--bs",
-        "4k",
-        "--size",
-        "1m",
-        "--verify",
-        "crc32c",
-    ]);
-    ok(&[
-        "--filename",
-        &u,
-        "--rw",
-        "read",
-        "--bs",
-        "4k",
-        "--size",
-        "1m",
-        "--verify",
-        "crc32c",
-    ]);
-    rt().block_on(async {
-        let c = Controller::connect(&d.addr_string(), &d.nqn, ControllerOptions::default())
-            .await
-            .unwrap();
-        let ns = c.namespace(1).await.unwrap();
-        // Misdirect: the 4 KiB written for offset 64 KiB also lands at 0.
-        let b = c.read(&ns, 128, 8).await.unwrap();
-        c.write(&ns, 0, b).await.unwrap();
+    write_verify(&u);
+    assert!(read_verify(&u).status.success());
+    // Misdirect: the 4 KiB written for offset 64 KiB also lands at 0.
+    raw(&d, async |c, ns| {
+        let b = c.read(ns, 128, 8).await.unwrap();
+        c.write(ns, 0, b).await.unwrap();
     });
     let o = read_verify(&u);
     let out = String::from_utf8_lossy(&o.stdout);
@@ -178,33 +182,12 @@ fn verify_catches_a_misdirected_and_a_torn_write_through_the_stack() {
     );
 
     // Torn: rewrite everything, then put back the old second half of one block.
-    let old = rt().block_on(async {
-        let c = Controller::connect(&d.addr_string(), &d.nqn, ControllerOptions::default())
+    let old = raw(&d, async |c, ns| c.read(ns, 16, 8).await.unwrap());
+    write_verify(&u);
+    raw(&d, async |c, ns| {
+        c.write(ns, 20, Bytes::copy_from_slice(&old[2048..]))
             .await
-            .unwrap();
-        let ns = c.namespace(1).await.unwrap();
-        c.read(&ns, 16, 8).await.unwrap()
-    });
-    ok(&[
-        "--filename",
-        &u,
-        "--rw",
-        "write",
-        "--bs",
-        "4k",
-        "--size",
-        "1m",
-        "--verify",
-        "crc32c",
-    ]);
-    rt().block_on(async {
-        let c = Controller::connect(&d.addr_string(), &d.nqn, ControllerOptions::default())
-            .await
-            .unwrap();
-        let ns = c.namespace(1).await.unwrap();
-        c.write(&ns, 20, Bytes::copy_from_slice(&old[2048..]))
-            .await
-            .unwrap();
+            .unwrap()
     });
     let o = read_verify(&u);
     let out = String::from_utf8_lossy(&o.stdout);
