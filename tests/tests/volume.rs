@@ -386,3 +386,73 @@ fn mkfs_command_formats_and_refuses_to_reformat() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn the_mount_lease_admits_one_holder() {
+    use dase_initiator::cnode::lease::{Lease, LeaseError};
+    let mut r = rig("lease", 5);
+    let fs = [7u8; 16];
+    rt().block_on(async {
+        let c = Arc::new(Cluster::connect(&r.file, opts()).await);
+        let ttl = Duration::from_millis(1500);
+        let mut a = Lease::new(fs, "host-a pid 1", ttl, c.len());
+        let mut b = Lease::new(fs, "host-b pid 2", ttl, c.len());
+        a.acquire(&c).await.unwrap();
+        match b.acquire(&c).await {
+            Err(LeaseError::Held { holder, .. }) => assert_eq!(holder, "host-a pid 1"),
+            other => panic!(
+                "second mount must be refused: {:?}",
+                other.err().map(|e| e.to_string())
+            ),
+        }
+        // Renewing keeps it: B stays out past the original expiry.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            a.renew(&c).await.unwrap();
+            assert!(b.acquire(&c).await.is_err());
+        }
+        a.release(&c).await;
+        b.acquire(&c).await.unwrap();
+        // B dies without releasing: A gets in only once B's lease has expired.
+        drop(b);
+        let e = a.acquire(&c).await.unwrap_err();
+        assert!(e.to_string().contains("mounted by host-b"), "{e}");
+        tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+        a.acquire(&c).await.unwrap();
+        a.release(&c).await;
+        // A race between four would-be holders has exactly one winner.
+        let tries = (0..4).map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut l = Lease::new(fs, &format!("racer {i}"), ttl, c.len());
+                l.acquire(&c).await.is_ok()
+            })
+        });
+        let mut winners = 0;
+        for t in tries.collect::<Vec<_>>() {
+            winners += t.await.unwrap() as usize;
+        }
+        assert_eq!(winners, 1);
+    });
+    // A majority is enough; less is refused.
+    r.nodes[0].kill();
+    r.nodes[1].kill();
+    rt().block_on(async {
+        let c = Cluster::connect(&r.file, opts()).await;
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        let mut l = Lease::new(fs, "survivor", Duration::from_secs(5), c.len());
+        l.acquire(&c).await.unwrap();
+        l.release(&c).await;
+    });
+    r.nodes[2].kill();
+    rt().block_on(async {
+        let c = Cluster::connect(&r.file, opts()).await;
+        let mut l = Lease::new(fs, "minority", Duration::from_secs(5), c.len());
+        match l.acquire(&c).await {
+            Err(LeaseError::NoQuorum {
+                got: 2, needed: 3, ..
+            }) => {}
+            other => panic!("{:?}", other.err().map(|e| e.to_string())),
+        }
+    });
+}

@@ -305,6 +305,23 @@ impl Cluster {
         .await
     }
 
+    /// Atomically replaces `expected` with `new` at byte `offset` of node
+    /// `i` (fused Compare and Write): `Ok(false)` when the media held
+    /// something else and nothing was written.
+    pub async fn compare_and_write(
+        &self,
+        i: usize,
+        offset: u64,
+        expected: Bytes,
+        new: Bytes,
+    ) -> Result<bool, HostError> {
+        self.with(i, async |c, ns| {
+            c.compare_and_write(ns, offset / ns.block_size as u64, expected, new)
+                .await
+        })
+        .await
+    }
+
     /// Makes node `i`'s completed writes durable.
     pub async fn flush(&self, i: usize) -> Result<(), HostError> {
         self.with(i, async |c, ns| c.flush(ns).await).await

@@ -211,19 +211,7 @@ pub async fn format(
             }
         }
     }
-    let mut uuid = [0u8; 16];
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-        ^ (std::process::id() as u128) << 64;
-    let mut x = (seed as u64) ^ ((seed >> 64) as u64) | 1;
-    for b in uuid.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let mut uuid = super::random_id();
     uuid[6] = (uuid[6] & 0x0f) | 0x40;
     uuid[8] = (uuid[8] & 0x3f) | 0x80;
     let writes = (0..cluster.len()).map(|i| {

@@ -1,0 +1,278 @@
+//! The mount lease: one active C-node per file system for now.
+//!
+//! Every D-node namespace has a lease block at [`LEASE_OFFSET`]. A C-node
+//! holds the file system when it holds the lease on a majority of D-nodes.
+//! Each block changes only through fused Compare-and-Write against the
+//! content just read, so two C-nodes racing for the same block cannot both
+//! win it, and two majorities cannot exist at once. The holder renews before
+//! expiry; a C-node that dies simply stops renewing, and the lease can be
+//! taken over once it has expired.
+//!
+//! Expiry is wall-clock time of the C-nodes: they must agree on time to
+//! well within the lease duration (NTP), as with any lease.
+//!
+//! Third-party targets without fused Compare-and-Write (Linux's nvmet, for
+//! one) are refused for leasing rather than guarded by a racy read-then-write:
+//! with them a file system cannot be protected against a second mount.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use super::cluster::Cluster;
+use crate::host::{join_all, HostError};
+
+/// Byte offset of the lease block (after the two superblock copies).
+pub const LEASE_OFFSET: u64 = 8192;
+const SIZE: usize = 4096;
+const MAGIC: [u8; 8] = *b"DASELEAS";
+
+/// On-media lease block, version 1 (4096 bytes).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct LeaseBlock {
+    magic: [u8; 8],
+    version: U32,
+    rsvd0: U32,
+    fs_uuid: [u8; 16],
+    /// Random per mount; all zero when free.
+    holder: [u8; 16],
+    /// Unix milliseconds after which the lease is free for the taking.
+    expires_ms: U64,
+    generation: U64,
+    /// Who holds it, for error messages: "host pid N".
+    desc: [u8; 64],
+    rsvd1: [u8; 3964],
+    crc: U32,
+}
+
+const _: () = assert!(size_of::<LeaseBlock>() == SIZE);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl LeaseBlock {
+    fn parse(b: &[u8]) -> Option<Self> {
+        let l = LeaseBlock::read_from_bytes(b.get(..SIZE)?).ok()?;
+        (l.magic == MAGIC && crc32c::crc32c(&b[..SIZE - 4]) == l.crc.get()).then_some(l)
+    }
+
+    fn seal(mut self) -> Self {
+        self.crc = U32::new(crc32c::crc32c(&self.as_bytes()[..SIZE - 4]));
+        self
+    }
+
+    fn desc(&self) -> String {
+        dase_protocol::admin::get_str(&self.desc)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("the file system is mounted by {holder}; its lease expires in {}s (a second mount is refused until then)", .expires_in.as_secs())]
+    Held {
+        holder: String,
+        expires_in: Duration,
+    },
+    #[error("lease not acquired: only {got} of {needed} D-nodes granted it ({detail})")]
+    NoQuorum {
+        got: usize,
+        needed: usize,
+        detail: String,
+    },
+    #[error("D-node {addr} does not support fused compare-and-write, which the mount lease needs: {error}")]
+    Unsupported { addr: String, error: HostError },
+}
+
+/// A held (or to-be-held) lease.
+pub struct Lease {
+    fs_uuid: [u8; 16],
+    holder: [u8; 16],
+    desc: String,
+    ttl: Duration,
+    /// What this holder last wrote on each node (None: not held there).
+    held: Vec<Option<Bytes>>,
+}
+
+enum NodeOutcome {
+    Granted(Bytes),
+    HeldBy(String, u64),
+    Failed(String),
+}
+
+impl Lease {
+    pub fn new(fs_uuid: [u8; 16], desc: &str, ttl: Duration, nodes: usize) -> Self {
+        Self {
+            fs_uuid,
+            holder: super::random_id(),
+            desc: desc.to_string(),
+            ttl,
+            held: vec![None; nodes],
+        }
+    }
+
+    fn block(&self, generation: u64, expires_ms: u64, free: bool) -> Bytes {
+        let mut l = LeaseBlock::new_zeroed();
+        l.magic = MAGIC;
+        l.version = U32::new(1);
+        l.fs_uuid = self.fs_uuid;
+        if !free {
+            l.holder = self.holder;
+            dase_protocol::admin::put_cstr(&mut l.desc, &self.desc);
+        }
+        l.expires_ms = U64::new(expires_ms);
+        l.generation = U64::new(generation);
+        Bytes::copy_from_slice(l.seal().as_bytes())
+    }
+
+    /// One node: take the lease if free, expired or already ours.
+    async fn try_node(&self, cluster: &Cluster, i: usize) -> NodeOutcome {
+        for _ in 0..4 {
+            let cur = match cluster.read(i, LEASE_OFFSET, SIZE).await {
+                Ok(b) => b,
+                Err(e) => return NodeOutcome::Failed(e.to_string()),
+            };
+            let parsed = LeaseBlock::parse(&cur);
+            let gen = parsed.map(|l| l.generation.get()).unwrap_or(0);
+            if let Some(l) = parsed {
+                let free = l.holder == [0; 16];
+                if !free && l.holder != self.holder && l.expires_ms.get() > now_ms() {
+                    return NodeOutcome::HeldBy(l.desc(), l.expires_ms.get());
+                }
+            }
+            let new = self.block(gen + 1, now_ms() + self.ttl.as_millis() as u64, false);
+            match cluster
+                .compare_and_write(i, LEASE_OFFSET, cur, new.clone())
+                .await
+            {
+                Ok(true) => return NodeOutcome::Granted(new),
+                // Someone changed it between our read and our write: look again.
+                Ok(false) => continue,
+                Err(e) => return NodeOutcome::Failed(e.to_string()),
+            }
+        }
+        NodeOutcome::Failed("lease block kept changing".into())
+    }
+}
+
+/// What one round over all D-nodes found.
+struct Round {
+    got: usize,
+    holder: Option<(String, u64)>,
+    failures: Vec<String>,
+    unsupported: Option<(String, String)>,
+}
+
+impl Lease {
+    /// Tries every D-node at once; records where the lease is now held.
+    async fn round(&mut self, cluster: &Cluster) -> Round {
+        let this = &*self;
+        let outcomes = join_all(
+            (0..cluster.len()).map(|i| async move { (i, this.try_node(cluster, i).await) }),
+        )
+        .await;
+        let mut r = Round {
+            got: 0,
+            holder: None,
+            failures: Vec::new(),
+            unsupported: None,
+        };
+        for (i, o) in outcomes {
+            let addr = cluster.nodes[i].spec.addr.clone();
+            match o {
+                NodeOutcome::Granted(b) => {
+                    self.held[i] = Some(b);
+                    r.got += 1;
+                }
+                NodeOutcome::HeldBy(d, exp) => {
+                    self.held[i] = None;
+                    r.failures.push(format!("{addr}: held by {d}"));
+                    r.holder = Some((d, exp));
+                }
+                NodeOutcome::Failed(e) => {
+                    // A target without fused compare-and-write answers these.
+                    if e.contains("Invalid Command Opcode") || e.contains("Invalid Field") {
+                        r.unsupported = Some((addr.clone(), e.clone()));
+                    }
+                    r.failures.push(format!("{addr}: {e}"));
+                }
+            }
+        }
+        r
+    }
+
+    /// Takes the lease on a majority of the cluster's D-nodes, or explains
+    /// who holds it. On failure, whatever was taken is given back.
+    pub async fn acquire(&mut self, cluster: &Cluster) -> Result<(), LeaseError> {
+        let needed = cluster.len() / 2 + 1;
+        let r = self.round(cluster).await;
+        if r.got >= needed {
+            return Ok(());
+        }
+        self.release(cluster).await;
+        if let Some((addr, e)) = r.unsupported {
+            return Err(LeaseError::Unsupported {
+                addr,
+                error: HostError::InvalidArgument(e),
+            });
+        }
+        match r.holder {
+            Some((h, exp)) => Err(LeaseError::Held {
+                holder: h,
+                expires_in: Duration::from_millis(exp.saturating_sub(now_ms())),
+            }),
+            None => Err(LeaseError::NoQuorum {
+                got: r.got,
+                needed,
+                detail: r.failures.join("; "),
+            }),
+        }
+    }
+
+    /// Extends the lease where held, and takes it where not yet held (a
+    /// D-node that came back). Fails when a majority can no longer be kept:
+    /// the caller must then stop writing.
+    pub async fn renew(&mut self, cluster: &Cluster) -> Result<(), LeaseError> {
+        let needed = cluster.len() / 2 + 1;
+        let r = self.round(cluster).await;
+        if r.got >= needed {
+            Ok(())
+        } else {
+            Err(LeaseError::NoQuorum {
+                got: r.got,
+                needed,
+                detail: r.failures.join("; "),
+            })
+        }
+    }
+
+    /// Gives the lease back on every node where this holder still has it.
+    pub async fn release(&mut self, cluster: &Cluster) {
+        let held: Vec<(usize, Bytes)> = self
+            .held
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, h)| h.take().map(|b| (i, b)))
+            .collect();
+        let this = &*self;
+        join_all(held.into_iter().map(|(i, mine)| async move {
+            let gen = LeaseBlock::parse(&mine)
+                .map(|l| l.generation.get())
+                .unwrap_or(0);
+            let free = this.block(gen + 1, 0, true);
+            // Only if it is still ours: a lost lease is not ours to free.
+            let _ = cluster.compare_and_write(i, LEASE_OFFSET, mine, free).await;
+        }))
+        .await;
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}
