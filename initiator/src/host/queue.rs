@@ -309,9 +309,13 @@ impl QueuePair {
         Ok((a?, b?))
     }
 
-    fn enqueue(&self, cmds: &mut [(Sqe, Bytes, u32)]) -> Result<Vec<u16>, HostError> {
+    /// Encodes `N` capsules back to back under one lock (no allocation).
+    fn enqueue<const N: usize>(
+        &self,
+        cmds: &mut [(Sqe, Bytes, u32); N],
+    ) -> Result<[u16; N], HostError> {
         let sh = &self.shared;
-        let mut cids = Vec::with_capacity(cmds.len());
+        let mut cids = [0u16; N];
         {
             let mut st = sh.st.lock().unwrap();
             if let Some(e) = &st.failed {
@@ -322,7 +326,7 @@ impl QueuePair {
                     "no free command slot (commands abandoned by timeouts)".into(),
                 ));
             }
-            for (sqe, data_out, data_in_len) in cmds.iter_mut() {
+            for (n, (sqe, data_out, data_in_len)) in cmds.iter_mut().enumerate() {
                 let cid = st.free.pop().expect("checked above");
                 sqe.cid = cid.into();
                 let inline = !data_out.is_empty() && data_out.len() <= sh.inline_max as usize;
@@ -348,7 +352,7 @@ impl QueuePair {
                 };
                 sh.enc
                     .capsule_cmd(out, sqe, if inline { data_out } else { &[] });
-                cids.push(cid);
+                cids[n] = cid;
             }
         }
         sh.wake_writer.notify_one();
