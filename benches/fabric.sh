@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 RUNTIME=${1:-10}
 REPS=${2:-3}
 cargo build --release -q -p dase-tools
-BIN=target/release/dase
+BIN=build/release/dase
 PORT=$((20000 + RANDOM % 20000))
 NQN=nqn.2026-11.io.dase:bench
 taskset -c 0 "$BIN" dnode --threads 1 --listen 127.0.0.1:$PORT --nqn $NQN --namespace memory --size 4G --log warn >/dev/null &

@@ -3,7 +3,7 @@
 //! asserts only correctness and prints figures. Run with
 //!
 //! ```text
-//! DASE_BIN=$PWD/target/release/dase cargo test --release -p dase-tests --test volume_bench -- --ignored --nocapture
+//! DASE_BIN=$PWD/build/release/dase cargo test --release -p dase-tests --test volume_bench -- --ignored --nocapture
 //! ```
 
 use std::sync::Arc;
