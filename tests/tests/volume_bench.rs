@@ -25,19 +25,47 @@ fn volume_throughput_healthy_and_degraded() {
     let mut specs = Vec::new();
     for i in 0..13 {
         let nqn = nqn(&format!("vbench-d{i}"));
-        let d = DNode::start(&["--nqn", &nqn, "--namespace", "memory", "--size", "256M", "--block-size", "4096"]);
-        specs.push(DNodeSpec { addr: d.addr_string(), nqn, nsid: 1, domain: format!("d{i}"), id: None });
+        let d = DNode::start(&[
+            "--nqn",
+            &nqn,
+            "--namespace",
+            "memory",
+            "--size",
+            "256M",
+            "--block-size",
+            "4096",
+        ]);
+        specs.push(DNodeSpec {
+            addr: d.addr_string(),
+            nqn,
+            nsid: 1,
+            domain: format!("d{i}"),
+            id: None,
+        });
         nodes.push(d);
     }
     let file = ClusterFile { dnodes: specs };
-    let data: Vec<Vec<u8>> = (0..IN_FLIGHT).map(|i| pattern(10 * STRIP, i as u64 + 1)).collect();
+    let data: Vec<Vec<u8>> = (0..IN_FLIGHT)
+        .map(|i| pattern(10 * STRIP, i as u64 + 1))
+        .collect();
     let (recs, write_s, read_s) = rt().block_on(async {
-        let opts = ControllerOptions { io_queues: 2, queue_depth: 64, poll: Duration::from_micros(50), ..Default::default() };
-        let v = Volume::new(Arc::new(Cluster::connect(&file, opts).await), Geometry::parse("10+3", STRIP).unwrap()).unwrap();
+        let opts = ControllerOptions {
+            io_queues: 2,
+            queue_depth: 64,
+            poll: Duration::from_micros(50),
+            ..Default::default()
+        };
+        let v = Volume::new(
+            Arc::new(Cluster::connect(&file, opts).await),
+            Geometry::parse("10+3", STRIP).unwrap(),
+        )
+        .unwrap();
         let t = Instant::now();
         let mut recs: Vec<StripeRecord> = Vec::new();
         for batch in (0..STRIPES).collect::<Vec<_>>().chunks(IN_FLIGHT) {
-            let w = batch.iter().map(|&s| v.write_stripe(s, &data[s as usize % IN_FLIGHT]));
+            let w = batch
+                .iter()
+                .map(|&s| v.write_stripe(s, &data[s as usize % IN_FLIGHT]));
             recs.extend(join_all(w).await.into_iter().map(|r| r.unwrap()));
         }
         let write_s = t.elapsed().as_secs_f64();
@@ -49,24 +77,44 @@ fn volume_throughput_healthy_and_degraded() {
         nodes[i].kill();
     }
     let degraded_s = rt().block_on(async {
-        let opts = ControllerOptions { io_queues: 2, queue_depth: 64, poll: Duration::from_micros(50), ..Default::default() };
-        let v = Volume::new(Arc::new(Cluster::connect(&file, opts).await), Geometry::parse("10+3", STRIP).unwrap()).unwrap();
+        let opts = ControllerOptions {
+            io_queues: 2,
+            queue_depth: 64,
+            poll: Duration::from_micros(50),
+            ..Default::default()
+        };
+        let v = Volume::new(
+            Arc::new(Cluster::connect(&file, opts).await),
+            Geometry::parse("10+3", STRIP).unwrap(),
+        )
+        .unwrap();
         let t = Instant::now();
         read_all(&v, &recs, &data).await;
         t.elapsed().as_secs_f64()
     });
     let bytes = (STRIPES as usize * 10 * STRIP) as f64;
     println!("volume 10+3, {} KiB strips, {STRIPES} stripes, {IN_FLIGHT} in flight, 13 D-nodes on this machine:", STRIP / 1024);
-    println!("  write (with parity)   {:.2} GB/s of data", bytes / write_s / 1e9);
+    println!(
+        "  write (with parity)   {:.2} GB/s of data",
+        bytes / write_s / 1e9
+    );
     println!("  read, healthy          {:.2} GB/s", bytes / read_s / 1e9);
-    println!("  read, 3 D-nodes down   {:.2} GB/s ({:.0} % of healthy)", bytes / degraded_s / 1e9, 100.0 * read_s / degraded_s);
+    println!(
+        "  read, 3 D-nodes down   {:.2} GB/s ({:.0} % of healthy)",
+        bytes / degraded_s / 1e9,
+        100.0 * read_s / degraded_s
+    );
 }
 
 async fn read_all(v: &Volume, recs: &[StripeRecord], data: &[Vec<u8>]) {
     for batch in recs.chunks(IN_FLIGHT) {
         let r = batch.iter().map(|rec| v.read(rec, 0, 10 * STRIP));
         for (rec, got) in batch.iter().zip(join_all(r).await) {
-            assert!(got.unwrap()[..] == data[rec.stripe as usize % IN_FLIGHT][..], "stripe {}", rec.stripe);
+            assert!(
+                got.unwrap()[..] == data[rec.stripe as usize % IN_FLIGHT][..],
+                "stripe {}",
+                rec.stripe
+            );
         }
     }
 }
