@@ -158,3 +158,69 @@ fn host_library_against_the_linux_kernel_target() {
         }
     });
 }
+
+#[test]
+#[ignore = "boots a Linux kernel under QEMU; run with --ignored"]
+fn the_kernel_target_serves_as_a_dnode_in_a_cluster() {
+    use std::sync::Arc;
+
+    use dase_erasure::Geometry;
+    use dase_initiator::cnode::lease::{Lease, LeaseError};
+    use dase_initiator::cnode::{Cluster, ClusterFile, DNodeSpec, Volume};
+
+    let k = kernel_target();
+    let mut nodes = Vec::new();
+    let mut specs = vec![DNodeSpec {
+        addr: k.addr.clone(),
+        nqn: KERNEL_NQN.into(),
+        nsid: 1,
+        domain: "kernel".into(),
+        id: None,
+    }];
+    for i in 0..4 {
+        let d = DNode::memory(&nqn(&format!("kmix-d{i}")), "64M", 512);
+        specs.push(DNodeSpec {
+            addr: d.addr_string(),
+            nqn: d.nqn.clone(),
+            nsid: 1,
+            domain: format!("d{i}"),
+            id: None,
+        });
+        nodes.push(d);
+    }
+    let file = ClusterFile { dnodes: specs };
+    rt().block_on(async {
+        let cluster = Arc::new(Cluster::connect(&file, opts(false, false)).await);
+        assert_eq!(
+            cluster.up_count(),
+            5,
+            "kernel target and four D-nodes reachable"
+        );
+        let v = Volume::new(cluster.clone(), Geometry::parse("3+2", 64 * 1024).unwrap()).unwrap();
+        for s in 0..4u64 {
+            let data = pattern(3 * 64 * 1024, s + 1);
+            let rec = v.write_stripe(s, &data).await.unwrap();
+            assert!(
+                rec.nodes.contains(&0),
+                "every 5-wide stripe uses the kernel target"
+            );
+            assert!(v.read(&rec, 0, data.len()).await.unwrap()[..] == data[..]);
+            assert!(v.read(&rec, 1000, 70_000).await.unwrap()[..] == data[1000..71_000]);
+        }
+        // nvmet has no fused compare-and-write, so it cannot grant the lease;
+        // the four dase D-nodes are still a majority of five.
+        let mut l = Lease::new([1; 16], "test", Duration::from_secs(5), cluster.len());
+        l.acquire(&cluster).await.unwrap();
+        l.release(&cluster).await;
+        // With it plus one dase D-node, no majority is possible: refused, naming it.
+        let two = ClusterFile {
+            dnodes: file.dnodes[..2].to_vec(),
+        };
+        let c2 = Cluster::connect(&two, opts(false, false)).await;
+        let mut l = Lease::new([1; 16], "test", Duration::from_secs(5), c2.len());
+        match l.acquire(&c2).await {
+            Err(LeaseError::Unsupported { addr, .. }) => assert_eq!(addr, k.addr),
+            other => panic!("{:?}", other.err().map(|e| e.to_string())),
+        }
+    });
+}

@@ -12,8 +12,12 @@
 //! well within the lease duration (NTP), as with any lease.
 //!
 //! Third-party targets without fused Compare-and-Write (Linux's nvmet, for
-//! one) are refused for leasing rather than guarded by a racy read-then-write:
-//! with them a file system cannot be protected against a second mount.
+//! one) cannot grant the lease, and are never written with a racy
+//! read-then-write instead. They simply do not count towards the majority,
+//! which is still taken out of all N D-nodes, so any two majorities still
+//! share a D-node that arbitrates. When such targets keep a majority out of
+//! reach, leasing fails with `Unsupported`: the file system cannot then be
+//! protected against a second mount.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
