@@ -106,7 +106,8 @@ pub struct Lease {
 
 enum NodeOutcome {
     Granted(Bytes),
-    HeldBy(String, u64),
+    /// Held by another: its identity, description and expiry.
+    HeldBy([u8; 16], String, u64),
     Failed(String),
 }
 
@@ -147,7 +148,7 @@ impl Lease {
             if let Some(l) = parsed {
                 let free = l.holder == [0; 16];
                 if !free && l.holder != self.holder && l.expires_ms.get() > now_ms() {
-                    return NodeOutcome::HeldBy(l.desc(), l.expires_ms.get());
+                    return NodeOutcome::HeldBy(l.holder, l.desc(), l.expires_ms.get());
                 }
             }
             let new = self.block(gen + 1, now_ms() + self.ttl.as_millis() as u64, false);
@@ -168,7 +169,11 @@ impl Lease {
 /// What one round over all D-nodes found.
 struct Round {
     got: usize,
+    /// Another holder with a majority of its own, if any.
     holder: Option<(String, u64)>,
+    /// Some nodes were held by others but none of them has a majority:
+    /// racing acquirers split the nodes; retrying after a backoff resolves it.
+    contended: bool,
     failures: Vec<String>,
     unsupported: Option<(String, String)>,
 }
@@ -184,9 +189,12 @@ impl Lease {
         let mut r = Round {
             got: 0,
             holder: None,
+            contended: false,
             failures: Vec::new(),
             unsupported: None,
         };
+        let needed = cluster.len() / 2 + 1;
+        let mut others: Vec<([u8; 16], String, u64, usize)> = Vec::new();
         for (i, o) in outcomes {
             let addr = cluster.nodes[i].spec.addr.clone();
             match o {
@@ -194,10 +202,13 @@ impl Lease {
                     self.held[i] = Some(b);
                     r.got += 1;
                 }
-                NodeOutcome::HeldBy(d, exp) => {
+                NodeOutcome::HeldBy(id, d, exp) => {
                     self.held[i] = None;
                     r.failures.push(format!("{addr}: held by {d}"));
-                    r.holder = Some((d, exp));
+                    match others.iter_mut().find(|o| o.0 == id) {
+                        Some(o) => o.3 += 1,
+                        None => others.push((id, d, exp, 1)),
+                    }
                 }
                 NodeOutcome::Failed(e) => {
                     // A target without fused compare-and-write answers these.
@@ -208,6 +219,11 @@ impl Lease {
                 }
             }
         }
+        match others.into_iter().max_by_key(|o| o.3) {
+            Some((_, d, exp, n)) if n >= needed => r.holder = Some((d, exp)),
+            Some(_) => r.contended = true,
+            None => {}
+        }
         r
     }
 
@@ -215,11 +231,22 @@ impl Lease {
     /// who holds it. On failure, whatever was taken is given back.
     pub async fn acquire(&mut self, cluster: &Cluster) -> Result<(), LeaseError> {
         let needed = cluster.len() / 2 + 1;
-        let r = self.round(cluster).await;
-        if r.got >= needed {
-            return Ok(());
-        }
-        self.release(cluster).await;
+        let mut attempt = 0u64;
+        let r = loop {
+            let r = self.round(cluster).await;
+            if r.got >= needed {
+                return Ok(());
+            }
+            self.release(cluster).await;
+            attempt += 1;
+            if !r.contended || attempt >= 8 {
+                break r;
+            }
+            // Racers split the D-nodes: back off a random while, then retry.
+            let jitter =
+                u64::from_le_bytes(super::random_id()[..8].try_into().unwrap()) % (20 * attempt);
+            tokio::time::sleep(Duration::from_millis(5 + jitter)).await;
+        };
         if let Some((addr, e)) = r.unsupported {
             return Err(LeaseError::Unsupported {
                 addr,
@@ -230,6 +257,14 @@ impl Lease {
             Some((h, exp)) => Err(LeaseError::Held {
                 holder: h,
                 expires_in: Duration::from_millis(exp.saturating_sub(now_ms())),
+            }),
+            None if r.contended => Err(LeaseError::NoQuorum {
+                got: r.got,
+                needed,
+                detail: format!(
+                    "still contended after {attempt} attempts: {}",
+                    r.failures.join("; ")
+                ),
             }),
             None => Err(LeaseError::NoQuorum {
                 got: r.got,
