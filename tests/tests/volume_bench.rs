@@ -49,17 +49,7 @@ fn volume_throughput_healthy_and_degraded() {
         .map(|i| pattern(10 * STRIP, i as u64 + 1))
         .collect();
     let (recs, write_s, read_s) = rt().block_on(async {
-        let opts = ControllerOptions {
-            io_queues: 2,
-            queue_depth: 64,
-            poll: Duration::from_micros(50),
-            ..Default::default()
-        };
-        let v = Volume::new(
-            Arc::new(Cluster::connect(&file, opts).await),
-            Geometry::parse("10+3", STRIP).unwrap(),
-        )
-        .unwrap();
+        let v = volume(&file).await;
         let t = Instant::now();
         let mut recs: Vec<StripeRecord> = Vec::new();
         for batch in (0..STRIPES).collect::<Vec<_>>().chunks(IN_FLIGHT) {
@@ -77,17 +67,7 @@ fn volume_throughput_healthy_and_degraded() {
         nodes[i].kill();
     }
     let degraded_s = rt().block_on(async {
-        let opts = ControllerOptions {
-            io_queues: 2,
-            queue_depth: 64,
-            poll: Duration::from_micros(50),
-            ..Default::default()
-        };
-        let v = Volume::new(
-            Arc::new(Cluster::connect(&file, opts).await),
-            Geometry::parse("10+3", STRIP).unwrap(),
-        )
-        .unwrap();
+        let v = volume(&file).await;
         let t = Instant::now();
         read_all(&v, &recs, &data).await;
         t.elapsed().as_secs_f64()
@@ -104,6 +84,21 @@ fn volume_throughput_healthy_and_degraded() {
         bytes / degraded_s / 1e9,
         100.0 * read_s / degraded_s
     );
+}
+
+/// A 10+3 volume over `file`, its queues polling like the bench's.
+async fn volume(file: &ClusterFile) -> Volume {
+    let opts = ControllerOptions {
+        io_queues: 2,
+        queue_depth: 64,
+        poll: Duration::from_micros(50),
+        ..Default::default()
+    };
+    Volume::new(
+        Arc::new(Cluster::connect(file, opts).await),
+        Geometry::parse("10+3", STRIP).unwrap(),
+    )
+    .unwrap()
 }
 
 async fn read_all(v: &Volume, recs: &[StripeRecord], data: &[Vec<u8>]) {
