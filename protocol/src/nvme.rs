@@ -35,6 +35,14 @@ impl SglDescriptor {
         }
     }
 
+    /// Data moves through R2T/H2CData or C2HData (either transport subtype).
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self.type_subtype,
+            sgl::TRANSPORT_DATA_BLOCK | sgl::TRANSPORT_DATA_BLOCK_A
+        )
+    }
+
     pub fn transport(len: u32) -> Self {
         Self {
             addr: U64::new(0),

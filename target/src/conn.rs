@@ -338,8 +338,7 @@ impl Conn {
     /// Returns controller-to-host data for an admin command, then its response.
     pub(crate) fn complete_with_data(&mut self, sqe: &Sqe, data: &[u8], dw0: u32) {
         let cid = sqe.cid.get();
-        let t = sqe.dptr.type_subtype;
-        if t != sgl::TRANSPORT_DATA_BLOCK && t != sgl::TRANSPORT_DATA_BLOCK_A {
+        if !sqe.dptr.is_transport() {
             return self.complete(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID, 0, 0);
         }
         let n = (sqe.dptr.length.get() as usize).min(data.len());
@@ -596,8 +595,9 @@ impl Conn {
             return Ok(());
         }
         match p.sink {
-            Sink::Direct { .. } => {
-                self.count_io(&p.sqe, true);
+            Sink::Direct { ns, .. } => {
+                ns.counters
+                    .record(p.sqe.opcode, p.sqe.dptr.length.get() as u64, true);
                 self.complete(cid, Status::SUCCESS, 0, 0);
             }
             Sink::Buffer(b) => self.data_ready(p.sqe, b.freeze()),
@@ -614,30 +614,11 @@ impl Conn {
         }
     }
 
-    /// Updates a namespace's counters for a finished read or write.
+    /// Counts a finished command when its namespace is not at hand.
     pub(crate) fn count_io(&self, sqe: &Sqe, ok: bool) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let Some(ns) = self.namespace(sqe.nsid.get()) else {
-            return;
-        };
-        let c = &ns.counters;
-        if !ok {
-            c.errors.fetch_add(1, Relaxed);
-            return;
-        }
-        let bytes = (sqe.nlb() as u64) << ns.block_shift;
-        match sqe.opcode {
-            nvm_opc::READ => {
-                c.reads.fetch_add(1, Relaxed);
-                c.read_bytes.fetch_add(bytes, Relaxed);
-            }
-            nvm_opc::WRITE => {
-                c.writes.fetch_add(1, Relaxed);
-                c.write_bytes.fetch_add(bytes, Relaxed);
-            }
-            _ => {
-                c.other.fetch_add(1, Relaxed);
-            }
+        if let Some(ns) = self.namespace(sqe.nsid.get()) {
+            ns.counters
+                .record(sqe.opcode, (sqe.nlb() as u64) << ns.block_shift, ok);
         }
     }
 

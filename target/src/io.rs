@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use dase_protocol::nvme::{fuse, nvm_opc, sgl};
+use dase_protocol::nvme::{fuse, nvm_opc};
 use dase_protocol::{Sqe, Status};
 
 use crate::conn::{AsyncDone, Conn, FusedPair};
@@ -42,8 +42,7 @@ impl Conn {
                 return self.complete(cid, st, 0, 0);
             }
         };
-        let t = sqe.dptr.type_subtype;
-        if t != sgl::TRANSPORT_DATA_BLOCK && t != sgl::TRANSPORT_DATA_BLOCK_A {
+        if !sqe.dptr.is_transport() {
             self.count_io(sqe, false);
             return self.complete(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID, 0, 0);
         }
@@ -63,7 +62,7 @@ impl Conn {
         match r {
             Ok(()) => {
                 self.enc.end_data(&mut self.out, mark);
-                self.count_io(sqe, true);
+                ns.counters.record(sqe.opcode, len, true);
                 if !success {
                     self.complete(cid, Status::SUCCESS, 0, 0);
                 }
@@ -71,7 +70,7 @@ impl Conn {
             Err(e) => {
                 tracing::error!(ns = ns.nsid, offset, error = %e, "read failed");
                 self.out.truncate(rollback);
-                self.count_io(sqe, false);
+                ns.counters.record(sqe.opcode, len, false);
                 self.complete(cid, Status::UNRECOVERED_READ_ERROR, 0, 0);
             }
         }

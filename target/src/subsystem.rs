@@ -27,6 +27,24 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Counts one finished command of `opcode` that moved `bytes`.
+    pub fn record(&self, opcode: u8, bytes: u64, ok: bool) {
+        use dase_protocol::nvme::nvm_opc;
+        use Ordering::Relaxed;
+        match (ok, opcode) {
+            (false, _) => self.errors.fetch_add(1, Relaxed),
+            (true, nvm_opc::READ) => {
+                self.read_bytes.fetch_add(bytes, Relaxed);
+                self.reads.fetch_add(1, Relaxed)
+            }
+            (true, nvm_opc::WRITE) => {
+                self.write_bytes.fetch_add(bytes, Relaxed);
+                self.writes.fetch_add(1, Relaxed)
+            }
+            (true, _) => self.other.fetch_add(1, Relaxed),
+        };
+    }
+
     pub fn snapshot(&self) -> [u64; 6] {
         [
             self.reads.load(Ordering::Relaxed),

@@ -607,21 +607,20 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
         }
         Pdu::C2HData { hdr, data } => {
             let cid = hdr.cccid.get();
-            let hb = hdr.as_bytes().to_vec();
+            // The offending header, copied only if there is an error to report.
+            let hb = || hdr.as_bytes().to_vec();
             let Some(slot) = st
                 .slots
                 .get_mut(cid as usize)
                 .filter(|s| s.busy && s.done.is_none())
             else {
-                return Err((FatalError::header_field(off::CCCID), hb));
+                return Err((FatalError::header_field(off::CCCID), hb()));
             };
             let Some(rx) = slot.rx.as_mut() else {
-                return Err((FatalError::header_field(off::CCCID), hb));
+                return Err((FatalError::header_field(off::CCCID), hb()));
             };
             let datao = hdr.datao.get();
-            let complete = rx
-                .accept(datao, hdr.datal.get())
-                .map_err(|f| (f, hb.clone()))?;
+            let complete = rx.accept(datao, hdr.datal.get()).map_err(|f| (f, hb()))?;
             if datao == 0 && complete {
                 slot.rx_one = Some(data);
             } else {
@@ -629,7 +628,7 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
             }
             if hdr.ch.flags & flags::SUCCESS != 0 {
                 if !complete {
-                    return Err((FatalError::header_field(1), hb));
+                    return Err((FatalError::header_field(1), hb()));
                 }
                 let data = take_data(slot);
                 let c = Completion {
@@ -643,17 +642,20 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
         }
         Pdu::R2T(r) => {
             let cid = r.cccid.get();
-            let hb = r.as_bytes().to_vec();
+            let hb = || r.as_bytes().to_vec();
             let State { out, slots, .. } = &mut *st;
             let Some(slot) = slots
                 .get(cid as usize)
                 .filter(|s| s.busy && !s.data_out.is_empty())
             else {
-                return Err((FatalError::header_field(off::CCCID), hb));
+                return Err((FatalError::header_field(off::CCCID), hb()));
             };
             let (o, l) = (r.r2to.get() as usize, r.r2tl.get() as usize);
             if o.checked_add(l).is_none_or(|e| e > slot.data_out.len()) {
-                return Err((FatalError::new(Fes::DataTransferOutOfRange, off::DATAO), hb));
+                return Err((
+                    FatalError::new(Fes::DataTransferOutOfRange, off::DATAO),
+                    hb(),
+                ));
             }
             let max = sh.maxh2cdata as usize;
             let mut pos = o;
