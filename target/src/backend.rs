@@ -335,7 +335,8 @@ impl Backend {
     }
 }
 
-/// Parses a size such as `4096`, `64k`, `512M`, `2G`, `1T` (binary multiples).
+/// Parses a size such as `4096`, `64k`, `512M`, `2G`, `1T`, `128KiB` (binary
+/// multiples). The one size syntax of every `dase` command.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -349,9 +350,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
+        "p" | "pb" | "pib" => 1 << 50,
         _ => {
             return Err(format!(
-                "invalid size '{s}': unknown unit '{unit}' (use k, M, G or T)"
+                "invalid size '{s}': unknown unit '{unit}' (use k, M, G, T or P)"
             ))
         }
     };

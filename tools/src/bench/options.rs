@@ -81,28 +81,8 @@ impl Rw {
     }
 }
 
-/// Parses fio sizes: `4k`, `1m`, `2g`, `512` (binary multiples; a trailing
-/// `b`/`ib` is accepted).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.trim_end_matches("ib").trim_end_matches('b');
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("invalid size '{s}' (examples: 4k, 128k, 1m, 10g)"))?;
-    let mult: u64 = match unit {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        "p" => 1 << 50,
-        _ => return Err(format!("invalid size '{s}': unknown unit '{unit}'")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid size '{s}': too large"))
-}
+/// Sizes: the same syntax as every other `dase` command (`4k`, `128KiB`, `1m`, `10g`).
+pub use dase_target::parse_size;
 
 /// Parses fio durations: `10` (seconds), `500ms`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
