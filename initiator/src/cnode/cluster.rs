@@ -10,6 +10,7 @@ use bytes::Bytes;
 use dase_erasure::NodeSlot;
 use serde::{Deserialize, Serialize};
 
+use crate::host::controller::{fnv1a, FNV_OFFSET};
 use crate::host::{Controller, ControllerOptions, HostError, NamespaceInfo};
 
 /// One D-node as the cluster file names it.
@@ -36,11 +37,8 @@ fn one() -> u32 {
 
 impl DNodeSpec {
     pub fn placement_id(&self) -> u64 {
-        self.id.unwrap_or_else(|| {
-            self.nqn.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-            })
-        })
+        self.id
+            .unwrap_or_else(|| fnv1a(self.nqn.bytes(), FNV_OFFSET))
     }
 }
 

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use dase_erasure::{Geometry, Layout};
 
 use super::cluster::{Cluster, ClusterFile};
+use crate::host::controller::{fnv1a, FNV_OFFSET};
 use crate::host::join_all;
 
 pub const MAGIC: [u8; 8] = *b"DASEFS\0\x01";
@@ -79,12 +80,12 @@ pub enum SuperblockError {
 
 /// The ordered D-node identities of a cluster file, hashed.
 pub fn cluster_fingerprint(file: &ClusterFile) -> u64 {
-    file.dnodes
-        .iter()
-        .flat_map(|d| d.placement_id().to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        })
+    fnv1a(
+        file.dnodes
+            .iter()
+            .flat_map(|d| d.placement_id().to_le_bytes()),
+        FNV_OFFSET,
+    )
 }
 
 impl Superblock {

@@ -73,8 +73,8 @@ pub fn default_hostnqn() -> String {
 fn default_hostid() -> [u8; 16] {
     let seed = std::fs::read_to_string("/etc/machine-id").unwrap_or_else(|_| "dase".into());
     let mut id = [0u8; 16];
-    let a = fnv(seed.trim().as_bytes(), 0xcbf2_9ce4_8422_2325);
-    let b = fnv(&a.to_le_bytes(), a);
+    let a = fnv1a(seed.trim().bytes(), FNV_OFFSET);
+    let b = fnv1a(a.to_le_bytes(), a);
     id[..8].copy_from_slice(&a.to_be_bytes());
     id[8..].copy_from_slice(&b.to_be_bytes());
     id[6] = (id[6] & 0x0f) | 0x40;
@@ -82,9 +82,15 @@ fn default_hostid() -> [u8; 16] {
     id
 }
 
-fn fnv(d: &[u8], seed: u64) -> u64 {
-    d.iter()
-        .fold(seed, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+/// FNV-1a's offset basis: the usual seed.
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a: a small, stable hash for identities derived from names (host IDs,
+/// placement IDs, cluster fingerprints). Not for anything adversarial.
+pub(crate) fn fnv1a(bytes: impl IntoIterator<Item = u8>, seed: u64) -> u64 {
+    bytes
+        .into_iter()
+        .fold(seed, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// What a host needs to know of a namespace to address it.

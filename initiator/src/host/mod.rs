@@ -1,6 +1,6 @@
 //! The NVMe/TCP host: queue pairs, controllers, discovery.
 
-mod controller;
+pub(crate) mod controller;
 mod discovery;
 mod error;
 mod queue;
