@@ -27,6 +27,7 @@ use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligne
 
 use super::cluster::Cluster;
 use crate::host::{join_all, HostError};
+use dase_protocol::nvme::sct;
 
 /// Byte offset of the lease block (after the two superblock copies).
 pub const LEASE_OFFSET: u64 = 8192;
@@ -108,7 +109,9 @@ enum NodeOutcome {
     Granted(Bytes),
     /// Held by another: its identity, description and expiry.
     HeldBy([u8; 16], String, u64),
-    Failed(String),
+    /// The block changed under every attempt: others are racing for it.
+    Contended,
+    Failed(HostError),
 }
 
 impl Lease {
@@ -141,7 +144,7 @@ impl Lease {
         for _ in 0..4 {
             let cur = match cluster.read(i, LEASE_OFFSET, SIZE).await {
                 Ok(b) => b,
-                Err(e) => return NodeOutcome::Failed(e.to_string()),
+                Err(e) => return NodeOutcome::Failed(e),
             };
             let parsed = LeaseBlock::parse(&cur);
             let gen = parsed.map(|l| l.generation.get()).unwrap_or(0);
@@ -159,10 +162,10 @@ impl Lease {
                 Ok(true) => return NodeOutcome::Granted(new),
                 // Someone changed it between our read and our write: look again.
                 Ok(false) => continue,
-                Err(e) => return NodeOutcome::Failed(e.to_string()),
+                Err(e) => return NodeOutcome::Failed(e),
             }
         }
-        NodeOutcome::Failed("lease block kept changing".into())
+        NodeOutcome::Contended
     }
 }
 
@@ -175,7 +178,7 @@ struct Round {
     /// racing acquirers split the nodes; retrying after a backoff resolves it.
     contended: bool,
     failures: Vec<String>,
-    unsupported: Option<(String, String)>,
+    unsupported: Option<(String, HostError)>,
 }
 
 impl Lease {
@@ -210,12 +213,21 @@ impl Lease {
                         None => others.push((id, d, exp, 1)),
                     }
                 }
+                NodeOutcome::Contended => {
+                    r.contended = true;
+                    r.failures
+                        .push(format!("{addr}: lease block kept changing"));
+                }
                 NodeOutcome::Failed(e) => {
-                    // A target without fused compare-and-write answers these.
-                    if e.contains("Invalid Command Opcode") || e.contains("Invalid Field") {
-                        r.unsupported = Some((addr.clone(), e.clone()));
-                    }
                     r.failures.push(format!("{addr}: {e}"));
+                    // A target without fused compare-and-write refuses the
+                    // command itself (Invalid Opcode or Invalid Field).
+                    let refused = e
+                        .status()
+                        .is_some_and(|s| s.sct == sct::GENERIC && (s.sc == 0x01 || s.sc == 0x02));
+                    if refused {
+                        r.unsupported = Some((addr, e));
+                    }
                 }
             }
         }
@@ -247,11 +259,8 @@ impl Lease {
                 u64::from_le_bytes(super::random_id()[..8].try_into().unwrap()) % (20 * attempt);
             tokio::time::sleep(Duration::from_millis(5 + jitter)).await;
         };
-        if let Some((addr, e)) = r.unsupported {
-            return Err(LeaseError::Unsupported {
-                addr,
-                error: HostError::InvalidArgument(e),
-            });
+        if let Some((addr, error)) = r.unsupported {
+            return Err(LeaseError::Unsupported { addr, error });
         }
         match r.holder {
             Some((h, exp)) => Err(LeaseError::Held {
