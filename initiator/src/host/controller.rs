@@ -620,38 +620,31 @@ fn spawn_keep_alive(admin: Arc<QueuePair>, kato: Duration) -> tokio::task::JoinH
     })
 }
 
-/// Awaits all futures concurrently (tokio has no join_all of its own).
+/// Runs all futures concurrently on the current task and returns their
+/// outputs in order (tokio has no join_all of its own). Every wake-up polls
+/// the unfinished ones: fine for the tens of futures (one per D-node or
+/// queue) it is used for.
 pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    // Sequential awaits still overlap: each future was created up front but
-    // only runs when polled, so drive them through a JoinSet-free select.
-    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
-    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    let mut pending: Vec<_> = futs.into_iter().map(|f| Some(Box::pin(f))).collect();
+    let mut results: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
-        let mut all = true;
-        for (i, f) in pending.iter_mut().enumerate() {
-            if let Some(fut) = f {
-                match fut.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        results[i] = Some(v);
-                        *f = None;
-                    }
-                    std::task::Poll::Pending => all = false,
+        for (slot, result) in pending.iter_mut().zip(results.iter_mut()) {
+            if let Some(fut) = slot {
+                if let std::task::Poll::Ready(v) = fut.as_mut().poll(cx) {
+                    *result = Some(v);
+                    *slot = None;
                 }
             }
         }
-        if all {
+        if pending.iter().all(Option::is_none) {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
         }
     })
     .await;
-    out.extend(
-        results
-            .into_iter()
-            .map(|r| r.expect("every future completed")),
-    );
-    out
+    results
+        .into_iter()
+        .map(|r| r.expect("every future completed"))
+        .collect()
 }
