@@ -229,9 +229,16 @@ impl Volume {
         let first = offset / s;
         let last = (offset + len - 1) / s;
         let base = self.slot(rec.stripe);
+        // The part of data strip `j` the range covers: the stripe's data is
+        // its data strips end to end.
+        let part = |j: usize| {
+            (
+                offset.max(j * s) - j * s,
+                (offset + len).min((j + 1) * s) - j * s,
+            )
+        };
         let reads = (first..=last).map(|j| {
-            let lo = if j == first { offset - j * s } else { 0 };
-            let hi = if j == last { offset + len - j * s } else { s };
+            let (lo, hi) = part(j);
             let node = rec.nodes[j] as usize;
             async move {
                 let bs = self
@@ -272,10 +279,8 @@ impl Volume {
         tracing::info!(stripe = rec.stripe, strips = ?bad, "degraded read: reconstructing");
         let strips = self.read_stripe(rec).await?;
         let mut out = BytesMut::with_capacity(len);
-        // The stripe's data is the data strips end to end.
         for (j, strip) in strips.iter().enumerate().take(last + 1).skip(first) {
-            let lo = if j == first { offset - j * s } else { 0 };
-            let hi = if j == last { offset + len - j * s } else { s };
+            let (lo, hi) = part(j);
             out.extend_from_slice(&strip[lo..hi]);
         }
         Ok(out.freeze())
