@@ -351,11 +351,7 @@ impl Controller {
         data_out: Bytes,
         data_in_len: u32,
     ) -> Result<Completion, HostError> {
-        let s = self.session().await?;
-        if s.io.is_empty() {
-            return Err(HostError::InvalidArgument("no I/O queue connected".into()));
-        }
-        let q = &s.io[self.next_queue.fetch_add(1, Ordering::Relaxed) % s.io.len()];
+        let q = self.pick_queue().await?;
         q.submit(sqe, data_out, data_in_len, self.opts.io_timeout)
             .await?
             .ok()
