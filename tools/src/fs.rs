@@ -78,7 +78,10 @@ pub fn mkfs(a: MkfsArgs) -> Result<()> {
             bail!("the D-nodes' namespaces are too small for one stripe");
         }
         let sb = superblock::format(&cluster, &file, &geo, a.force).await?;
-        superblock::verify(&cluster, &file).await?;
+        let sb = superblock::verify(&cluster, &file).await.map(|_| sb)?;
+        dase_initiator::cnode::fs::FileSystem::format_metadata(&cluster, &sb)
+            .await
+            .context("writing the empty file system's metadata")?;
         println!("formatted dase file system {}", sb.uuid_string());
         println!("  D-nodes        : {}", file.dnodes.len());
         println!(

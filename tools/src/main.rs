@@ -4,6 +4,7 @@ mod cluster;
 mod dnode;
 mod fabric;
 mod fs;
+mod mount;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,7 @@ enum Cmd {
     Bench(Box<dase_tools::bench::cli::Args>),
     Cluster(cluster::Args),
     Mkfs(fs::MkfsArgs),
+    Mount(mount::MountArgs),
     /// Internal: the plain-TCP peer `dase bench --ceiling` measures against.
     #[command(hide = true)]
     CeilingServer {
@@ -76,6 +78,7 @@ fn main() {
         },
         Cmd::Cluster(a) => cluster::run(a),
         Cmd::Mkfs(a) => fs::mkfs(a),
+        Cmd::Mount(a) => mount::mount(a),
         Cmd::CeilingServer { listen } => (|| {
             let l = std::net::TcpListener::bind(listen)?;
             println!("listening on {}", l.local_addr()?);

@@ -1,12 +1,14 @@
 //! The C-node engine, floor by floor (each depends only on the ones below):
-//! `volume` (stripes over D-nodes) → `cluster` (the D-nodes and their
+//! `fs` (the file system, its metadata in `meta`) → `volume` (stripes over D-nodes) → `cluster` (the D-nodes and their
 //! health) → `crate::host` (NVMe/TCP).
 //!
 //! A C-node holds no durable state: everything it needs to find data again
 //! is in the D-nodes or in records the layers above store there.
 
 pub mod cluster;
+pub mod fs;
 pub mod lease;
+pub mod meta;
 pub mod superblock;
 pub mod volume;
 

@@ -29,7 +29,7 @@ pub const DATA_OFFSET: u64 = 1 << 20;
 const WRITE_ATTEMPTS: usize = 3;
 
 /// Where one stripe is and how to check it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StripeRecord {
     pub stripe: u64,
     /// The geometry actually used (narrower than the volume's when D-nodes were down).
@@ -123,6 +123,40 @@ impl Volume {
         stripe: u64,
         data: &[u8],
     ) -> Result<StripeRecord, VolumeError> {
+        let (rec, n) = self.write_placed(stripe, data, self.geo, false).await?;
+        debug_assert_eq!(n, data.len());
+        Ok(rec)
+    }
+
+    /// Writes as much of `data` as one stripe `stripe` can hold now, in a
+    /// stripe only as wide as it needs: `ceil(len / strip_size)` data strips
+    /// (at most `k`, fewer when D-nodes are down) plus full parity. Returns
+    /// where it went and how many bytes it took; the caller puts the rest
+    /// in further stripes. This is how a log writes a partly filled segment
+    /// without padding it to `k` strips, and keeps writing while D-nodes are
+    /// down.
+    pub async fn write_prefix(
+        &self,
+        stripe: u64,
+        data: &[u8],
+    ) -> Result<(StripeRecord, usize), VolumeError> {
+        let s = self.geo.strip_size();
+        let want = data.len().div_ceil(s).clamp(1, self.geo.k());
+        let geo = if want == self.geo.k() {
+            self.geo
+        } else {
+            self.geo.narrowed(want)?
+        };
+        self.write_placed(stripe, data, geo, true).await
+    }
+
+    async fn write_placed(
+        &self,
+        stripe: u64,
+        data: &[u8],
+        shape: Geometry,
+        prefix: bool,
+    ) -> Result<(StripeRecord, usize), VolumeError> {
         if stripe >= self.capacity_stripes() {
             return Err(VolumeError::Invalid(format!(
                 "stripe {stripe} is beyond the volume's {} stripes",
@@ -140,8 +174,13 @@ impl Volume {
         let mut last_err = None;
         for _ in 0..WRITE_ATTEMPTS {
             self.cluster.revive().await;
-            let p = place(&self.geo, &self.cluster.slots(), stripe)?;
+            let p = place(&shape, &self.cluster.slots(), stripe)?;
             let (k, m) = (p.geometry.k(), p.geometry.m());
+            let data = if prefix && data.len() > k * s {
+                &data[..k * s]
+            } else {
+                data
+            };
             // Narrower stripes carry less data: what does not fit is an error
             // the caller sees (it splits its writes across more stripes).
             if data.len() > k * s {
@@ -174,13 +213,14 @@ impl Volume {
                 .filter_map(|(n, r)| r.err().map(|e| (n, e)))
                 .collect();
             if failed.is_empty() {
-                return Ok(StripeRecord {
+                let rec = StripeRecord {
                     stripe,
                     k: k as u16,
                     m: m as u16,
                     nodes: p.nodes.iter().map(|&n| n as u16).collect(),
                     crcs,
-                });
+                };
+                return Ok((rec, data.len()));
             }
             for (n, e) in failed {
                 if !e.is_transport() {

@@ -1,0 +1,1960 @@
+//! The file system: POSIX operations over a data log and a metadata log,
+//! both on the D-nodes (formats in [`super::meta`]).
+//!
+//! Data path. A write copies its bytes into the *open segment* (one
+//! stripe's worth of data, `k * strip_size`) and points the file's extent
+//! map at them; a full segment is written as one stripe of `k + m` strips
+//! to `k + m` D-nodes in parallel (full-stripe writes only: no parity is
+//! ever read back and modified). Overwritten bytes become dead in their old
+//! segment; a segment whose bytes are all dead is freed. A read looks up
+//! the extent map and reads only the byte range of the strips that hold it
+//! (or the open segment's memory).
+//!
+//! Commit. `fsync`, `unlink`, `rename`, `rmdir` and a timer commit: writes
+//! are held off briefly while the open segment is written and the changed
+//! metadata is captured, then the metadata goes out as metadata stripes and
+//! the commit record to every D-node; a majority acknowledges it. Freed
+//! stripes are reused only after the commit that freed them is durable, so
+//! recovery to any durable commit finds its data intact.
+//!
+//! What the C-node holds is a cache of the committed state plus what is not
+//! yet committed; any other C-node that mounts after it rebuilds the same
+//! state from the D-nodes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dase_erasure::{Geometry, Layout};
+
+use super::cluster::{Cluster, ClusterFile};
+use super::lease::Lease;
+use super::meta::{
+    self, Batch, CommitRecord, Content, Extent, Image, Inode, Kind, MetaPart, MetaRecord, Segment,
+    COMMIT_MAGIC, COMMIT_SLOT, META_MAGIC, ROOT_INO,
+};
+use super::superblock::{self, Superblock};
+use super::volume::{StripeRecord, Volume, VolumeError};
+use crate::host::{join_all, ControllerOptions};
+
+pub const NAME_MAX: usize = 255;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("no space left on the D-nodes")]
+    NoSpace,
+    #[error("read-only: {0}")]
+    ReadOnly(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc_errno::ENOENT,
+            FsError::Exists => libc_errno::EEXIST,
+            FsError::NotDir => libc_errno::ENOTDIR,
+            FsError::IsDir => libc_errno::EISDIR,
+            FsError::NotEmpty => libc_errno::ENOTEMPTY,
+            FsError::NameTooLong => libc_errno::ENAMETOOLONG,
+            FsError::NotPermitted => libc_errno::EPERM,
+            FsError::Invalid(_) => libc_errno::EINVAL,
+            FsError::NoSpace => libc_errno::ENOSPC,
+            FsError::ReadOnly(_) => libc_errno::EROFS,
+            FsError::Io(_) => libc_errno::EIO,
+        }
+    }
+}
+
+/// The errno values this module returns (Linux numbering).
+mod libc_errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
+    pub const EIO: i32 = 5;
+    pub const EEXIST: i32 = 17;
+    pub const ENOTDIR: i32 = 20;
+    pub const EISDIR: i32 = 21;
+    pub const EINVAL: i32 = 22;
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+    pub const ENAMETOOLONG: i32 = 36;
+    pub const ENOTEMPTY: i32 = 39;
+}
+
+impl From<VolumeError> for FsError {
+    fn from(e: VolumeError) -> Self {
+        FsError::Io(e.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Superblock(#[from] superblock::SuperblockError),
+    #[error(transparent)]
+    Lease(#[from] super::lease::LeaseError),
+    #[error("recovering the metadata: {0}")]
+    Recovery(String),
+}
+
+/// What a caller sees of an inode.
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+/// A time to set: a given one or now.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    At(SystemTime),
+    Now,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// What [`FileSystem::create`] makes.
+#[derive(Clone, Copy, Debug)]
+pub enum NewKind<'a> {
+    File,
+    Dir,
+    /// A symbolic link to this target.
+    Symlink(&'a [u8]),
+}
+
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub lease_ttl: Duration,
+    /// Uncommitted changes are committed at least this often.
+    pub commit_interval: Duration,
+    /// Who holds the lease (for other C-nodes' error messages).
+    pub description: String,
+    /// Open without the lease and never write (stats, fsck without repair).
+    pub read_only: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(10),
+            commit_interval: Duration::from_secs(2),
+            description: format!("pid {}", std::process::id()),
+            read_only: false,
+        }
+    }
+}
+
+/// The metadata geometry for a data geometry over `nodes` D-nodes: one
+/// strip mirrored `m + 1` times (more redundancy than data), fewer where
+/// the cluster is too small.
+pub fn meta_geometry(data: &Geometry, nodes: usize) -> Result<Geometry, dase_erasure::Error> {
+    let m = (data.m() + 1).min(nodes.saturating_sub(1)).max(1);
+    Geometry::new(1, m, data.strip_size(), Layout::ReedSolomon)
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn to_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn from_time(t: SetTime) -> i64 {
+    match t {
+        SetTime::Now => now_ns(),
+        SetTime::At(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i64,
+            Err(e) => -(e.duration().as_nanos() as i64),
+        },
+    }
+}
+
+/// The segment being filled.
+struct OpenSegment {
+    id: u64,
+    buf: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    inodes: HashMap<u64, Inode>,
+    /// Every segment, written or not (records empty until written).
+    segs: HashMap<u64, Segment>,
+    next_ino: u64,
+    next_seg: u64,
+    open: Option<OpenSegment>,
+    /// Sealed segments not yet written (or whose write failed: the next
+    /// commit retries them). Reads are served from here meanwhile.
+    unwritten: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// Stripes below `high` that are free; `high` and above are free too.
+    free: BTreeSet<u64>,
+    high: u64,
+    capacity: u64,
+    /// Freed since the last commit snapshot: reusable once that commit is durable.
+    pending_free: Vec<u64>,
+    dirty_inodes: HashSet<u64>,
+    removed_inodes: HashSet<u64>,
+    dirty_segs: HashSet<u64>,
+    open_handles: HashMap<u64, u32>,
+    /// Bumped by every change; a commit covers the changes up to its snapshot.
+    changes: u64,
+}
+
+/// The committed log.
+struct LogState {
+    seq: u64,
+    head: Option<StripeRecord>,
+    /// Stripes of the log since (and including) its newest image.
+    chain: Vec<u64>,
+    journal_bytes: usize,
+    image_bytes: usize,
+    committed_changes: u64,
+    /// Write an image at the next commit (after a failed commit, the
+    /// in-memory dirty sets no longer describe the difference).
+    force_image: bool,
+}
+
+pub struct FileSystem {
+    cluster: Arc<Cluster>,
+    data: Volume,
+    meta: Volume,
+    sb: Superblock,
+    seg_bytes: usize,
+    state: Mutex<State>,
+    /// Writers hold it shared while they copy into and write segments; a
+    /// commit holds it exclusively while it captures a consistent snapshot.
+    quiesce: Arc<tokio::sync::RwLock<()>>,
+    log: tokio::sync::Mutex<LogState>,
+    lease: tokio::sync::Mutex<Option<Lease>>,
+    epoch: u64,
+    opts: Options,
+    /// Set when the file system must stop writing (lease lost, commit failed).
+    stopped: Mutex<Option<String>>,
+    shutdown: tokio::sync::Notify,
+    closing: AtomicBool,
+}
+
+/// What `fsck` found.
+#[derive(Debug, Default)]
+pub struct FsckReport {
+    pub inodes: usize,
+    pub files: usize,
+    pub dirs: usize,
+    pub segments: usize,
+    pub stripes_checked: usize,
+    pub strips_repaired: usize,
+    /// Stripes with strips on D-nodes that are down.
+    pub degraded_stripes: usize,
+    pub problems: Vec<String>,
+}
+
+/// What `stats` reports.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub files: u64,
+    pub dirs: u64,
+    pub logical_bytes: u64,
+    pub live_bytes: u64,
+    pub stored_bytes: u64,
+    pub metadata_bytes: u64,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    /// Per D-node: strips it holds.
+    pub per_node_strips: Vec<u64>,
+    pub strip_size: usize,
+    pub commit_seq: u64,
+}
+
+impl FileSystem {
+    /// Writes an empty file system's metadata (a root directory) after
+    /// `superblock::format`.
+    pub async fn format_metadata(
+        cluster: &Arc<Cluster>,
+        sb: &Superblock,
+    ) -> Result<(), MountError> {
+        let geo = sb
+            .geometry()
+            .map_err(|e| MountError::Config(e.to_string()))?;
+        let meta = Volume::new(
+            cluster.clone(),
+            meta_geometry(&geo, cluster.len()).map_err(|e| MountError::Config(e.to_string()))?,
+        )
+        .map_err(|e| MountError::Config(e.to_string()))?;
+        let t = now_ns();
+        let root = Inode {
+            ino: ROOT_INO,
+            kind: Kind::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            content: Content::Dir {
+                parent: ROOT_INO,
+                entries: BTreeMap::new(),
+            },
+        };
+        let image = MetaRecord::Image(Image {
+            next_ino: ROOT_INO + 1,
+            next_seg: 0,
+            inodes: vec![root],
+            segments: vec![],
+        });
+        let bytes = meta::encode_record(&image);
+        let part = MetaPart {
+            fs_uuid: sb.fs_uuid,
+            seq: 1,
+            image: true,
+            part: 0,
+            last: true,
+            prev: None,
+            payload: bytes,
+        };
+        let block = meta::frame(META_MAGIC, &part, geo.strip_size())
+            .map_err(|e| MountError::Config(e.to_string()))?;
+        let head = meta
+            .write_stripe(0, &block)
+            .await
+            .map_err(|e| MountError::Recovery(e.to_string()))?;
+        let commit = CommitRecord {
+            fs_uuid: sb.fs_uuid,
+            seq: 1,
+            epoch: 0,
+            head,
+        };
+        let block = meta::frame(COMMIT_MAGIC, &commit, COMMIT_SLOT)
+            .map_err(|e| MountError::Config(e.to_string()))?;
+        let empty = vec![0u8; COMMIT_SLOT];
+        let commit = &commit;
+        for r in join_all((0..cluster.len()).map(|i| {
+            let (block, empty) = (block.clone(), empty.clone());
+            async move {
+                // Both slots: the other may hold a commit of a file system
+                // this one replaced (a different UUID, ignored anyway).
+                cluster
+                    .write(i, commit.offset(), bytes::Bytes::from(block))
+                    .await?;
+                let other = meta::COMMIT_OFFSET + ((commit.seq + 1) % 2) * COMMIT_SLOT as u64;
+                cluster.write(i, other, bytes::Bytes::from(empty)).await?;
+                cluster.flush(i).await
+            }
+        }))
+        .await
+        {
+            r.map_err(|e| MountError::Recovery(format!("writing the first commit: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Connects to the cluster, checks it against the superblocks, takes
+    /// the lease (unless read-only) and recovers the newest commit.
+    pub async fn open(file: &ClusterFile, opts: Options) -> Result<Arc<Self>, MountError> {
+        file.validate()
+            .map_err(|e| MountError::Config(e.to_string()))?;
+        let cluster = Arc::new(
+            Cluster::connect(
+                file,
+                ControllerOptions {
+                    io_queues: 2,
+                    ..Default::default()
+                },
+            )
+            .await,
+        );
+        let n = cluster.len();
+        let up = cluster.up_count();
+        let down: Vec<String> = (0..n)
+            .filter(|&i| !cluster.is_up(i))
+            .map(|i| {
+                format!(
+                    "{} ({})",
+                    cluster.nodes[i].spec.addr,
+                    cluster.last_error(i).unwrap_or_default()
+                )
+            })
+            .collect();
+        // The newest commit is on a majority: fewer reachable could miss it.
+        if up < n / 2 + 1 {
+            return Err(MountError::Config(format!(
+                "only {up} of {n} D-nodes reachable, a majority ({}) is needed; unreachable: {}",
+                n / 2 + 1,
+                down.join("; ")
+            )));
+        }
+        if !down.is_empty() {
+            tracing::warn!(unreachable = %down.join("; "), "mounting with D-nodes down: their strips are reconstructed from parity");
+        }
+        let sb = superblock::verify(&cluster, file).await?;
+        let geo = sb
+            .geometry()
+            .map_err(|e| MountError::Config(format!("superblock geometry: {e}")))?;
+        if up < geo.m() + 1 {
+            return Err(MountError::Config(format!(
+                "only {up} D-nodes reachable; {geo} needs at least {}",
+                geo.m() + 1
+            )));
+        }
+        let data =
+            Volume::new(cluster.clone(), geo).map_err(|e| MountError::Config(e.to_string()))?;
+        let mgeo = meta_geometry(&geo, n).map_err(|e| MountError::Config(e.to_string()))?;
+        let meta =
+            Volume::new(cluster.clone(), mgeo).map_err(|e| MountError::Config(e.to_string()))?;
+        let mut lease = None;
+        if !opts.read_only {
+            let mut l = Lease::new(sb.fs_uuid, &opts.description, opts.lease_ttl, n);
+            l.acquire(&cluster).await?;
+            lease = Some(l);
+        }
+        let epoch = now_ns() as u64;
+        let fs = Self {
+            seg_bytes: geo.data_bytes(),
+            data,
+            meta,
+            cluster: cluster.clone(),
+            sb,
+            state: Mutex::new(State::default()),
+            quiesce: Arc::new(tokio::sync::RwLock::new(())),
+            log: tokio::sync::Mutex::new(LogState {
+                seq: 0,
+                head: None,
+                chain: vec![],
+                journal_bytes: 0,
+                image_bytes: 0,
+                committed_changes: 0,
+                force_image: false,
+            }),
+            lease: tokio::sync::Mutex::new(lease),
+            epoch,
+            opts,
+            stopped: Mutex::new(None),
+            shutdown: tokio::sync::Notify::new(),
+            closing: AtomicBool::new(false),
+        };
+        if let Err(e) = fs.recover().await {
+            if let Some(mut l) = fs.lease.lock().await.take() {
+                l.release(&cluster).await;
+            }
+            return Err(e);
+        }
+        Ok(Arc::new(fs))
+    }
+
+    /// Finds the newest commit and replays the log from its image.
+    async fn recover(&self) -> Result<(), MountError> {
+        let uuid = self.sb.fs_uuid;
+        let c = &self.cluster;
+        let reads =
+            join_all((0..c.len()).filter(|&i| c.is_up(i)).map(|i| async move {
+                c.read(i, meta::COMMIT_OFFSET, 2 * COMMIT_SLOT).await.ok()
+            }))
+            .await;
+        let best = reads
+            .into_iter()
+            .flatten()
+            .flat_map(|b| {
+                [0, COMMIT_SLOT].map(|o| {
+                    meta::unframe::<CommitRecord>(COMMIT_MAGIC, &b[o..o + COMMIT_SLOT]).ok()
+                })
+            })
+            .flatten()
+            .filter(|r| r.fs_uuid == uuid)
+            .max_by_key(|r| r.order())
+            .ok_or_else(|| {
+                MountError::Recovery(
+                    "no commit record on any reachable D-node (was this file system made by an older dase mkfs? run dase mkfs --force)".into(),
+                )
+            })?;
+        // Walk back from the head to the newest image.
+        let strip = self.meta.geometry().strip_size();
+        let mut parts: Vec<MetaPart> = Vec::new();
+        let mut chain = Vec::new();
+        let mut cur = Some(best.head.clone());
+        while let Some(rec) = cur {
+            if chain.len() > 50_000_000 {
+                return Err(MountError::Recovery("metadata chain does not end".into()));
+            }
+            let b = self.meta.read(&rec, 0, strip).await.map_err(|e| {
+                MountError::Recovery(format!("metadata stripe {}: {e}", rec.stripe))
+            })?;
+            let p: MetaPart = meta::unframe(META_MAGIC, &b).map_err(|e| {
+                MountError::Recovery(format!("metadata stripe {}: {e}", rec.stripe))
+            })?;
+            if p.fs_uuid != uuid {
+                return Err(MountError::Recovery(format!(
+                    "metadata stripe {} belongs to another file system",
+                    rec.stripe
+                )));
+            }
+            chain.push(rec.stripe);
+            cur = p.prev.clone();
+            let end = p.image && p.part == 0;
+            parts.push(p);
+            if end {
+                break;
+            }
+            if cur.is_none() {
+                return Err(MountError::Recovery(
+                    "metadata chain ends without an image".into(),
+                ));
+            }
+        }
+        parts.reverse();
+        let mut st = State::default();
+        let mut buf = Vec::new();
+        let mut image_bytes = 0;
+        let mut journal_bytes = 0;
+        let mut first = true;
+        for p in parts {
+            buf.extend_from_slice(&p.payload);
+            if !p.last {
+                continue;
+            }
+            let rec = meta::decode_record(&buf).map_err(|e| MountError::Recovery(e.to_string()))?;
+            match rec {
+                MetaRecord::Image(img) if first => {
+                    image_bytes = buf.len();
+                    st.next_ino = img.next_ino;
+                    st.next_seg = img.next_seg;
+                    st.inodes = img.inodes.into_iter().map(|i| (i.ino, i)).collect();
+                    st.segs = img.segments.into_iter().collect();
+                }
+                MetaRecord::Batch(b) if !first => {
+                    journal_bytes += buf.len();
+                    st.next_ino = b.next_ino;
+                    st.next_seg = b.next_seg;
+                    for i in b.inodes {
+                        st.inodes.insert(i.ino, i);
+                    }
+                    for i in b.removed_inodes {
+                        st.inodes.remove(&i);
+                    }
+                    for (id, s) in b.segments {
+                        match s {
+                            Some(s) => st.segs.insert(id, s),
+                            None => st.segs.remove(&id),
+                        };
+                    }
+                }
+                _ => {
+                    return Err(MountError::Recovery(
+                        "metadata log out of order (an image must start it)".into(),
+                    ))
+                }
+            }
+            first = false;
+            buf.clear();
+        }
+        if !buf.is_empty() || first {
+            return Err(MountError::Recovery("metadata log ends mid-record".into()));
+        }
+        if !st.inodes.contains_key(&ROOT_INO) {
+            return Err(MountError::Recovery("no root directory".into()));
+        }
+        // Free space is whatever no segment and no log stripe uses.
+        st.capacity = self.data.capacity_stripes();
+        let mut used: BTreeSet<u64> = chain.iter().copied().collect();
+        for s in st.segs.values() {
+            for r in &s.records {
+                used.insert(r.stripe);
+            }
+        }
+        st.high = used.last().map(|s| s + 1).unwrap_or(0);
+        st.free = (0..st.high).filter(|s| !used.contains(s)).collect();
+        st.segs.retain(|_, s| !s.records.is_empty());
+        let mut log = self.log.lock().await;
+        log.seq = best.seq;
+        log.head = Some(best.head);
+        log.chain = chain;
+        log.image_bytes = image_bytes;
+        log.journal_bytes = journal_bytes;
+        // Orphans: unlinked while open when the previous C-node stopped.
+        let orphans: Vec<u64> = st
+            .inodes
+            .values()
+            .filter(|i| i.nlink == 0)
+            .map(|i| i.ino)
+            .collect();
+        for ino in orphans {
+            tracing::info!(ino, "freeing an orphan inode");
+            st.delete_inode(ino);
+        }
+        drop(log);
+        *self.state.lock().unwrap() = st;
+        tracing::info!(
+            seq = best.seq,
+            inodes = self.state.lock().unwrap().inodes.len(),
+            "file system recovered"
+        );
+        Ok(())
+    }
+
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        self.data.geometry()
+    }
+
+    pub fn meta_geometry(&self) -> &Geometry {
+        self.meta.geometry()
+    }
+
+    fn check_writable(&self) -> Result<(), FsError> {
+        if self.opts.read_only {
+            return Err(FsError::ReadOnly("opened read-only".into()));
+        }
+        if let Some(why) = self.stopped.lock().unwrap().as_ref() {
+            return Err(FsError::ReadOnly(why.clone()));
+        }
+        Ok(())
+    }
+
+    fn stop(&self, why: String) {
+        tracing::error!(reason = %why, "the file system stops writing");
+        self.stopped.lock().unwrap().get_or_insert(why);
+    }
+
+    // ---- namespace operations -------------------------------------------
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let st = self.state.lock().unwrap();
+        st.inodes.get(&ino).map(attr).ok_or(FsError::NotFound)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        let st = self.state.lock().unwrap();
+        let ino = st.child(parent, name)?;
+        st.inodes.get(&ino).map(attr).ok_or(FsError::NotFound)
+    }
+
+    /// Creates a file, directory or symlink `name` in `parent`.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new: NewKind<'_>,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, FsError> {
+        self.check_writable()?;
+        check_name(name)?;
+        let mut st = self.state.lock().unwrap();
+        if st.child(parent, name).is_ok() {
+            return Err(FsError::Exists);
+        }
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        let t = now_ns();
+        let (kind, content, nlink, size) = match new {
+            NewKind::File => (Kind::File, Content::File(BTreeMap::new()), 1, 0),
+            NewKind::Dir => (
+                Kind::Dir,
+                Content::Dir {
+                    parent,
+                    entries: BTreeMap::new(),
+                },
+                2,
+                0,
+            ),
+            NewKind::Symlink(target) => (
+                Kind::Symlink,
+                Content::Symlink(target.to_vec()),
+                1,
+                target.len() as u64,
+            ),
+        };
+        let inode = Inode {
+            ino,
+            kind,
+            perm: perm & 0o7777,
+            uid,
+            gid,
+            nlink,
+            size,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            content,
+        };
+        let a = attr(&inode);
+        st.inodes.insert(ino, inode);
+        st.touch(ino);
+        let p = st.dir_mut(parent)?;
+        p.1.insert(name.to_vec(), ino);
+        let pi = st.inodes.get_mut(&parent).unwrap();
+        if kind == Kind::Dir {
+            pi.nlink += 1;
+        }
+        pi.mtime = t;
+        pi.ctime = t;
+        st.touch(parent);
+        Ok(a)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let st = self.state.lock().unwrap();
+        match &st.inodes.get(&ino).ok_or(FsError::NotFound)?.content {
+            Content::Symlink(t) => Ok(t.clone()),
+            _ => Err(FsError::Invalid("not a symlink".into())),
+        }
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr, FsError> {
+        self.check_writable()?;
+        check_name(newname)?;
+        let mut st = self.state.lock().unwrap();
+        let kind = st.inodes.get(&ino).ok_or(FsError::NotFound)?.kind;
+        if kind == Kind::Dir {
+            return Err(FsError::NotPermitted);
+        }
+        if st.child(newparent, newname).is_ok() {
+            return Err(FsError::Exists);
+        }
+        st.dir_mut(newparent)?.1.insert(newname.to_vec(), ino);
+        let t = now_ns();
+        let i = st.inodes.get_mut(&ino).unwrap();
+        i.nlink += 1;
+        i.ctime = t;
+        let a = attr(i);
+        let p = st.inodes.get_mut(&newparent).unwrap();
+        p.mtime = t;
+        p.ctime = t;
+        st.touch(ino);
+        st.touch(newparent);
+        Ok(a)
+    }
+
+    /// Removes `name` (a non-directory) from `parent`; committed before it returns.
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        self.check_writable()?;
+        {
+            let mut st = self.state.lock().unwrap();
+            let ino = st.child(parent, name)?;
+            if st.inodes[&ino].kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            st.remove_entry(parent, name);
+            st.drop_link(ino);
+        }
+        self.sync().await
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        self.check_writable()?;
+        {
+            let mut st = self.state.lock().unwrap();
+            let ino = st.child(parent, name)?;
+            match &st.inodes[&ino].content {
+                Content::Dir { entries, .. } if !entries.is_empty() => {
+                    return Err(FsError::NotEmpty)
+                }
+                Content::Dir { .. } => {}
+                _ => return Err(FsError::NotDir),
+            }
+            st.remove_entry(parent, name);
+            st.inodes.get_mut(&parent).unwrap().nlink -= 1;
+            st.delete_inode(ino);
+        }
+        self.sync().await
+    }
+
+    /// Renames, replacing an existing target (a file by a file, an empty
+    /// directory by a directory) unless `noreplace`; committed before it returns.
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        noreplace: bool,
+    ) -> Result<(), FsError> {
+        self.check_writable()?;
+        check_name(newname)?;
+        {
+            let mut st = self.state.lock().unwrap();
+            let ino = st.child(parent, name)?;
+            st.dir_mut(newparent)?;
+            let kind = st.inodes[&ino].kind;
+            if kind == Kind::Dir {
+                // Not into itself or below itself.
+                let mut p = newparent;
+                loop {
+                    if p == ino {
+                        return Err(FsError::Invalid(
+                            "cannot move a directory into itself".into(),
+                        ));
+                    }
+                    if p == ROOT_INO {
+                        break;
+                    }
+                    p = match &st.inodes[&p].content {
+                        Content::Dir { parent, .. } => *parent,
+                        _ => break,
+                    };
+                }
+            }
+            if let Ok(target) = st.child(newparent, newname) {
+                if target == ino {
+                    return Ok(());
+                }
+                if noreplace {
+                    return Err(FsError::Exists);
+                }
+                match (&st.inodes[&target].content, kind) {
+                    (Content::Dir { entries, .. }, Kind::Dir) => {
+                        if !entries.is_empty() {
+                            return Err(FsError::NotEmpty);
+                        }
+                        st.remove_entry(newparent, newname);
+                        st.inodes.get_mut(&newparent).unwrap().nlink -= 1;
+                        st.delete_inode(target);
+                    }
+                    (Content::Dir { .. }, _) => return Err(FsError::IsDir),
+                    (_, Kind::Dir) => return Err(FsError::NotDir),
+                    _ => {
+                        st.remove_entry(newparent, newname);
+                        st.drop_link(target);
+                    }
+                }
+            }
+            st.remove_entry(parent, name);
+            st.dir_mut(newparent)?.1.insert(newname.to_vec(), ino);
+            let t = now_ns();
+            if kind == Kind::Dir && parent != newparent {
+                st.inodes.get_mut(&parent).unwrap().nlink -= 1;
+                st.inodes.get_mut(&newparent).unwrap().nlink += 1;
+                if let Content::Dir { parent: p, .. } =
+                    &mut st.inodes.get_mut(&ino).unwrap().content
+                {
+                    *p = newparent;
+                }
+            }
+            for i in [parent, newparent, ino] {
+                let n = st.inodes.get_mut(&i).unwrap();
+                n.ctime = t;
+                if i != ino {
+                    n.mtime = t;
+                }
+                st.touch(i);
+            }
+        }
+        self.sync().await
+    }
+
+    /// Entries of directory `ino` from position `offset` (0 is `.`, 1 is
+    /// `..`), at most `max` of them, each with the position after it.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, DirEntry)>, FsError> {
+        let st = self.state.lock().unwrap();
+        let d = st.inodes.get(&ino).ok_or(FsError::NotFound)?;
+        let Content::Dir { parent, entries } = &d.content else {
+            return Err(FsError::NotDir);
+        };
+        let mut out = Vec::new();
+        let dots = [(ino, b".".to_vec()), (*parent, b"..".to_vec())];
+        let all = dots
+            .into_iter()
+            .chain(entries.iter().map(|(n, i)| (*i, n.clone())));
+        for (pos, (i, name)) in all.enumerate().skip(offset as usize) {
+            if out.len() >= max {
+                break;
+            }
+            let kind = st.inodes.get(&i).map(|x| x.kind).unwrap_or(Kind::Dir);
+            out.push((pos as u64 + 1, DirEntry { ino: i, kind, name }));
+        }
+        Ok(out)
+    }
+
+    pub fn setattr(&self, ino: u64, set: &SetAttr) -> Result<Attr, FsError> {
+        self.check_writable()?;
+        let mut st = self.state.lock().unwrap();
+        let t = now_ns();
+        let i = st.inodes.get_mut(&ino).ok_or(FsError::NotFound)?;
+        if let Some(p) = set.perm {
+            i.perm = p & 0o7777;
+        }
+        if let Some(u) = set.uid {
+            i.uid = u;
+        }
+        if let Some(g) = set.gid {
+            i.gid = g;
+        }
+        if let Some(a) = set.atime {
+            i.atime = from_time(a);
+        }
+        if let Some(m) = set.mtime {
+            i.mtime = from_time(m);
+        }
+        i.ctime = t;
+        if let Some(size) = set.size {
+            match i.kind {
+                Kind::Dir => return Err(FsError::IsDir),
+                Kind::Symlink => return Err(FsError::Invalid("truncating a symlink".into())),
+                Kind::File => {}
+            }
+            if set.mtime.is_none() {
+                i.mtime = t;
+            }
+            let old = i.size;
+            i.size = size;
+            if size < old {
+                let mut dead = Vec::new();
+                if let Content::File(ext) = &mut i.content {
+                    punch(ext, size, u64::MAX, &mut dead);
+                }
+                for (seg, len) in dead {
+                    st.release(seg, len);
+                }
+            }
+        }
+        st.touch(ino);
+        Ok(attr(&st.inodes[&ino]))
+    }
+
+    pub fn open_file(&self, ino: u64) -> Result<Attr, FsError> {
+        let mut st = self.state.lock().unwrap();
+        let a = st.inodes.get(&ino).map(attr).ok_or(FsError::NotFound)?;
+        *st.open_handles.entry(ino).or_default() += 1;
+        Ok(a)
+    }
+
+    /// The last handle of an unlinked file frees it.
+    pub fn release_file(&self, ino: u64) {
+        let mut st = self.state.lock().unwrap();
+        let gone = match st.open_handles.get_mut(&ino) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                st.open_handles.remove(&ino);
+                true
+            }
+            None => false,
+        };
+        if gone && st.inodes.get(&ino).is_some_and(|i| i.nlink == 0) {
+            st.delete_inode(ino);
+        }
+    }
+
+    // ---- data -------------------------------------------------------------
+
+    /// Held for the duration of a write (see `quiesce`).
+    pub async fn write_guard(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.quiesce.clone().read_owned().await
+    }
+
+    /// Copies `data` into the data log at `offset` of file `ino`. Returns
+    /// the segments it filled: the caller passes them to
+    /// [`FileSystem::write_segments`] (holding its write guard throughout).
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<Vec<u64>, FsError> {
+        self.check_writable()?;
+        if offset.checked_add(data.len() as u64).is_none() {
+            return Err(FsError::Invalid("offset + length overflows".into()));
+        }
+        let mut st = self.state.lock().unwrap();
+        match st.inodes.get(&ino).map(|i| i.kind) {
+            None => return Err(FsError::NotFound),
+            Some(Kind::Dir) => return Err(FsError::IsDir),
+            Some(Kind::Symlink) => return Err(FsError::Invalid("writing a symlink".into())),
+            Some(Kind::File) => {}
+        }
+        let mut sealed = Vec::new();
+        let mut pos = 0usize;
+        let mut dead = Vec::new();
+        while pos < data.len() {
+            if st.open.is_none() {
+                let id = st.next_seg;
+                st.next_seg += 1;
+                st.segs.insert(
+                    id,
+                    Segment {
+                        records: vec![],
+                        len: 0,
+                        live: 0,
+                    },
+                );
+                st.open = Some(OpenSegment {
+                    id,
+                    buf: Vec::with_capacity(self.seg_bytes),
+                });
+            }
+            let open = st.open.as_mut().unwrap();
+            let n = (self.seg_bytes - open.buf.len()).min(data.len() - pos);
+            let ext = Extent {
+                seg: open.id,
+                offset: open.buf.len() as u32,
+                len: n as u32,
+            };
+            open.buf.extend_from_slice(&data[pos..pos + n]);
+            let full = open.buf.len() == self.seg_bytes;
+            st.segs.get_mut(&ext.seg).unwrap().live += n as u64;
+            let i = st.inodes.get_mut(&ino).unwrap();
+            if let Content::File(map) = &mut i.content {
+                insert_extent(map, offset + pos as u64, ext, &mut dead);
+            }
+            if full {
+                sealed.extend(st.seal());
+            }
+            pos += n;
+        }
+        for (seg, len) in dead {
+            st.release(seg, len);
+        }
+        let t = now_ns();
+        let i = st.inodes.get_mut(&ino).unwrap();
+        i.size = i.size.max(offset + data.len() as u64);
+        i.mtime = t;
+        i.ctime = t;
+        st.touch(ino);
+        Ok(sealed)
+    }
+
+    /// Writes sealed segments out as stripes.
+    pub async fn write_segments(&self, segs: &[u64]) -> Result<(), FsError> {
+        for &id in segs {
+            self.write_segment(id).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_segment(&self, id: u64) -> Result<(), FsError> {
+        let Some(buf) = self.state.lock().unwrap().unwritten.get(&id).cloned() else {
+            return Ok(());
+        };
+        let mut records = Vec::new();
+        let mut off = 0;
+        let r: Result<(), FsError> = async {
+            while off < buf.len() {
+                let stripe = self.state.lock().unwrap().alloc_stripe()?;
+                match self.data.write_prefix(stripe, &buf[off..]).await {
+                    Ok((rec, n)) => {
+                        records.push(rec);
+                        off += n;
+                    }
+                    Err(e) => {
+                        self.state.lock().unwrap().free.insert(stripe);
+                        return Err(e.into());
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let mut st = self.state.lock().unwrap();
+        if let Err(e) = r {
+            // Not lost: it stays in memory and the next commit retries it.
+            for rec in records {
+                st.free.insert(rec.stripe);
+            }
+            tracing::warn!(segment = id, error = %e, "segment write failed; kept for retry");
+            return Err(e);
+        }
+        st.unwritten.remove(&id);
+        let s = st.segs.get_mut(&id).expect("unwritten segments exist");
+        s.records = records;
+        s.len = buf.len() as u32;
+        st.dirty_segs.insert(id);
+        if st.segs[&id].live == 0 {
+            st.free_segment(id);
+        }
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `offset` (fewer at the end of the file).
+    pub async fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, FsError> {
+        struct Job {
+            at: usize,
+            records: Vec<StripeRecord>,
+            offset: usize,
+            len: usize,
+        }
+        let (mut out, jobs) = {
+            let st = self.state.lock().unwrap();
+            let i = st.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            let Content::File(map) = &i.content else {
+                return Err(if i.kind == Kind::Dir {
+                    FsError::IsDir
+                } else {
+                    FsError::Invalid("reading a symlink".into())
+                });
+            };
+            if offset >= i.size {
+                return Ok(Vec::new());
+            }
+            let len = (len as u64).min(i.size - offset) as usize;
+            let end = offset + len as u64;
+            let mut out = vec![0u8; len];
+            let mut jobs = Vec::new();
+            let first = map
+                .range(..=offset)
+                .next_back()
+                .filter(|(k, e)| *k + e.len as u64 > offset)
+                .map(|(k, _)| *k)
+                .unwrap_or(offset);
+            for (&k, e) in map.range(first..end) {
+                let lo = k.max(offset);
+                let hi = (k + e.len as u64).min(end);
+                let at = (lo - offset) as usize;
+                let n = (hi - lo) as usize;
+                let seg_off = e.offset as usize + (lo - k) as usize;
+                let dst = &mut out[at..at + n];
+                if let Some(o) = st.open.as_ref().filter(|o| o.id == e.seg) {
+                    dst.copy_from_slice(&o.buf[seg_off..seg_off + n]);
+                } else if let Some(b) = st.unwritten.get(&e.seg) {
+                    dst.copy_from_slice(&b[seg_off..seg_off + n]);
+                } else {
+                    let s = st
+                        .segs
+                        .get(&e.seg)
+                        .ok_or_else(|| FsError::Io(format!("segment {} is missing", e.seg)))?;
+                    jobs.push(Job {
+                        at,
+                        records: s.records.clone(),
+                        offset: seg_off,
+                        len: n,
+                    });
+                }
+            }
+            (out, jobs)
+        };
+        let s = self.data.geometry().strip_size();
+        let mut reads = Vec::new();
+        for j in &jobs {
+            // Split the segment range over the stripes that hold it.
+            let mut base = 0usize;
+            for r in &j.records {
+                let cap = r.k as usize * s;
+                let lo = j.offset.max(base);
+                let hi = (j.offset + j.len).min(base + cap);
+                if lo < hi {
+                    reads.push((j.at + (lo - j.offset), r, lo - base, hi - lo));
+                }
+                base += cap;
+            }
+        }
+        let results = join_all(
+            reads
+                .iter()
+                .map(|&(at, r, o, n)| async move { (at, self.data.read(r, o, n).await) }),
+        )
+        .await;
+        for (at, r) in results {
+            let b = r?;
+            out[at..at + b.len()].copy_from_slice(&b);
+        }
+        Ok(out)
+    }
+
+    // ---- commit -------------------------------------------------------------
+
+    /// Makes every change so far durable: writes the open segment, then the
+    /// changed metadata, then the commit record on a majority of D-nodes.
+    pub async fn sync(&self) -> Result<(), FsError> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        let target = self.state.lock().unwrap().changes;
+        let mut log = self.log.lock().await;
+        if log.committed_changes >= target && self.state.lock().unwrap().unwritten.is_empty() {
+            return Ok(());
+        }
+        if let Some(why) = self.stopped.lock().unwrap().as_ref() {
+            return Err(FsError::ReadOnly(why.clone()));
+        }
+        let image_due = log.force_image || log.journal_bytes > (8 << 20) + log.image_bytes;
+        // Hold writers off while the snapshot is made consistent: every
+        // segment it references is on the D-nodes first.
+        let (record, to_free, changes) = {
+            let _x = self.quiesce.write().await;
+            let sealed = self.state.lock().unwrap().seal();
+            let all: Vec<u64> = {
+                let st = self.state.lock().unwrap();
+                sealed
+                    .into_iter()
+                    .chain(st.unwritten.keys().copied())
+                    .collect()
+            };
+            for id in all {
+                self.write_segment(id).await?;
+            }
+            let mut st = self.state.lock().unwrap();
+            let record = if image_due {
+                st.dirty_inodes.clear();
+                st.removed_inodes.clear();
+                st.dirty_segs.clear();
+                MetaRecord::Image(Image {
+                    next_ino: st.next_ino,
+                    next_seg: st.next_seg,
+                    inodes: st.inodes.values().cloned().collect(),
+                    segments: st
+                        .segs
+                        .iter()
+                        .filter(|(_, s)| !s.records.is_empty())
+                        .map(|(id, s)| (*id, s.clone()))
+                        .collect(),
+                })
+            } else {
+                let inodes = std::mem::take(&mut st.dirty_inodes);
+                let removed = std::mem::take(&mut st.removed_inodes);
+                let segs = std::mem::take(&mut st.dirty_segs);
+                MetaRecord::Batch(Batch {
+                    next_ino: st.next_ino,
+                    next_seg: st.next_seg,
+                    inodes: inodes
+                        .iter()
+                        .filter_map(|i| st.inodes.get(i).cloned())
+                        .collect(),
+                    removed_inodes: removed.into_iter().collect(),
+                    segments: segs
+                        .into_iter()
+                        .map(|id| {
+                            (
+                                id,
+                                st.segs.get(&id).filter(|s| !s.records.is_empty()).cloned(),
+                            )
+                        })
+                        .collect(),
+                })
+            };
+            let to_free = std::mem::take(&mut st.pending_free);
+            (record, to_free, st.changes)
+        };
+        match self.commit_record(&mut log, record).await {
+            Ok(old_chain) => {
+                let mut st = self.state.lock().unwrap();
+                st.free.extend(to_free);
+                st.free.extend(old_chain);
+                log.committed_changes = changes;
+                log.force_image = false;
+                Ok(())
+            }
+            Err(e) => {
+                let mut st = self.state.lock().unwrap();
+                st.pending_free.extend(to_free);
+                log.force_image = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes one record to the metadata log and commits it. Returns the
+    /// stripes of the log it made obsolete (when it wrote an image).
+    async fn commit_record(
+        &self,
+        log: &mut LogState,
+        record: MetaRecord,
+    ) -> Result<Vec<u64>, FsError> {
+        let image = matches!(record, MetaRecord::Image(_));
+        let bytes = meta::encode_record(&record);
+        drop(record);
+        let strip = self.meta.geometry().strip_size();
+        let room = strip - meta::PART_HEADER_ROOM - meta::FRAME_OVERHEAD;
+        let seq = log.seq + 1;
+        let mut prev = if image { None } else { log.head.clone() };
+        let mut written = Vec::new();
+        let nparts = bytes.len().div_ceil(room).max(1);
+        let r: Result<StripeRecord, FsError> = async {
+            for p in 0..nparts {
+                let chunk = &bytes[(p * room).min(bytes.len())..((p + 1) * room).min(bytes.len())];
+                let part = MetaPart {
+                    fs_uuid: self.sb.fs_uuid,
+                    seq,
+                    image,
+                    part: p as u32,
+                    last: p + 1 == nparts,
+                    prev: prev.take(),
+                    payload: chunk.to_vec(),
+                };
+                let block = meta::frame(META_MAGIC, &part, strip)
+                    .map_err(|e| FsError::Io(e.to_string()))?;
+                let stripe = self.state.lock().unwrap().alloc_stripe()?;
+                written.push(stripe);
+                prev = Some(self.meta.write_stripe(stripe, &block).await?);
+            }
+            Ok(prev.take().expect("at least one part"))
+        }
+        .await;
+        let head = match r {
+            Ok(h) => h,
+            Err(e) => {
+                // Nothing references these stripes: free them at once.
+                self.state.lock().unwrap().free.extend(written);
+                return Err(e);
+            }
+        };
+        let c = &self.cluster;
+        let n = c.len();
+        // Data and metadata stripes durable before the commit record that
+        // references them, the commit record durable before we say so.
+        join_all((0..n).filter(|&i| c.is_up(i)).map(|i| c.flush(i))).await;
+        let rec = CommitRecord {
+            fs_uuid: self.sb.fs_uuid,
+            seq,
+            epoch: self.epoch,
+            head: head.clone(),
+        };
+        let block = bytes::Bytes::from(
+            meta::frame(COMMIT_MAGIC, &rec, COMMIT_SLOT).map_err(|e| FsError::Io(e.to_string()))?,
+        );
+        let rec = &rec;
+        let acks = join_all((0..n).filter(|&i| c.is_up(i)).map(|i| {
+            let block = block.clone();
+            async move {
+                c.write(i, rec.offset(), block).await?;
+                c.flush(i).await
+            }
+        }))
+        .await
+        .into_iter()
+        .filter(|r| r.is_ok())
+        .count();
+        if acks < n / 2 + 1 {
+            // The record may be on a minority: recovery could still pick it,
+            // so its stripes must never be reused. Stop writing.
+            let why = format!("a commit reached only {acks} of {n} D-nodes (a majority is needed)");
+            self.stop(why.clone());
+            return Err(FsError::Io(why));
+        }
+        log.seq = seq;
+        log.head = Some(head);
+        let old = if image {
+            log.image_bytes = bytes.len();
+            log.journal_bytes = 0;
+            std::mem::replace(&mut log.chain, written)
+        } else {
+            log.journal_bytes += bytes.len();
+            log.chain.extend(written);
+            Vec::new()
+        };
+        Ok(old)
+    }
+
+    /// Background work of a mounted file system: renewing the lease,
+    /// committing periodically, reconnecting D-nodes that come back. Ends
+    /// at [`FileSystem::close`].
+    pub async fn run_background(self: Arc<Self>) {
+        if self.opts.read_only {
+            return;
+        }
+        let renew_every = self.opts.lease_ttl / 3;
+        let mut last_renew = tokio::time::Instant::now();
+        let tick = self
+            .opts
+            .commit_interval
+            .min(renew_every)
+            .max(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.shutdown.notified() => return,
+            }
+            if self.closing.load(Ordering::Acquire) {
+                return;
+            }
+            self.cluster.revive().await;
+            if last_renew.elapsed() >= renew_every {
+                last_renew = tokio::time::Instant::now();
+                let mut l = self.lease.lock().await;
+                if let Some(lease) = l.as_mut() {
+                    if let Err(e) = lease.renew(&self.cluster).await {
+                        self.stop(format!("the mount lease was lost: {e}"));
+                    }
+                }
+            }
+            if let Err(e) = self.sync().await {
+                tracing::warn!(error = %e, "periodic commit failed");
+            }
+        }
+    }
+
+    /// Commits everything and gives the lease back.
+    pub async fn close(&self) -> Result<(), FsError> {
+        self.closing.store(true, Ordering::Release);
+        self.shutdown.notify_waiters();
+        let r = self.sync().await;
+        if let Some(mut l) = self.lease.lock().await.take() {
+            if r.is_ok() {
+                l.release(&self.cluster).await;
+            }
+        }
+        r
+    }
+
+    // ---- reporting ------------------------------------------------------------
+
+    pub fn statfs(&self) -> (u64, u64, u64) {
+        let st = self.state.lock().unwrap();
+        let free_stripes = st.free.len() as u64 + st.capacity.saturating_sub(st.high);
+        let per = self.seg_bytes as u64;
+        (
+            st.capacity * per,
+            free_stripes * per,
+            st.inodes.len() as u64,
+        )
+    }
+
+    pub async fn stats(&self) -> Stats {
+        let log = self.log.lock().await;
+        let st = self.state.lock().unwrap();
+        let s = self.data.geometry().strip_size();
+        let mut out = Stats {
+            strip_size: s,
+            per_node_strips: vec![0; self.cluster.len()],
+            commit_seq: log.seq,
+            ..Default::default()
+        };
+        for i in st.inodes.values() {
+            match i.kind {
+                Kind::File => {
+                    out.files += 1;
+                    out.logical_bytes += i.size;
+                }
+                Kind::Dir => out.dirs += 1,
+                Kind::Symlink => {}
+            }
+        }
+        for seg in st.segs.values() {
+            out.live_bytes += seg.live;
+            for r in &seg.records {
+                out.stored_bytes += (r.nodes.len() * s) as u64;
+                for &n in &r.nodes {
+                    out.per_node_strips[n as usize] += 1;
+                }
+            }
+        }
+        out.metadata_bytes = (log.chain.len() * self.meta.geometry().width() * s) as u64;
+        let free = st.free.len() as u64 + st.capacity.saturating_sub(st.high);
+        out.capacity_bytes = st.capacity * self.seg_bytes as u64;
+        out.free_bytes = free * self.seg_bytes as u64;
+        out
+    }
+
+    /// Checks every invariant of the committed metadata and reads every
+    /// stripe whole, checking each strip's checksum (corrupt strips are
+    /// rewritten from parity as they are found).
+    pub async fn fsck(&self) -> FsckReport {
+        let mut rep = FsckReport::default();
+        let chain = self.log.lock().await.chain.clone();
+        let segs = {
+            let st = self.state.lock().unwrap();
+            rep.inodes = st.inodes.len();
+            st.check(&mut rep, self.seg_bytes);
+            st.segs.clone()
+        };
+        // No stripe in two places.
+        let mut seen: HashMap<u64, String> = HashMap::new();
+        for s in &chain {
+            seen.insert(*s, "the metadata log".into());
+        }
+        for (id, seg) in &segs {
+            for r in &seg.records {
+                if let Some(prev) = seen.insert(r.stripe, format!("segment {id}")) {
+                    rep.problems.push(format!(
+                        "stripe {} is used by both {prev} and segment {id}",
+                        r.stripe
+                    ));
+                }
+            }
+        }
+        rep.segments = segs.len();
+        let records: Vec<StripeRecord> = segs.values().flat_map(|s| s.records.clone()).collect();
+        for chunk in records.chunks(16) {
+            let results = join_all(chunk.iter().map(|r| async move {
+                let before = self.cluster.up_count();
+                (r, self.data.read_stripe(r).await, before)
+            }))
+            .await;
+            for (r, res, _) in results {
+                rep.stripes_checked += 1;
+                if r.nodes.iter().any(|&n| !self.cluster.is_up(n as usize)) {
+                    rep.degraded_stripes += 1;
+                }
+                if let Err(e) = res {
+                    rep.problems.push(format!("stripe {}: {e}", r.stripe));
+                }
+            }
+        }
+        rep
+    }
+
+    /// Moves every strip on D-node `old` (by reconstruction) to `new`,
+    /// reporting progress as (done, total); commits the new records.
+    pub async fn rebuild(
+        &self,
+        old: usize,
+        new: usize,
+        progress: impl Fn(u64, u64),
+    ) -> Result<u64, FsError> {
+        self.check_writable()?;
+        if old >= self.cluster.len() || new >= self.cluster.len() || old == new {
+            return Err(FsError::Invalid(
+                "rebuild needs two different D-nodes of the cluster".into(),
+            ));
+        }
+        let todo: Vec<(u64, usize)> = {
+            let st = self.state.lock().unwrap();
+            st.segs
+                .iter()
+                .flat_map(|(id, s)| {
+                    s.records
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| r.nodes.contains(&(old as u16)))
+                        .map(move |(j, _)| (*id, j))
+                })
+                .collect()
+        };
+        let total = todo.len() as u64;
+        let mut done = 0u64;
+        progress(0, total);
+        for batch in todo.chunks(8) {
+            let _g = self.write_guard().await;
+            let results = join_all(batch.iter().map(|&(id, j)| async move {
+                let rec = self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .segs
+                    .get(&id)
+                    .and_then(|s| s.records.get(j).cloned());
+                let Some(rec) = rec else { return Ok(None) };
+                let target = if rec.nodes.contains(&(new as u16)) {
+                    // The stripe already uses `new` (it was placed there):
+                    // reconstruct onto a fresh stripe instead.
+                    None
+                } else {
+                    Some(new)
+                };
+                match target {
+                    Some(t) => self
+                        .data
+                        .move_strips(&rec, old, t)
+                        .await
+                        .map(|r| Some((id, j, r, None))),
+                    None => {
+                        let strips = self.data.read_stripe(&rec).await?;
+                        let k = rec.k as usize;
+                        let data: Vec<u8> = strips[..k].concat();
+                        let stripe = self
+                            .state
+                            .lock()
+                            .unwrap()
+                            .alloc_stripe()
+                            .map_err(|e| VolumeError::Invalid(e.to_string()))?;
+                        let (nr, n) = self.data.write_prefix(stripe, &data).await?;
+                        if n < data.len() {
+                            return Err(VolumeError::Invalid(
+                                "too few D-nodes up to re-place a stripe".into(),
+                            ));
+                        }
+                        Ok(Some((id, j, nr, Some(rec.stripe))))
+                    }
+                }
+            }))
+            .await;
+            let mut st = self.state.lock().unwrap();
+            for r in results {
+                if let Some((id, j, rec, freed)) = r? {
+                    if let Some(s) = st.segs.get_mut(&id) {
+                        if j < s.records.len() {
+                            s.records[j] = rec;
+                        }
+                    }
+                    if let Some(f) = freed {
+                        st.pending_free.push(f);
+                    }
+                    st.dirty_segs.insert(id);
+                    st.changes += 1;
+                }
+                done += 1;
+            }
+            drop(st);
+            progress(done, total);
+        }
+        self.sync().await?;
+        Ok(total)
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(FsError::Invalid("bad file name".into()));
+    }
+    Ok(())
+}
+
+fn attr(i: &Inode) -> Attr {
+    Attr {
+        ino: i.ino,
+        kind: i.kind,
+        perm: i.perm,
+        uid: i.uid,
+        gid: i.gid,
+        nlink: i.nlink,
+        size: i.size,
+        atime: to_time(i.atime),
+        mtime: to_time(i.mtime),
+        ctime: to_time(i.ctime),
+    }
+}
+
+/// Removes `[start, end)` from an extent map, keeping the parts of
+/// extents outside it; the removed bytes are reported per segment.
+fn punch(map: &mut BTreeMap<u64, Extent>, start: u64, end: u64, dead: &mut Vec<(u64, u64)>) {
+    let hit: Vec<u64> = map
+        .range(..end)
+        .rev()
+        .take_while(|(k, e)| *k + e.len as u64 > start)
+        .map(|(k, _)| *k)
+        .collect();
+    for k in hit {
+        let e = map.remove(&k).unwrap();
+        let e_end = k + e.len as u64;
+        if k < start {
+            map.insert(
+                k,
+                Extent {
+                    len: (start - k) as u32,
+                    ..e
+                },
+            );
+        }
+        if e_end > end {
+            map.insert(
+                end,
+                Extent {
+                    seg: e.seg,
+                    offset: e.offset + (end - k) as u32,
+                    len: (e_end - end) as u32,
+                },
+            );
+        }
+        dead.push((e.seg, e_end.min(end) - k.max(start)));
+    }
+}
+
+/// Points `[at, at + e.len)` at `e`, merging with the extent before it
+/// when the two are contiguous in one segment (sequential writes).
+fn insert_extent(map: &mut BTreeMap<u64, Extent>, at: u64, e: Extent, dead: &mut Vec<(u64, u64)>) {
+    punch(map, at, at + e.len as u64, dead);
+    if let Some((&k, p)) = map.range_mut(..at).next_back() {
+        if k + p.len as u64 == at
+            && p.seg == e.seg
+            && p.offset + p.len == e.offset
+            && (p.len as u64 + e.len as u64) <= u32::MAX as u64
+        {
+            p.len += e.len;
+            return;
+        }
+    }
+    map.insert(at, e);
+}
+
+impl State {
+    fn touch(&mut self, ino: u64) {
+        self.dirty_inodes.insert(ino);
+        self.removed_inodes.remove(&ino);
+        self.changes += 1;
+    }
+
+    fn child(&self, parent: u64, name: &[u8]) -> Result<u64, FsError> {
+        match &self.inodes.get(&parent).ok_or(FsError::NotFound)?.content {
+            Content::Dir { entries, .. } => entries.get(name).copied().ok_or(FsError::NotFound),
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    fn dir_mut(&mut self, ino: u64) -> Result<(u64, &mut BTreeMap<Vec<u8>, u64>), FsError> {
+        match &mut self.inodes.get_mut(&ino).ok_or(FsError::NotFound)?.content {
+            Content::Dir { parent, entries } => Ok((*parent, entries)),
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    fn remove_entry(&mut self, parent: u64, name: &[u8]) {
+        if let Ok((_, e)) = self.dir_mut(parent) {
+            e.remove(name);
+        }
+        let t = now_ns();
+        if let Some(p) = self.inodes.get_mut(&parent) {
+            p.mtime = t;
+            p.ctime = t;
+        }
+        self.touch(parent);
+    }
+
+    /// One fewer name for `ino`; at none (and not open) it is freed.
+    fn drop_link(&mut self, ino: u64) {
+        let Some(i) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        i.nlink = i.nlink.saturating_sub(1);
+        i.ctime = now_ns();
+        if i.nlink == 0 && !self.open_handles.contains_key(&ino) {
+            self.delete_inode(ino);
+        } else {
+            self.touch(ino);
+        }
+    }
+
+    fn delete_inode(&mut self, ino: u64) {
+        let Some(i) = self.inodes.remove(&ino) else {
+            return;
+        };
+        if let Content::File(map) = i.content {
+            for e in map.values() {
+                self.release(e.seg, e.len as u64);
+            }
+        }
+        self.dirty_inodes.remove(&ino);
+        self.removed_inodes.insert(ino);
+        self.changes += 1;
+    }
+
+    /// `len` bytes of segment `seg` are no longer referenced.
+    fn release(&mut self, seg: u64, len: u64) {
+        let Some(s) = self.segs.get_mut(&seg) else {
+            return;
+        };
+        s.live = s.live.saturating_sub(len);
+        let written = !s.records.is_empty();
+        if s.live == 0 && written {
+            self.free_segment(seg);
+        } else if s.live == 0 && self.open.as_ref().is_none_or(|o| o.id != seg) {
+            // Sealed but unwritten and already dead: never write it.
+            if self.unwritten.remove(&seg).is_some() {
+                self.segs.remove(&seg);
+            }
+        }
+    }
+
+    fn free_segment(&mut self, seg: u64) {
+        if let Some(s) = self.segs.remove(&seg) {
+            self.pending_free.extend(s.records.iter().map(|r| r.stripe));
+            self.dirty_segs.insert(seg);
+            self.changes += 1;
+        }
+    }
+
+    /// Moves the open segment (if it has data) to the unwritten ones.
+    fn seal(&mut self) -> Option<u64> {
+        let o = self.open.take()?;
+        if o.buf.is_empty() {
+            self.segs.remove(&o.id);
+            return None;
+        }
+        if self.segs.get(&o.id).is_some_and(|s| s.live == 0) {
+            self.segs.remove(&o.id);
+            return None;
+        }
+        self.unwritten.insert(o.id, Arc::new(o.buf));
+        Some(o.id)
+    }
+
+    fn alloc_stripe(&mut self) -> Result<u64, FsError> {
+        if let Some(s) = self.free.pop_first() {
+            return Ok(s);
+        }
+        if self.high < self.capacity {
+            self.high += 1;
+            return Ok(self.high - 1);
+        }
+        Err(FsError::NoSpace)
+    }
+
+    /// The invariants fsck checks on the metadata itself.
+    fn check(&self, rep: &mut FsckReport, seg_bytes: usize) {
+        let mut links: HashMap<u64, u32> = HashMap::new();
+        let mut subdirs: HashMap<u64, u32> = HashMap::new();
+        let mut live: HashMap<u64, u64> = HashMap::new();
+        for i in self.inodes.values() {
+            match &i.content {
+                Content::Dir { parent, entries } => {
+                    rep.dirs += 1;
+                    if !self.inodes.contains_key(parent) {
+                        rep.problems
+                            .push(format!("directory {} has a missing parent {parent}", i.ino));
+                    }
+                    for (name, c) in entries {
+                        let n = String::from_utf8_lossy(name);
+                        match self.inodes.get(c) {
+                            None => rep.problems.push(format!(
+                                "directory {} entry '{n}' points to missing inode {c}",
+                                i.ino
+                            )),
+                            Some(ci) if ci.kind == Kind::Dir => {
+                                *subdirs.entry(i.ino).or_default() += 1;
+                                if !matches!(&ci.content, Content::Dir { parent, .. } if *parent == i.ino)
+                                {
+                                    rep.problems.push(format!(
+                                        "directory {c} ('{n}') does not name {} as its parent",
+                                        i.ino
+                                    ));
+                                }
+                            }
+                            Some(_) => *links.entry(*c).or_default() += 1,
+                        }
+                    }
+                }
+                Content::File(map) => {
+                    rep.files += 1;
+                    let mut end = 0;
+                    for (&k, e) in map {
+                        if k < end {
+                            rep.problems
+                                .push(format!("file {} has overlapping extents at {k}", i.ino));
+                        }
+                        end = k + e.len as u64;
+                        if end > i.size {
+                            rep.problems.push(format!(
+                                "file {} has an extent beyond its size {} (ends at {end})",
+                                i.ino, i.size
+                            ));
+                        }
+                        match self.segs.get(&e.seg) {
+                            None => rep.problems.push(format!(
+                                "file {} extent at {k} points to missing segment {}",
+                                i.ino, e.seg
+                            )),
+                            Some(s) => {
+                                if e.offset as u64 + e.len as u64 > s.len as u64
+                                    || s.len as usize > seg_bytes
+                                {
+                                    rep.problems.push(format!(
+                                        "file {} extent at {k} is outside segment {}",
+                                        i.ino, e.seg
+                                    ));
+                                }
+                                *live.entry(e.seg).or_default() += e.len as u64;
+                            }
+                        }
+                    }
+                }
+                Content::Symlink(_) => {}
+            }
+        }
+        for i in self.inodes.values() {
+            let expect = match i.kind {
+                Kind::Dir => 2 + subdirs.get(&i.ino).copied().unwrap_or(0),
+                _ => links.get(&i.ino).copied().unwrap_or(0),
+            };
+            if i.nlink != expect && !(i.nlink == 0 && self.open_handles.contains_key(&i.ino)) {
+                rep.problems.push(format!(
+                    "inode {} has link count {} but {} names",
+                    i.ino, i.nlink, expect
+                ));
+            }
+        }
+        for (id, s) in &self.segs {
+            if s.records.is_empty() {
+                continue;
+            }
+            let counted = live.get(id).copied().unwrap_or(0);
+            if counted != s.live {
+                rep.problems.push(format!(
+                    "segment {id} records {} live bytes but files reference {counted}",
+                    s.live
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(seg: u64, offset: u32, len: u32) -> Extent {
+        Extent { seg, offset, len }
+    }
+
+    #[test]
+    fn punch_and_insert_keep_extents_disjoint() {
+        let mut m = BTreeMap::new();
+        let mut dead = Vec::new();
+        insert_extent(&mut m, 0, ext(1, 0, 100), &mut dead);
+        insert_extent(&mut m, 100, ext(1, 100, 50), &mut dead);
+        assert_eq!(m.len(), 1, "contiguous writes merge");
+        assert_eq!(m[&0].len, 150);
+        insert_extent(&mut m, 40, ext(2, 0, 20), &mut dead);
+        assert_eq!(dead, vec![(1, 20)]);
+        assert_eq!(m[&0], ext(1, 0, 40));
+        assert_eq!(m[&40], ext(2, 0, 20));
+        assert_eq!(m[&60], ext(1, 60, 90));
+        dead.clear();
+        punch(&mut m, 50, u64::MAX, &mut dead);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[&40], ext(2, 0, 10));
+        let mut d = dead.clone();
+        d.sort();
+        assert_eq!(d, vec![(1, 90), (2, 10)]);
+    }
+}

@@ -1,0 +1,320 @@
+//! Metadata on the D-nodes, version 1: what the file system is (inodes,
+//! directories, extent maps, segments) and how it is committed.
+//!
+//! The metadata is a log. Each commit appends one [`MetaRecord`] — a
+//! [`Batch`] of the inodes and segments that changed, or now and then a full
+//! [`Image`] (a checkpoint) — as one or more *metadata stripes*: stripes of
+//! geometry `1 + M` (one data strip mirrored by `M` parity strips, `M = m +
+//! 1` where the cluster allows: more redundancy than the data's `m`). Every
+//! metadata stripe names the one written before it, so the log is a chain
+//! back to the newest checkpoint. The commit point is a [`CommitRecord`]
+//! naming the chain's head, written to a slot in the reserved first MiB of
+//! every D-node and acknowledged once a majority of D-nodes hold it;
+//! recovery takes the newest valid one anywhere and replays the chain from
+//! its checkpoint. A crash before the commit record leaves the previous
+//! commit in force and everything written after it unreferenced.
+//!
+//! Every block is `magic | version | length | postcard bytes | CRC32C`, so a
+//! torn or stale block is recognised and skipped, never misread.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::volume::StripeRecord;
+
+/// Two commit slots per D-node (alternating by sequence number, so a torn
+/// write of one leaves the previous commit in the other), after the
+/// superblock copies (0, 4096) and the lease block (8192).
+pub const COMMIT_OFFSET: u64 = 16384;
+pub const COMMIT_SLOT: usize = 4096;
+const _: () = assert!(COMMIT_OFFSET + 2 * COMMIT_SLOT as u64 <= super::volume::DATA_OFFSET);
+const _: () = assert!(COMMIT_OFFSET >= super::lease::LEASE_OFFSET + 4096);
+
+pub const COMMIT_MAGIC: [u8; 8] = *b"DASECOMT";
+pub const META_MAGIC: [u8; 8] = *b"DASEMETA";
+pub const VERSION: u32 = 1;
+
+/// magic (8) + version (4) + length (4) before the payload, CRC32C (4) after.
+pub const FRAME_OVERHEAD: usize = 20;
+/// Room a metadata stripe keeps for its part header (the previous stripe's
+/// record is at most a few hundred bytes even for the widest geometry).
+pub const PART_HEADER_ROOM: usize = 1024;
+
+/// The inode number of the root directory (FUSE's too).
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// A file's bytes `[file_offset, file_offset + len)` are bytes `[offset,
+/// offset + len)` of segment `seg`'s data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub seg: u64,
+    pub offset: u32,
+    pub len: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    /// Extents keyed by file offset; gaps read as zeros (sparse files).
+    File(BTreeMap<u64, Extent>),
+    /// Entries by name, and the parent directory (for `..`).
+    Dir {
+        parent: u64,
+        entries: BTreeMap<Vec<u8>, u64>,
+    },
+    Symlink(Vec<u8>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub ino: u64,
+    pub kind: Kind,
+    /// Permission bits (and setuid/setgid/sticky), not the type.
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    /// Nanoseconds since the Unix epoch.
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub content: Content,
+}
+
+/// A segment: one unit of the data log, `k * strip_size` bytes of file data
+/// appended in write order, stored as one or more stripes (more than one
+/// when D-nodes were down and stripes had to be narrower). `records[i]`
+/// holds the segment's bytes after those of `records[..i]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub records: Vec<StripeRecord>,
+    /// Bytes of the segment written.
+    pub len: u32,
+    /// Bytes still referenced by some file; at zero the segment is freed.
+    pub live: u64,
+}
+
+/// The whole file system at one commit.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Image {
+    pub next_ino: u64,
+    pub next_seg: u64,
+    pub inodes: Vec<Inode>,
+    pub segments: Vec<(u64, Segment)>,
+}
+
+/// What changed since the previous commit.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Batch {
+    pub next_ino: u64,
+    pub next_seg: u64,
+    pub inodes: Vec<Inode>,
+    pub removed_inodes: Vec<u64>,
+    /// `None`: the segment was freed.
+    pub segments: Vec<(u64, Option<Segment>)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MetaRecord {
+    Image(Image),
+    Batch(Batch),
+}
+
+/// The header of one metadata stripe: a part of one record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaPart {
+    pub fs_uuid: [u8; 16],
+    /// The commit this part belongs to.
+    pub seq: u64,
+    /// Part of an [`Image`] (the chain ends at an image's part 0).
+    pub image: bool,
+    /// Index of this part within its record.
+    pub part: u32,
+    /// The record's last part.
+    pub last: bool,
+    /// The metadata stripe written before this one (None: none, only for
+    /// an image's part 0).
+    pub prev: Option<StripeRecord>,
+    pub payload: Vec<u8>,
+}
+
+/// The commit point: which metadata stripe is the head of the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    pub fs_uuid: [u8; 16],
+    pub seq: u64,
+    /// Distinguishes mounts: of two records with one `seq` (a commit that
+    /// reached only a few D-nodes before a crash, and the next mount's own
+    /// commit of that number) the later mount's wins.
+    pub epoch: u64,
+    pub head: StripeRecord,
+}
+
+impl CommitRecord {
+    pub fn order(&self) -> (u64, u64) {
+        (self.seq, self.epoch)
+    }
+    /// The slot this commit goes to on every D-node.
+    pub fn offset(&self) -> u64 {
+        COMMIT_OFFSET + (self.seq % 2) * COMMIT_SLOT as u64
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata block: {0}")]
+    Corrupt(String),
+    #[error("metadata record of {0} bytes does not fit its frame")]
+    TooBig(usize),
+}
+
+/// Frames `value` in `size` bytes (zero padded): magic, version, length,
+/// postcard encoding, CRC32C of everything before it.
+pub fn frame<T: Serialize>(magic: [u8; 8], value: &T, size: usize) -> Result<Vec<u8>, MetaError> {
+    let body = postcard::to_allocvec(value).map_err(|e| MetaError::Corrupt(e.to_string()))?;
+    if body.len() + FRAME_OVERHEAD > size {
+        return Err(MetaError::TooBig(body.len()));
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&magic);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.resize(size, 0);
+    Ok(out)
+}
+
+/// Reads a frame written by [`frame`]; any damage is an error, never a
+/// misread value.
+pub fn unframe<T: for<'de> Deserialize<'de>>(magic: [u8; 8], b: &[u8]) -> Result<T, MetaError> {
+    let bad = |s: &str| Err(MetaError::Corrupt(s.to_string()));
+    if b.len() < FRAME_OVERHEAD || b[..8] != magic {
+        return bad("bad magic");
+    }
+    let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
+    if version != VERSION {
+        return Err(MetaError::Corrupt(format!(
+            "version {version} is not supported (this dase reads version {VERSION})"
+        )));
+    }
+    let len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+    if len > b.len() - FRAME_OVERHEAD {
+        return bad("length beyond the block");
+    }
+    let end = 16 + len;
+    let crc = u32::from_le_bytes(b[end..end + 4].try_into().unwrap());
+    if crc32c::crc32c(&b[..end]) != crc {
+        return bad("checksum mismatch");
+    }
+    postcard::from_bytes(&b[16..end]).map_err(|e| MetaError::Corrupt(e.to_string()))
+}
+
+pub fn encode_record(r: &MetaRecord) -> Vec<u8> {
+    postcard::to_allocvec(r).expect("metadata records always serialize")
+}
+
+pub fn decode_record(b: &[u8]) -> Result<MetaRecord, MetaError> {
+    postcard::from_bytes(b).map_err(|e| MetaError::Corrupt(format!("metadata record: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> StripeRecord {
+        StripeRecord {
+            stripe: 7,
+            k: 1,
+            m: 4,
+            nodes: vec![1, 2, 3, 4, 5],
+            crcs: vec![9; 5],
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_reject_damage() {
+        let c = CommitRecord {
+            fs_uuid: [3; 16],
+            seq: 42,
+            epoch: 5,
+            head: rec(),
+        };
+        let b = frame(COMMIT_MAGIC, &c, COMMIT_SLOT).unwrap();
+        assert_eq!(b.len(), COMMIT_SLOT);
+        assert_eq!(unframe::<CommitRecord>(COMMIT_MAGIC, &b).unwrap(), c);
+        assert!(unframe::<CommitRecord>(META_MAGIC, &b).is_err());
+        for i in [0, 9, 13, 20, 40] {
+            let mut d = b.clone();
+            d[i] ^= 1;
+            assert!(
+                unframe::<CommitRecord>(COMMIT_MAGIC, &d).is_err(),
+                "byte {i}"
+            );
+        }
+        assert!(unframe::<CommitRecord>(COMMIT_MAGIC, &[0u8; 4096]).is_err());
+        assert!(unframe::<CommitRecord>(COMMIT_MAGIC, &b[..10]).is_err());
+        assert!(matches!(
+            frame(COMMIT_MAGIC, &vec![0u8; 5000], COMMIT_SLOT),
+            Err(MetaError::TooBig(_))
+        ));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut ext = BTreeMap::new();
+        ext.insert(
+            4096,
+            Extent {
+                seg: 3,
+                offset: 100,
+                len: 200,
+            },
+        );
+        let r = MetaRecord::Batch(Batch {
+            next_ino: 9,
+            next_seg: 4,
+            inodes: vec![Inode {
+                ino: 2,
+                kind: Kind::File,
+                perm: 0o644,
+                uid: 0,
+                gid: 0,
+                nlink: 1,
+                size: 4296,
+                atime: 1,
+                mtime: 2,
+                ctime: 3,
+                content: Content::File(ext),
+            }],
+            removed_inodes: vec![5],
+            segments: vec![
+                (
+                    3,
+                    Some(Segment {
+                        records: vec![rec()],
+                        len: 300,
+                        live: 200,
+                    }),
+                ),
+                (1, None),
+            ],
+        });
+        let b = encode_record(&r);
+        let MetaRecord::Batch(back) = decode_record(&b).unwrap() else {
+            panic!("kind changed")
+        };
+        assert_eq!(back.inodes.len(), 1);
+        assert_eq!(back.segments[0].1.as_ref().unwrap().records[0], rec());
+        assert!(decode_record(&b[..b.len() / 2]).is_err());
+    }
+}

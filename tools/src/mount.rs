@@ -1,0 +1,708 @@
+//! `dase mount`: the FUSE adapter over the C-node file system.
+//!
+//! FUSE requests arrive on several threads (one `/dev/fuse` clone each);
+//! namespace operations run inline against the in-memory state, and
+//! anything that waits on D-nodes (reads, full segments, commits) runs as a
+//! task on the tokio runtime and replies from there, so one slow request
+//! never holds a FUSE thread.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use dase_initiator::cnode::fs::{Attr, FileSystem, FsError, NewKind, Options, SetAttr, SetTime};
+use dase_initiator::cnode::meta::Kind;
+use dase_initiator::cnode::ClusterFile;
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
+};
+
+/// How long the kernel may cache attributes and names: this mount is the
+/// only writer (the lease), so caching is safe.
+const TTL: Duration = Duration::from_secs(1);
+const BLOCK: u32 = 4096;
+
+#[derive(clap::Args)]
+#[command(
+    about = "Mount a dase file system through FUSE (runs in the foreground)",
+    long_about = "Mount the dase file system on the D-nodes of a cluster file at MOUNTPOINT through FUSE. \
+The mount takes the file system's lease (one mount at a time) and renews it; it runs in the \
+foreground until `umount MOUNTPOINT`, SIGINT or SIGTERM, then commits and releases the lease. \
+A stale mount left by a killed dase mount at MOUNTPOINT is cleaned up first.\n\n\
+Durability: fsync/fdatasync, unlink, rename and rmdir are committed to the D-nodes before they \
+return; other changes are committed within --commit-interval.",
+    after_help = "Examples:\n  dase mount --cluster /tmp/dase/cluster.toml /mnt/dase\n  dase mount --cluster cluster.toml --threads 8 /mnt/dase &\n  umount /mnt/dase"
+)]
+pub struct MountArgs {
+    #[arg(long)]
+    pub cluster: PathBuf,
+    pub mountpoint: PathBuf,
+    /// FUSE request threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// How long the mount lease lasts without renewal (seconds).
+    #[arg(long, default_value_t = 10.0)]
+    pub lease_ttl: f64,
+    /// Uncommitted changes are committed at least this often (seconds).
+    #[arg(long, default_value_t = 2.0)]
+    pub commit_interval: f64,
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
+fn fattr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: BLOCK,
+        flags: 0,
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(s) => SetTime::At(s),
+    })
+}
+
+struct Fuse {
+    fs: Arc<FileSystem>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Fuse {
+    fn entry(&self, r: Result<Attr, FsError>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => reply.entry(&TTL, &fattr(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn empty_async<F>(&self, reply: ReplyEmpty, f: F)
+    where
+        F: std::future::Future<Output = Result<(), FsError>> + Send + 'static,
+    {
+        self.rt.spawn(async move {
+            match f.await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+}
+
+impl Filesystem for Fuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Without ASYNC_DIO the kernel sends one O_DIRECT request at a time.
+        let want = InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_ASYNC_READ;
+        if let Err(missing) = config.add_capabilities(want) {
+            tracing::warn!(?missing, "kernel lacks FUSE capabilities");
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.lookup(parent.0, name.as_bytes()), reply)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &fattr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            perm: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        match self.fs.setattr(ino.0, &set) {
+            Ok(a) => reply.attr(&TTL, &fattr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // Devices, FIFOs and sockets are not stored.
+            return reply.error(Errno::EPERM);
+        }
+        let perm = (mode & !umask & 0o7777) as u16;
+        let r = self.fs.create(
+            parent.0,
+            name.as_bytes(),
+            NewKind::File,
+            perm,
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(r, reply)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let perm = (mode & !umask & 0o7777) as u16;
+        let r = self.fs.create(
+            parent.0,
+            name.as_bytes(),
+            NewKind::Dir,
+            perm,
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(r, reply)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, name) = (self.fs.clone(), name.as_bytes().to_vec());
+        self.empty_async(reply, async move { fs.unlink(parent.0, &name).await })
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, name) = (self.fs.clone(), name.as_bytes().to_vec());
+        self.empty_async(reply, async move { fs.rmdir(parent.0, &name).await })
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.fs.create(
+            parent.0,
+            link_name.as_bytes(),
+            NewKind::Symlink(target.as_os_str().as_bytes()),
+            0o777,
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(r, reply)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let fs = self.fs.clone();
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.empty_async(reply, async move {
+            fs.rename(parent.0, &name, newparent.0, &newname, noreplace)
+                .await
+        })
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(self.fs.link(ino.0, newparent.0, newname.as_bytes()), reply)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open_file(ino.0) {
+            // This mount is the only writer: the page cache stays valid
+            // across opens. Direct writes to one file may run in parallel.
+            Ok(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.read(ino.0, offset, size as usize).await {
+                Ok(b) => reply.data(&b),
+                Err(e) => {
+                    tracing::warn!(ino = ino.0, offset, error = %e, "read failed");
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let guard = self.rt.block_on(self.fs.write_guard());
+        let n = data.len() as u32;
+        match self.fs.write(ino.0, offset, data) {
+            Err(e) => reply.error(errno(&e)),
+            Ok(sealed) if sealed.is_empty() => reply.written(n),
+            Ok(sealed) => {
+                let fs = self.fs.clone();
+                self.rt.spawn(async move {
+                    let r = fs.write_segments(&sealed).await;
+                    drop(guard);
+                    match r {
+                        Ok(()) => reply.written(n),
+                        Err(e) => {
+                            tracing::warn!(ino = ino.0, offset, error = %e, "write failed");
+                            reply.error(errno(&e))
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release_file(ino.0);
+        reply.ok()
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.empty_async(reply, async move { fs.sync().await })
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut at = offset;
+        loop {
+            let batch = match self.fs.readdir(ino.0, at, 128) {
+                Ok(b) => b,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for (next, e) in batch {
+                if reply.add(
+                    INodeNo(e.ino),
+                    next,
+                    file_type(e.kind),
+                    OsStr::from_bytes(&e.name),
+                ) {
+                    return reply.ok();
+                }
+                at = next;
+            }
+        }
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.empty_async(reply, async move { fs.sync().await })
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (cap, free, files) = self.fs.statfs();
+        let b = BLOCK as u64;
+        reply.statfs(
+            cap / b,
+            free / b,
+            free / b,
+            files,
+            u32::MAX as u64,
+            BLOCK,
+            255,
+            BLOCK,
+        );
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks mode bits itself.
+        reply.ok()
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let perm = (mode & !umask & 0o7777) as u16;
+        let r = self
+            .fs
+            .create(
+                parent.0,
+                name.as_bytes(),
+                NewKind::File,
+                perm,
+                req.uid(),
+                req.gid(),
+            )
+            .and_then(|a| self.fs.open_file(a.ino));
+        match r {
+            Ok(a) => reply.created(
+                &TTL,
+                &fattr(&a),
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// A mount at `path` in this mount namespace, from /proc/self/mountinfo:
+/// (major:minor of its device, file system type).
+pub fn find_mount(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.as_os_str().as_bytes();
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        let fstype = f.get(sep + 1)?.to_string();
+        (unescape(f.get(4)?) == want).then(|| (f[2].to_string(), fstype))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The absolute path of a mount point without touching the mount itself
+/// (a stale FUSE mount fails or hangs every access).
+pub fn absolute_mountpoint(p: &Path) -> Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    let name = abs
+        .file_name()
+        .with_context(|| format!("{} is not a directory path", p.display()))?
+        .to_owned();
+    let parent = abs.parent().unwrap_or(Path::new("/"));
+    let parent = std::fs::canonicalize(parent)
+        .with_context(|| format!("mount point parent {}", parent.display()))?;
+    Ok(parent.join(name))
+}
+
+/// Clears a dead dase mount left at `mp` (a killed mount process): aborts
+/// its FUSE connection if it hangs, then detaches it. A live mount is an error.
+pub fn clean_stale_mount(mp: &Path) -> Result<()> {
+    let Some((dev, fstype)) = find_mount(mp) else {
+        return Ok(());
+    };
+    if !fstype.starts_with("fuse") {
+        bail!("{} is already a mount point ({fstype})", mp.display());
+    }
+    // Stat it on a thread: a hung file system would block us forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = mp.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::metadata(&p).map_err(|e| e.raw_os_error()));
+    });
+    match rx.recv_timeout(Duration::from_secs(2)) {
+        Ok(Ok(_)) => bail!(
+            "{} is mounted by a running file system; unmount it first (umount {})",
+            mp.display(),
+            mp.display()
+        ),
+        Ok(Err(Some(libc::ENOTCONN))) | Ok(Err(Some(libc::ECONNABORTED))) => {}
+        Ok(Err(e)) => tracing::warn!(?e, "stale mount check"),
+        Err(_) => {
+            // Hung: abort the connection through fusectl.
+            let minor = dev.split(':').nth(1).unwrap_or("");
+            let ctl = Path::new("/sys/fs/fuse/connections");
+            if !ctl.join(minor).exists() {
+                let _ = std::process::Command::new("mount")
+                    .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
+                    .status();
+            }
+            let _ = std::fs::write(ctl.join(minor).join("abort"), "1");
+        }
+    }
+    eprintln!("dase mount: clearing a stale mount at {}", mp.display());
+    detach(mp)?;
+    Ok(())
+}
+
+/// Lazy unmount: detaches now, finishes when the last user lets go.
+pub fn detach(mp: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(mp.as_os_str().as_bytes())?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e).with_context(|| format!("unmounting {}", mp.display()));
+        }
+    }
+    Ok(())
+}
+
+pub fn mount(a: MountArgs) -> Result<()> {
+    let file = ClusterFile::load(&a.cluster)?;
+    let mp = absolute_mountpoint(&a.mountpoint)?;
+    clean_stale_mount(&mp)?;
+    if !mp.is_dir() {
+        bail!("mount point {} is not a directory", mp.display());
+    }
+    if a.threads == 0 || a.threads > 64 {
+        bail!("--threads must be 1 to 64");
+    }
+    let ttl = Duration::try_from_secs_f64(a.lease_ttl)
+        .ok()
+        .filter(|d| *d >= Duration::from_millis(500))
+        .context("--lease-ttl must be at least 0.5 seconds")?;
+    let commit_interval = Duration::try_from_secs_f64(a.commit_interval)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--commit-interval must be positive")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let opts = Options {
+        lease_ttl: ttl,
+        commit_interval,
+        description: format!(
+            "dase mount {} on {} pid {}",
+            mp.display(),
+            host.trim(),
+            std::process::id()
+        ),
+        read_only: false,
+    };
+    let fs = rt
+        .block_on(FileSystem::open(&file, opts))
+        .context("cannot mount")?;
+    let uuid = fs.superblock().uuid_string();
+    let bg = rt.spawn(fs.clone().run_background());
+    let config = {
+        let mut c = fuser::Config::default();
+        c.mount_options = vec![
+            MountOption::FSName(format!("dase:{uuid}")),
+            MountOption::Subtype("dase".into()),
+            MountOption::DefaultPermissions,
+            MountOption::RW,
+            MountOption::NoAtime,
+        ];
+        c.acl = fuser::SessionACL::All;
+        c.n_threads = Some(a.threads);
+        c.clone_fd = true;
+        c
+    };
+    let fuse = Fuse {
+        fs: fs.clone(),
+        rt: rt.handle().clone(),
+    };
+    let session = match fuser::Session::new(fuse, &mp, &config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = rt.block_on(fs.close());
+            return Err(e).with_context(|| format!("mounting FUSE at {}", mp.display()));
+        }
+    };
+    // SIGINT/SIGTERM: detach the mount; the session then ends and we
+    // commit and release the lease below.
+    {
+        let mp = mp.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("signal: unmounting");
+            if let Err(e) = detach(&mp) {
+                tracing::error!(error = %e, "unmount failed");
+            }
+        });
+    }
+    println!(
+        "mounted dase file system {uuid} at {} ({} geometry, {} D-nodes)",
+        mp.display(),
+        fs.geometry(),
+        fs.cluster().len()
+    );
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let run = session.run();
+    bg.abort();
+    let closed = rt.block_on(fs.close());
+    run.context("FUSE session")?;
+    closed.context("final commit at unmount")?;
+    println!("unmounted {}", mp.display());
+    Ok(())
+}
