@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use dase_erasure::Geometry;
+use dase_initiator::cnode::fs::{FileSystem, MountError, Options};
+use dase_initiator::cnode::lease::LeaseError;
 use dase_initiator::cnode::superblock;
-use dase_initiator::cnode::{Cluster, ClusterFile, Volume};
+use dase_initiator::cnode::{Cluster, ClusterFile, DNodeSpec, Volume};
 use dase_initiator::host::ControllerOptions;
 
 #[derive(clap::Args)]
@@ -100,4 +102,337 @@ pub fn mkfs(a: MkfsArgs) -> Result<()> {
         );
         Ok(())
     })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn gib(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// Opens the file system with its lease, or (when a mount holds it) read-only.
+async fn open_for_check(file: &ClusterFile) -> Result<(Arc<FileSystem>, bool)> {
+    let opts = Options {
+        description: format!("dase fsck pid {}", std::process::id()),
+        ..Default::default()
+    };
+    match FileSystem::open(file, opts.clone()).await {
+        Ok(fs) => Ok((fs, true)),
+        Err(MountError::Lease(LeaseError::Held { holder, .. })) => {
+            eprintln!("note: mounted by {holder}: checking without repairing");
+            let fs = FileSystem::open(
+                file,
+                Options {
+                    read_only: true,
+                    ..opts
+                },
+            )
+            .await?;
+            Ok((fs, false))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(clap::Args)]
+#[command(
+    about = "Check a dase file system's metadata and every strip's checksum",
+    long_about = "Check every invariant of a dase file system: directory entries point at inodes, \
+link counts match names, extents lie inside their segments and files, segments' live-byte counts \
+match the extents that reference them, no stripe is used twice; then read every stripe whole and \
+check each strip's CRC32C. Corrupt strips are rebuilt from parity and rewritten (unless the file \
+system is mounted elsewhere: then it only reports). Exit status 1 when problems are found.",
+    after_help = "Example:\n  dase fsck --cluster /tmp/dase/cluster.toml"
+)]
+pub struct FsckArgs {
+    #[arg(long)]
+    cluster: PathBuf,
+}
+
+pub fn fsck(a: FsckArgs) -> Result<bool> {
+    let file = ClusterFile::load(&a.cluster)?;
+    runtime()?.block_on(async {
+        let (fs, writable) = open_for_check(&file).await?;
+        let r = fs.fsck().await;
+        println!("file system {}", fs.superblock().uuid_string());
+        println!(
+            "  inodes {} ({} files, {} directories), {} segments",
+            r.inodes, r.files, r.dirs, r.segments
+        );
+        println!(
+            "  stripes read and checked: {} ({} with strips on D-nodes that are down)",
+            r.stripes_checked, r.degraded_stripes
+        );
+        for p in &r.problems {
+            println!("  PROBLEM: {p}");
+        }
+        if writable {
+            fs.close().await?;
+        }
+        if r.problems.is_empty() {
+            println!("clean");
+        }
+        Ok(r.problems.is_empty())
+    })
+}
+
+#[derive(clap::Args)]
+#[command(
+    about = "Report a dase file system's usage, reduction and D-node health",
+    long_about = "Report logical bytes (file sizes), live bytes (data the files reference), \
+stored bytes (strips on the D-nodes, parity included), the raw-to-usable ratio, capacity, and \
+each D-node's strips and state. Reads the committed metadata without taking the lease, so it \
+works while the file system is mounted (showing the last commit).",
+    after_help = "Example:\n  dase stats --cluster /tmp/dase/cluster.toml"
+)]
+pub struct StatsArgs {
+    #[arg(long)]
+    cluster: PathBuf,
+}
+
+pub fn stats(a: StatsArgs) -> Result<()> {
+    let file = ClusterFile::load(&a.cluster)?;
+    runtime()?.block_on(async {
+        let fs = FileSystem::open(
+            &file,
+            Options {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let s = fs.stats().await;
+        let geo = fs.geometry();
+        println!("file system     {}", fs.superblock().uuid_string());
+        println!(
+            "geometry        {geo} data, strip {} KiB; metadata {} (mirrored)",
+            geo.strip_size() / 1024,
+            fs.meta_geometry()
+        );
+        println!("commit          {}", s.commit_seq);
+        println!("files           {} ({} directories)", s.files, s.dirs);
+        println!("logical bytes   {}", gib(s.logical_bytes));
+        println!("live data       {}", gib(s.live_bytes));
+        println!("stored (data)   {}", gib(s.stored_bytes));
+        println!("stored (meta)   {}", gib(s.metadata_bytes));
+        if s.live_bytes > 0 {
+            println!(
+                "raw-to-usable   {:.3} (data stripes incl. parity / live data; the geometry's floor is {:.3})",
+                s.stored_bytes as f64 / s.live_bytes as f64,
+                geo.overhead()
+            );
+        }
+        println!(
+            "capacity        {} usable, {} free",
+            gib(s.capacity_bytes),
+            gib(s.free_bytes)
+        );
+        println!("\n  {:<3} {:<22} {:<6} {:>10} {:>12}", "#", "D-node", "state", "strips", "bytes");
+        let c = fs.cluster();
+        for i in 0..c.len() {
+            let (addr, _) = c.endpoint(i);
+            println!(
+                "  {:<3} {:<22} {:<6} {:>10} {:>12}",
+                i,
+                addr,
+                if c.is_up(i) { "up" } else { "DOWN" },
+                s.per_node_strips[i],
+                gib(s.per_node_strips[i] * s.strip_size as u64)
+            );
+        }
+        Ok(())
+    })
+}
+
+#[derive(clap::Args)]
+#[command(
+    about = "Restore full redundancy after losing a D-node",
+    long_about = "--replace OLD=NEW: a fresh D-node NEW (host:port, already running `dase dnode`) takes \
+OLD's place in the cluster: it gets OLD's superblock slot and placement identity, the cluster file \
+is rewritten to name it (the old one is kept as cluster.toml.bak), and every strip OLD held is \
+reconstructed from the other strips of its stripe and written to NEW. If the file system is \
+mounted, the mount does the work (it stays usable throughout); otherwise this command mounts it \
+privately. Rerunning after an interruption resumes.\n\n\
+--evacuate ADDR: re-stripe everything that has a strip on ADDR over the other D-nodes (for a \
+D-node that will not come back and has no replacement); a mount started with --rebuild-after \
+does this on its own.",
+    after_help = "Examples:\n  dase dnode --listen 127.0.0.1:4500 --nqn nqn.2026-11.io.dase:d3 --namespace /tmp/new.img --size 2G &\n  dase rebuild --cluster /tmp/dase/cluster.toml --replace 127.0.0.1:4423=127.0.0.1:4500\n  dase rebuild --cluster /tmp/dase/cluster.toml --evacuate 127.0.0.1:4423"
+)]
+pub struct RebuildArgs {
+    #[arg(long)]
+    cluster: PathBuf,
+    /// OLD=NEW, each host:port.
+    #[arg(long, conflicts_with = "evacuate")]
+    replace: Option<String>,
+    /// The NQN the new D-node serves (default: the old one's).
+    #[arg(long, requires = "replace")]
+    nqn: Option<String>,
+    /// Re-stripe the data on this D-node (host:port) over the others.
+    #[arg(long)]
+    evacuate: Option<String>,
+    /// Overwrite a new D-node that holds another dase file system.
+    #[arg(long)]
+    force: bool,
+}
+
+fn slot_of(file: &ClusterFile, addr: &str) -> Result<usize> {
+    file.dnodes
+        .iter()
+        .position(|d| d.addr == addr)
+        .with_context(|| format!("{addr} is not a D-node of the cluster file"))
+}
+
+/// A progress callback that reports every 5 % (and the end) through `sink`.
+pub(crate) fn progress_steps(
+    what: &'static str,
+    sink: impl Fn(String) + Send + Sync,
+) -> impl Fn(u64, u64) + Send + Sync {
+    let last = std::sync::Mutex::new(None::<u64>);
+    move |done, total| {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let mut l = last.lock().unwrap();
+        if l.is_none_or(|p| pct / 5 != p / 5) || done == total {
+            *l = Some(pct);
+            sink(format!("{what}: {done}/{total} stripes ({pct}%)"));
+        }
+    }
+}
+
+fn progress_printer(what: &'static str) -> impl Fn(u64, u64) {
+    progress_steps(what, |m| eprintln!("{m}"))
+}
+
+pub fn rebuild(a: RebuildArgs) -> Result<()> {
+    let mut file = ClusterFile::load(&a.cluster)?;
+    let rt = runtime()?;
+    let started = std::time::Instant::now();
+    let (slot, request) = match (&a.replace, &a.evacuate) {
+        (Some(r), None) => {
+            let (old, new) = r
+                .split_once('=')
+                .context("--replace wants OLD=NEW (host:port of each)")?;
+            let slot = slot_of(&file, old)?;
+            let mut spec = file.dnodes[slot].clone();
+            spec.id = Some(spec.placement_id());
+            spec.addr = new.to_string();
+            if let Some(n) = &a.nqn {
+                spec.nqn = n.clone();
+            }
+            rt.block_on(prepare_replacement(&file, slot, &spec, a.force))?;
+            file.dnodes[slot] = spec.clone();
+            let bak = a.cluster.with_extension("toml.bak");
+            std::fs::copy(&a.cluster, &bak)
+                .with_context(|| format!("keeping {}", bak.display()))?;
+            std::fs::write(&a.cluster, file.to_toml())
+                .with_context(|| format!("writing {}", a.cluster.display()))?;
+            println!(
+                "D-node slot {slot}: {old} replaced by {new} in {} (previous file: {})",
+                a.cluster.display(),
+                bak.display()
+            );
+            (slot, format!("replace {slot} {} {}", spec.addr, spec.nqn))
+        }
+        (None, Some(addr)) => {
+            let slot = slot_of(&file, addr)?;
+            (slot, format!("evacuate {slot}"))
+        }
+        _ => bail!("give --replace OLD=NEW or --evacuate ADDR"),
+    };
+    let uuid = rt.block_on(async {
+        let c = Cluster::connect(&file, ControllerOptions::default()).await;
+        superblock::verify(&c, &file)
+            .await
+            .map(|sb| sb.uuid_string())
+    })?;
+    let sock = crate::mount::control_path(&uuid);
+    let bytes = if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+        println!("the file system is mounted: the mount rebuilds (it stays usable)");
+        crate::mount::control_request(s, &request)?
+    } else {
+        rt.block_on(async {
+            let fs = FileSystem::open(
+                &file,
+                Options {
+                    description: format!("dase rebuild pid {}", std::process::id()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let r = if request.starts_with("replace") {
+                fs.repair_node(slot, progress_printer("rebuild")).await
+            } else {
+                fs.evacuate(slot, progress_printer("evacuate"))
+                    .await
+                    .map(|n| n * fs.geometry().data_bytes() as u64)
+            };
+            let closed = fs.close().await;
+            let n = r?;
+            closed?;
+            Ok::<_, anyhow::Error>(n)
+        })?
+    };
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "rebuild done: {} restored in {secs:.1} s ({:.2} GB/s)",
+        gib(bytes),
+        bytes as f64 / secs / 1e9
+    );
+    Ok(())
+}
+
+/// Gives the new D-node the old slot's superblock (after checking it holds
+/// nothing it should not lose).
+async fn prepare_replacement(
+    file: &ClusterFile,
+    slot: usize,
+    spec: &DNodeSpec,
+    force: bool,
+) -> Result<()> {
+    let cluster = Cluster::connect(file, ControllerOptions::default()).await;
+    let sb = superblock::verify(&cluster, file)
+        .await
+        .context("reading the file system's superblock from the other D-nodes")?;
+    let single = ClusterFile {
+        dnodes: vec![spec.clone()],
+    };
+    let new = Cluster::connect(&single, ControllerOptions::default()).await;
+    if !new.is_up(0) {
+        bail!(
+            "cannot reach the new D-node {} ({}): {}",
+            spec.addr,
+            spec.nqn,
+            new.last_error(0).unwrap_or_default()
+        );
+    }
+    if let Some(have) = superblock::read_node(&new, 0).await? {
+        let ours = have.fs_uuid == sb.fs_uuid && have.node_index.get() as usize == slot;
+        if !ours && !force {
+            bail!(
+                "the new D-node {} already holds dase file system {} (slot {}); use --force to overwrite it",
+                spec.addr,
+                have.uuid_string(),
+                have.node_index.get()
+            );
+        }
+    }
+    let geo = sb.geometry()?;
+    let mut next = file.clone();
+    next.dnodes[slot] = spec.clone();
+    let mut copy = superblock::Superblock::new(sb.fs_uuid, &next, slot, &geo);
+    copy.created_unix = sb.created_unix;
+    let block = copy.sealed_bytes();
+    let mut both = block.clone();
+    both.extend_from_slice(&block);
+    new.write(0, 0, bytes::Bytes::from(both)).await?;
+    new.flush(0).await?;
+    Ok(())
 }

@@ -37,6 +37,9 @@ enum Cmd {
     Cluster(cluster::Args),
     Mkfs(fs::MkfsArgs),
     Mount(mount::MountArgs),
+    Fsck(fs::FsckArgs),
+    Stats(fs::StatsArgs),
+    Rebuild(fs::RebuildArgs),
     /// Internal: the plain-TCP peer `dase bench --ceiling` measures against.
     #[command(hide = true)]
     CeilingServer {
@@ -79,6 +82,13 @@ fn main() {
         Cmd::Cluster(a) => cluster::run(a),
         Cmd::Mkfs(a) => fs::mkfs(a),
         Cmd::Mount(a) => mount::mount(a),
+        Cmd::Fsck(a) => match fs::fsck(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
+        Cmd::Stats(a) => fs::stats(a),
+        Cmd::Rebuild(a) => fs::rebuild(a),
         Cmd::CeilingServer { listen } => (|| {
             let l = std::net::TcpListener::bind(listen)?;
             println!("listening on {}", l.local_addr()?);

@@ -52,6 +52,109 @@ pub struct MountArgs {
     /// Uncommitted changes are committed at least this often (seconds).
     #[arg(long, default_value_t = 2.0)]
     pub commit_interval: f64,
+    /// Re-stripe a D-node's data over the others once it has been down
+    /// this long (seconds); 0 disables.
+    #[arg(long, default_value_t = 600.0)]
+    pub rebuild_after: f64,
+}
+
+/// Where a mount of file system `uuid` takes requests (`dase rebuild`).
+pub fn control_path(uuid: &str) -> PathBuf {
+    PathBuf::from(format!("/run/dase/{uuid}.sock"))
+}
+
+/// Sends one request to a mount and relays its progress lines; returns
+/// the bytes it reports done.
+pub fn control_request(s: std::os::unix::net::UnixStream, request: &str) -> Result<u64> {
+    use std::io::{BufRead, Write};
+    let mut w = s.try_clone()?;
+    writeln!(w, "{request}")?;
+    for line in std::io::BufReader::new(s).lines() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("ok ") {
+            return rest.trim().parse().context("mount's answer");
+        }
+        if let Some(rest) = line.strip_prefix("error ") {
+            bail!("the mount failed: {rest}");
+        }
+        eprintln!("{line}");
+    }
+    bail!("the mount closed the connection without an answer")
+}
+
+/// Serves `dase rebuild` requests: `replace SLOT ADDR NQN` (retarget the
+/// slot at a new D-node and restore its strips) or `evacuate SLOT`.
+async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    if let Some(d) = path.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let _ = std::fs::remove_file(&path);
+    let l = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no control socket: dase rebuild will not reach this mount");
+            return;
+        }
+    };
+    while let Ok((sock, _)) = l.accept().await {
+        let fs = fs.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = sock.into_split();
+            let Ok(Some(line)) = tokio::io::BufReader::new(r).lines().next_line().await else {
+                return;
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let work = async {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let slot = |s: &str| -> Result<usize> {
+                    let i: usize = s.parse().context("slot")?;
+                    if i >= fs.cluster().len() {
+                        bail!("no D-node slot {i}");
+                    }
+                    Ok(i)
+                };
+                let say = |what: &'static str| {
+                    let tx = tx.clone();
+                    crate::fs::progress_steps(what, move |m| {
+                        let _ = tx.send(m);
+                    })
+                };
+                match f.as_slice() {
+                    ["replace", s, addr, nqn] => {
+                        let i = slot(s)?;
+                        fs.cluster()
+                            .retarget(i, addr, nqn)
+                            .await
+                            .with_context(|| format!("connecting to {addr}"))?;
+                        tracing::info!(slot = i, dnode = %addr, "rebuilding onto a replacement D-node");
+                        Ok(fs.repair_node(i, say("rebuild")).await?)
+                    }
+                    ["evacuate", s] => {
+                        let i = slot(s)?;
+                        let n = fs.evacuate(i, say("evacuate")).await?;
+                        Ok(n * fs.geometry().data_bytes() as u64)
+                    }
+                    _ => Err(anyhow::anyhow!("unknown request '{line}'")),
+                }
+            };
+            tokio::pin!(work);
+            let result = loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    Some(m) = rx.recv() => { let _ = w.write_all(format!("{m}\n").as_bytes()).await; }
+                }
+            };
+            while let Ok(m) = rx.try_recv() {
+                let _ = w.write_all(format!("{m}\n").as_bytes()).await;
+            }
+            let last = match result {
+                Ok(n) => format!("ok {n}\n"),
+                Err(e) => format!("error {e:#}\n"),
+            };
+            let _ = w.write_all(last.as_bytes()).await;
+        });
+    }
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -637,12 +740,17 @@ pub fn mount(a: MountArgs) -> Result<()> {
             std::process::id()
         ),
         read_only: false,
+        rebuild_after: (a.rebuild_after > 0.0)
+            .then(|| Duration::try_from_secs_f64(a.rebuild_after).ok())
+            .flatten(),
     };
     let fs = rt
         .block_on(FileSystem::open(&file, opts))
         .context("cannot mount")?;
     let uuid = fs.superblock().uuid_string();
     let bg = rt.spawn(fs.clone().run_background());
+    let sock = control_path(&uuid);
+    let ctl = rt.spawn(serve_control(fs.clone(), sock.clone()));
     let config = {
         let mut c = fuser::Config::default();
         c.mount_options = vec![
@@ -700,6 +808,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
     std::io::stdout().flush()?;
     let run = session.run();
     bg.abort();
+    ctl.abort();
+    let _ = std::fs::remove_file(&sock);
     let closed = rt.block_on(fs.close());
     run.context("FUSE session")?;
     closed.context("final commit at unmount")?;

@@ -116,6 +116,8 @@ pub struct Node {
     up: AtomicBool,
     last_try: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
+    /// A replacement D-node now serving this slot: (address, NQN).
+    replaced_by: Mutex<Option<(String, String)>>,
 }
 
 /// Connections to every D-node of a cluster file.
@@ -140,6 +142,7 @@ impl Cluster {
                 up: AtomicBool::new(false),
                 last_try: Mutex::new(None),
                 last_error: Mutex::new(None),
+                replaced_by: Mutex::new(None),
             })
             .collect();
         let c = Cluster {
@@ -155,8 +158,9 @@ impl Cluster {
     async fn try_connect(&self, i: usize) -> bool {
         let n = &self.nodes[i];
         *n.last_try.lock().unwrap() = Some(Instant::now());
+        let (addr, nqn) = self.endpoint(i);
         let r = async {
-            let ctrl = Controller::connect(&n.spec.addr, &n.spec.nqn, self.opts.clone()).await?;
+            let ctrl = Controller::connect(&addr, &nqn, self.opts.clone()).await?;
             let ns = ctrl.namespace(n.spec.nsid).await?;
             Ok::<_, HostError>((ctrl, ns))
         }
@@ -170,7 +174,12 @@ impl Cluster {
                 true
             }
             Err(e) => {
-                tracing::warn!(dnode = %n.spec.addr, error = %e, "D-node unreachable");
+                // Loud once; a node that stays down is retried quietly.
+                if n.last_error.lock().unwrap().is_none() {
+                    tracing::warn!(dnode = %addr, error = %e, "D-node unreachable");
+                } else {
+                    tracing::debug!(dnode = %addr, error = %e, "D-node still unreachable");
+                }
                 n.up.store(false, Ordering::Release);
                 *n.last_error.lock().unwrap() = Some(e.to_string());
                 false
@@ -180,6 +189,35 @@ impl Cluster {
 
     pub fn len(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// Where slot `i` is served now: the cluster file's D-node, or the
+    /// replacement [`Cluster::retarget`] put there.
+    pub fn endpoint(&self, i: usize) -> (String, String) {
+        let n = &self.nodes[i];
+        n.replaced_by
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| (n.spec.addr.clone(), n.spec.nqn.clone()))
+    }
+
+    /// Points slot `i` at a replacement D-node and connects to it.
+    pub async fn retarget(&self, i: usize, addr: &str, nqn: &str) -> Result<(), HostError> {
+        let n = &self.nodes[i];
+        n.up.store(false, Ordering::Release);
+        *n.replaced_by.lock().unwrap() = Some((addr.to_string(), nqn.to_string()));
+        if let Some(old) = n.ctrl.write().await.take() {
+            drop(old);
+        }
+        if self.try_connect(i).await {
+            Ok(())
+        } else {
+            Err(HostError::Disconnected(
+                self.last_error(i)
+                    .unwrap_or_else(|| format!("cannot reach {addr}")),
+            ))
+        }
     }
 
     pub fn is_empty(&self) -> bool {

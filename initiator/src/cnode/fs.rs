@@ -173,6 +173,9 @@ pub struct Options {
     pub description: String,
     /// Open without the lease and never write (stats, fsck without repair).
     pub read_only: bool,
+    /// Re-stripe the data of a D-node that stays down this long over the
+    /// others (None: only on request).
+    pub rebuild_after: Option<Duration>,
 }
 
 impl Default for Options {
@@ -182,6 +185,7 @@ impl Default for Options {
             commit_interval: Duration::from_secs(2),
             description: format!("pid {}", std::process::id()),
             read_only: false,
+            rebuild_after: None,
         }
     }
 }
@@ -282,6 +286,8 @@ pub struct FileSystem {
     stopped: Mutex<Option<String>>,
     shutdown: tokio::sync::Notify,
     closing: AtomicBool,
+    /// One rebuild at a time: each replaces segment records it read earlier.
+    rebuilding: tokio::sync::Mutex<()>,
 }
 
 /// What `fsck` found.
@@ -447,11 +453,15 @@ impl FileSystem {
                 geo.m() + 1
             )));
         }
-        let data =
+        let mut data =
             Volume::new(cluster.clone(), geo).map_err(|e| MountError::Config(e.to_string()))?;
         let mgeo = meta_geometry(&geo, n).map_err(|e| MountError::Config(e.to_string()))?;
-        let meta =
+        let mut meta =
             Volume::new(cluster.clone(), mgeo).map_err(|e| MountError::Config(e.to_string()))?;
+        if opts.read_only {
+            data = data.without_repair();
+            meta = meta.without_repair();
+        }
         let mut lease = None;
         if !opts.read_only {
             let mut l = Lease::new(sb.fs_uuid, &opts.description, opts.lease_ttl, n);
@@ -482,6 +492,7 @@ impl FileSystem {
             stopped: Mutex::new(None),
             shutdown: tokio::sync::Notify::new(),
             closing: AtomicBool::new(false),
+            rebuilding: tokio::sync::Mutex::new(()),
         };
         if let Err(e) = fs.recover().await {
             if let Some(mut l) = fs.lease.lock().await.take() {
@@ -1402,6 +1413,8 @@ impl FileSystem {
         }
         let renew_every = self.opts.lease_ttl / 3;
         let mut last_renew = tokio::time::Instant::now();
+        let mut down_since: Vec<Option<tokio::time::Instant>> = vec![None; self.cluster.len()];
+        let mut evacuated = vec![false; self.cluster.len()];
         let tick = self
             .opts
             .commit_interval
@@ -1427,6 +1440,37 @@ impl FileSystem {
             }
             if let Err(e) = self.sync().await {
                 tracing::warn!(error = %e, "periodic commit failed");
+            }
+            if let Some(after) = self.opts.rebuild_after {
+                for i in 0..self.cluster.len() {
+                    if self.cluster.is_up(i) {
+                        down_since[i] = None;
+                        evacuated[i] = false;
+                        continue;
+                    }
+                    let since = *down_since[i].get_or_insert_with(tokio::time::Instant::now);
+                    if !evacuated[i] && since.elapsed() >= after {
+                        evacuated[i] = true;
+                        let (addr, _) = self.cluster.endpoint(i);
+                        tracing::warn!(dnode = %addr, "D-node down too long: re-striping its data over the others");
+                        let fs = self.clone();
+                        tokio::spawn(async move {
+                            let r = fs
+                                .evacuate(i, |d, t| {
+                                    tracing::info!(done = d, total = t, "background rebuild");
+                                })
+                                .await;
+                            match r {
+                                Ok(n) => {
+                                    tracing::info!(dnode = %addr, segments = n, "background rebuild done")
+                                }
+                                Err(e) => {
+                                    tracing::error!(dnode = %addr, error = %e, "background rebuild failed")
+                                }
+                            }
+                        });
+                    }
+                }
             }
         }
     }
@@ -1541,100 +1585,155 @@ impl FileSystem {
         rep
     }
 
-    /// Moves every strip on D-node `old` (by reconstruction) to `new`,
-    /// reporting progress as (done, total); commits the new records.
-    pub async fn rebuild(
+    /// Every stripe (data and metadata) with a strip on slot `slot`.
+    async fn stripes_on(&self, slot: usize) -> (Vec<StripeRecord>, Vec<StripeRecord>) {
+        let chain = self.log.lock().await.chain.clone();
+        let data: Vec<StripeRecord> = {
+            let st = self.state.lock().unwrap();
+            st.segs
+                .values()
+                .flat_map(|s| s.records.iter())
+                .filter(|r| r.nodes.contains(&(slot as u16)))
+                .cloned()
+                .collect()
+        };
+        // Metadata stripes are found by walking the log from its head.
+        let mut meta = Vec::new();
+        let head = self.log.lock().await.head.clone();
+        let mut cur = head;
+        let strip = self.meta.geometry().strip_size();
+        while let Some(rec) = cur {
+            if meta.len() > chain.len() {
+                break;
+            }
+            cur = match self.meta.read(&rec, 0, strip).await {
+                Ok(b) => meta::unframe::<MetaPart>(META_MAGIC, &b)
+                    .ok()
+                    .and_then(|p| p.prev),
+                Err(_) => None,
+            };
+            if rec.nodes.contains(&(slot as u16)) {
+                meta.push(rec);
+            }
+        }
+        (data, meta)
+    }
+
+    /// Restores every strip of slot `slot` on the D-node now serving it (a
+    /// replacement, after [`Cluster::retarget`]): each stripe touching the
+    /// slot is read whole, the slot's strip fails its checksum (or is
+    /// unreadable) and is rebuilt from the others and written back.
+    /// Reports progress as (stripes done, total); returns bytes restored.
+    pub async fn repair_node(
         &self,
-        old: usize,
-        new: usize,
+        slot: usize,
         progress: impl Fn(u64, u64),
     ) -> Result<u64, FsError> {
         self.check_writable()?;
-        if old >= self.cluster.len() || new >= self.cluster.len() || old == new {
-            return Err(FsError::Invalid(
-                "rebuild needs two different D-nodes of the cluster".into(),
-            ));
+        if slot >= self.cluster.len() || !self.cluster.is_up(slot) {
+            return Err(FsError::Invalid(format!("D-node slot {slot} is not up")));
         }
-        let todo: Vec<(u64, usize)> = {
-            let st = self.state.lock().unwrap();
-            st.segs
-                .iter()
-                .flat_map(|(id, s)| {
-                    s.records
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, r)| r.nodes.contains(&(old as u16)))
-                        .map(move |(j, _)| (*id, j))
-                })
-                .collect()
-        };
-        let total = todo.len() as u64;
-        let mut done = 0u64;
+        let _one = self.rebuilding.lock().await;
+        let (data, meta) = self.stripes_on(slot).await;
+        let total = (data.len() + meta.len()) as u64;
+        let s = self.data.geometry().strip_size() as u64;
+        let mut done = 0;
         progress(0, total);
-        for batch in todo.chunks(8) {
-            let _g = self.write_guard().await;
-            let results = join_all(batch.iter().map(|&(id, j)| async move {
-                let rec = self
-                    .state
-                    .lock()
-                    .unwrap()
-                    .segs
-                    .get(&id)
-                    .and_then(|s| s.records.get(j).cloned());
-                let Some(rec) = rec else { return Ok(None) };
-                let target = if rec.nodes.contains(&(new as u16)) {
-                    // The stripe already uses `new` (it was placed there):
-                    // reconstruct onto a fresh stripe instead.
-                    None
+        let all: Vec<(bool, StripeRecord)> = data
+            .into_iter()
+            .map(|r| (true, r))
+            .chain(meta.into_iter().map(|r| (false, r)))
+            .collect();
+        for batch in all.chunks(16) {
+            let results = join_all(batch.iter().map(|(is_data, r)| async move {
+                if *is_data {
+                    self.data.read_stripe(r).await.map(|_| ())
                 } else {
-                    Some(new)
-                };
-                match target {
-                    Some(t) => self
-                        .data
-                        .move_strips(&rec, old, t)
-                        .await
-                        .map(|r| Some((id, j, r, None))),
-                    None => {
-                        let strips = self.data.read_stripe(&rec).await?;
-                        let k = rec.k as usize;
-                        let data: Vec<u8> = strips[..k].concat();
-                        let stripe = self
-                            .state
-                            .lock()
-                            .unwrap()
-                            .alloc_stripe()
-                            .map_err(|e| VolumeError::Invalid(e.to_string()))?;
-                        let (nr, n) = self.data.write_prefix(stripe, &data).await?;
-                        if n < data.len() {
-                            return Err(VolumeError::Invalid(
-                                "too few D-nodes up to re-place a stripe".into(),
-                            ));
-                        }
-                        Ok(Some((id, j, nr, Some(rec.stripe))))
-                    }
+                    self.meta.read_stripe(r).await.map(|_| ())
                 }
             }))
             .await;
-            let mut st = self.state.lock().unwrap();
             for r in results {
-                if let Some((id, j, rec, freed)) = r? {
-                    if let Some(s) = st.segs.get_mut(&id) {
-                        if j < s.records.len() {
-                            s.records[j] = rec;
-                        }
-                    }
-                    if let Some(f) = freed {
-                        st.pending_free.push(f);
-                    }
-                    st.dirty_segs.insert(id);
-                    st.changes += 1;
-                }
-                done += 1;
+                r?;
             }
-            drop(st);
+            done += batch.len() as u64;
             progress(done, total);
         }
+        Ok(total * s)
+    }
+
+    /// Re-stripes everything with a strip on slot `slot` (a D-node that
+    /// stays down) over the D-nodes that are up, so every stripe has full
+    /// redundancy again without it, and commits. Returns stripes rewritten.
+    pub async fn evacuate(&self, slot: usize, progress: impl Fn(u64, u64)) -> Result<u64, FsError> {
+        self.check_writable()?;
+        let _one = self.rebuilding.lock().await;
+        let segs: Vec<u64> = {
+            let st = self.state.lock().unwrap();
+            st.segs
+                .iter()
+                .filter(|(_, s)| s.records.iter().any(|r| r.nodes.contains(&(slot as u16))))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let total = segs.len() as u64;
+        progress(0, total);
+        let mut done = 0;
+        for id in segs {
+            // Writers may change liveness meanwhile, never records: only
+            // rebuild replaces records, one at a time.
+            let Some(old) = self
+                .state
+                .lock()
+                .unwrap()
+                .segs
+                .get(&id)
+                .map(|s| s.records.clone())
+            else {
+                continue;
+            };
+            let mut new = Vec::with_capacity(old.len());
+            let mut freed = Vec::new();
+            for r in &old {
+                if !r.nodes.contains(&(slot as u16)) {
+                    new.push(r.clone());
+                    continue;
+                }
+                let strips = self.data.read_stripe(r).await?;
+                let bytes: Vec<u8> = strips[..r.k as usize].concat();
+                let mut off = 0;
+                while off < bytes.len() {
+                    let stripe = self.state.lock().unwrap().alloc_stripe()?;
+                    match self.data.write_prefix(stripe, &bytes[off..]).await {
+                        Ok((rec, n)) => {
+                            new.push(rec);
+                            off += n;
+                        }
+                        Err(e) => {
+                            self.state.lock().unwrap().free.insert(stripe);
+                            return Err(e.into());
+                        }
+                    }
+                }
+                freed.push(r.stripe);
+            }
+            let mut st = self.state.lock().unwrap();
+            if let Some(s) = st.segs.get_mut(&id) {
+                s.records = new;
+                st.pending_free.extend(freed);
+                st.dirty_segs.insert(id);
+                st.changes += 1;
+            } else {
+                // Freed while we copied it: the copies are garbage.
+                st.pending_free.extend(new.iter().map(|r| r.stripe));
+            }
+            drop(st);
+            done += 1;
+            progress(done, total);
+        }
+        // A fresh image moves the metadata log off the slot too.
+        self.log.lock().await.force_image = true;
+        self.state.lock().unwrap().changes += 1;
         self.sync().await?;
         Ok(total)
     }

@@ -115,6 +115,13 @@ impl Superblock {
         sb
     }
 
+    /// The on-media bytes, checksum recomputed (after fields were changed).
+    pub fn sealed_bytes(&self) -> Vec<u8> {
+        let mut c = *self;
+        c.seal();
+        c.as_bytes().to_vec()
+    }
+
     fn seal(&mut self) {
         let c = crc32c::crc32c(&self.as_bytes()[..SIZE - 4]);
         self.crc = U32::new(c);

@@ -56,6 +56,9 @@ pub enum VolumeError {
 pub struct Volume {
     cluster: Arc<Cluster>,
     geo: Geometry,
+    /// Write repaired strips back (only a holder of the file system's lease
+    /// may: to anyone else a stripe may have been freed and reused).
+    repair: bool,
 }
 
 impl Volume {
@@ -81,7 +84,18 @@ impl Volume {
                 }
             }
         }
-        Ok(Self { cluster, geo })
+        Ok(Self {
+            cluster,
+            geo,
+            repair: true,
+        })
+    }
+
+    /// Reads that find a corrupt strip still reconstruct it, but do not
+    /// write it back.
+    pub fn without_repair(mut self) -> Self {
+        self.repair = false;
+        self
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -316,7 +330,7 @@ impl Volume {
             .filter(|(_, r)| r.is_err())
             .map(|(j, _)| *j)
             .collect();
-        tracing::info!(stripe = rec.stripe, strips = ?bad, "degraded read: reconstructing");
+        tracing::debug!(stripe = rec.stripe, strips = ?bad, "degraded read: reconstructing");
         let strips = self.read_stripe(rec).await?;
         let mut out = BytesMut::with_capacity(len);
         for (j, strip) in strips.iter().enumerate().take(last + 1).skip(first) {
@@ -373,7 +387,7 @@ impl Volume {
             let mut v: Vec<&mut [u8]> = strips.iter_mut().map(|x| &mut x[..]).collect();
             codec.reconstruct(&mut v, &lost)?;
         }
-        for j in corrupt {
+        for j in corrupt.into_iter().filter(|_| self.repair) {
             let n = rec.nodes[j] as usize;
             let fixed = Bytes::copy_from_slice(&strips[j]);
             match self.cluster.write(n, base, fixed).await {
