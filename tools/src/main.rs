@@ -1,6 +1,7 @@
 //! The `dase` command.
 
 mod cluster;
+mod demo;
 mod dnode;
 mod fabric;
 mod fs;
@@ -30,6 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    Demo(demo::DemoArgs),
     Dnode(dnode::Args),
     Discover(fabric::DiscoverArgs),
     Identify(fabric::IdentifyArgs),
@@ -71,6 +73,7 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let r = match cli.cmd {
+        Cmd::Demo(a) => demo::run(a),
         Cmd::Dnode(a) => dnode::run(a),
         Cmd::Discover(a) => fabric::discover(a),
         Cmd::Identify(a) => fabric::identify(a),
