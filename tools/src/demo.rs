@@ -383,8 +383,8 @@ fn demo(a: &DemoArgs, dir: &Path, log: &Path, mount: &mut Option<Mount>) -> Resu
     };
     println!();
     println!(
-        "  {:<40} {:>11} {:>10} {:>9} {:>9}  {}",
-        "workload (file on the FUSE mount)", "throughput", "IOPS", "p50 µs", "p99 µs", "verify"
+        "  {:<40} {:>11} {:>10} {:>9} {:>9}  verify",
+        "workload (file on the FUSE mount)", "throughput", "IOPS", "p50 µs", "p99 µs"
     );
     for r in &rows {
         println!(
