@@ -317,3 +317,217 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v.truncate(len);
     v
 }
+
+/// D-nodes on backing files in a temp dir, their cluster file, formatted
+/// as one dase file system.
+pub struct FsRig {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<DNode>,
+    pub cluster: PathBuf,
+}
+
+impl FsRig {
+    /// `n` D-nodes of `size` each, formatted with `ec` and 64 KiB strips.
+    pub fn new(name: &str, n: usize, size: &str, ec: &str) -> FsRig {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        let mut toml = String::new();
+        for i in 0..n {
+            let nqn = nqn(&format!("{name}-d{i}"));
+            let img = dir.path().join(format!("d{i}.img"));
+            let d = DNode::start(&[
+                "--nqn",
+                &nqn,
+                "--namespace",
+                img.to_str().unwrap(),
+                "--size",
+                size,
+            ]);
+            toml.push_str(&format!(
+                "[[dnode]]\naddr = \"{}\"\nnqn = \"{nqn}\"\ndomain = \"d{i}\"\n\n",
+                d.addr
+            ));
+            nodes.push(d);
+        }
+        let cluster = dir.path().join("cluster.toml");
+        std::fs::write(&cluster, toml).unwrap();
+        let rig = FsRig {
+            dir,
+            nodes,
+            cluster,
+        };
+        let out = rig.dase(&["mkfs", "--cluster", rig.cluster_str(), "--ec", ec]);
+        assert!(
+            out.status.success(),
+            "mkfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        rig
+    }
+
+    pub fn cluster_str(&self) -> &str {
+        self.cluster.to_str().unwrap()
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Runs a dase command to completion.
+    pub fn dase(&self, args: &[&str]) -> std::process::Output {
+        Command::new(dase_bin())
+            .args(args)
+            .env("DASE_LOG", "warn")
+            .output()
+            .expect("run dase")
+    }
+
+    /// Mounts at `<dir>/<name>` with a short lease (so a crash test does
+    /// not wait long) plus `extra` options.
+    pub fn mount(&self, name: &str, extra: &[&str]) -> Result<Mount, String> {
+        let mp = self.path(name);
+        // Fails harmlessly on a stale mount point (the mount clears it).
+        let _ = std::fs::create_dir_all(&mp);
+        let mut args = vec!["--lease-ttl", "2", "--commit-interval", "1"];
+        args.extend_from_slice(extra);
+        Mount::start(&self.cluster, &mp, &args)
+    }
+
+    /// Mounts, retrying while the lease of a killed mount runs out.
+    pub fn mount_when_free(&self, name: &str, extra: &[&str]) -> Mount {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.mount(name, extra) {
+                Ok(m) => return m,
+                Err(e) if e.contains("lease expires") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(300))
+                }
+                Err(e) => panic!("mount failed: {e}"),
+            }
+        }
+    }
+}
+
+/// A running `dase mount`, unmounted (SIGTERM) when dropped.
+pub struct Mount {
+    pub child: Child,
+    pub path: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Mount {
+    pub fn start(cluster: &Path, mp: &Path, extra: &[&str]) -> Result<Mount, String> {
+        let log = mp.with_extension(format!(
+            "log{}",
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let err = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(dase_bin());
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        cmd.arg("mount")
+            .arg("--cluster")
+            .arg(cluster)
+            .args(extra)
+            .arg(mp)
+            .env(
+                "DASE_LOG",
+                std::env::var("DASE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err);
+        let mut child = spawn_tied(cmd).expect("spawn dase mount");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next().and_then(Result::ok).unwrap_or_default();
+            let _ = tx.send(first);
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        if line.starts_with("mounted") {
+            return Ok(Mount {
+                child,
+                path: mp.to_path_buf(),
+                log,
+            });
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// Kills the mount process outright (a C-node crash): the mount point
+    /// is left stale.
+    pub fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+
+    /// Unmounts with SIGTERM and returns whether the mount exited cleanly.
+    pub fn stop(mut self) -> bool {
+        let ok = self.terminate();
+        std::mem::forget(self);
+        ok
+    }
+
+    fn terminate(&mut self) -> bool {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        detach(&self.path);
+        false
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Lazily unmounts `path` (ignoring "not mounted").
+pub fn detach(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+/// Whether `path` is a mount point (from /proc/self/mountinfo, which never
+/// blocks on a hung file system).
+pub fn is_mounted(path: &Path) -> bool {
+    let p = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*p))
+}
+
+/// Drops the page cache so reads through a mount reach the file system.
+pub fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}

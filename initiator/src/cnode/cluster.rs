@@ -27,12 +27,47 @@ pub struct DNodeSpec {
     pub domain: String,
     /// Stable placement identity; defaults to a hash of the NQN. A replacement
     /// D-node takes over the identity of the one it replaces.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "placement_id"
+    )]
     pub id: Option<u64>,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// TOML integers are signed 64-bit: an identity is written as a hex
+/// string and read back from either form.
+mod placement_id {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(v) => s.serialize_str(&format!("{v:#018x}")),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Id {
+            Int(u64),
+            Str(String),
+        }
+        match Id::deserialize(d)? {
+            Id::Int(v) => Ok(Some(v)),
+            Id::Str(s) => {
+                let h = s.strip_prefix("0x").unwrap_or(&s);
+                u64::from_str_radix(h, 16).map(Some).map_err(|_| {
+                    serde::de::Error::custom(format!("placement id '{s}' is not a hex number"))
+                })
+            }
+        }
+    }
 }
 
 impl DNodeSpec {
@@ -377,7 +412,7 @@ mod tests {
                     nqn: format!("nqn.2026-11.io.dase:d{i}"),
                     nsid: 1,
                     domain: format!("rack{i}"),
-                    id: None,
+                    id: (i == 1).then_some(u64::MAX - 5),
                 })
                 .collect(),
         };

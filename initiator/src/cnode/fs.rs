@@ -1885,6 +1885,8 @@ impl State {
         };
         s.live = s.live.saturating_sub(len);
         let written = !s.records.is_empty();
+        // The live count is part of the segment's record.
+        self.dirty_segs.insert(seg);
         if s.live == 0 && written {
             self.free_segment(seg);
         } else if s.live == 0 && self.open.as_ref().is_none_or(|o| o.id != seg) {
