@@ -102,6 +102,14 @@ fn up(dir: &Path, n: usize, size: &str, block_size: u32, name: Option<String>) -
             .unwrap_or("cluster".into())
     }));
     let exe = std::env::current_exe()?;
+    // More D-nodes than cores (one machine standing in for many): polling
+    // and extra worker threads only steal CPU from the other D-nodes.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let tuning: Vec<&str> = if n > cores {
+        vec!["--poll-us", "0", "--threads", "1"]
+    } else {
+        vec![]
+    };
     let mut pids = Vec::new();
     let mut specs = Vec::new();
     let stop_all = |pids: &[i32]| {
@@ -124,8 +132,9 @@ fn up(dir: &Path, n: usize, size: &str, block_size: u32, name: Option<String>) -
             "0",
             "--nqn",
             &nqn,
-            "--namespace",
         ])
+        .args(&tuning)
+        .arg("--namespace")
         .arg(&img)
         .args(["--block-size", &block_size.to_string()]);
         if !img.exists() {
