@@ -42,6 +42,10 @@ enum Cmd {
     Fsck(fs::FsckArgs),
     Stats(fs::StatsArgs),
     Rebuild(fs::RebuildArgs),
+    /// Internal: a FUSE file system that does nothing (the ceiling `dase
+    /// bench` compares a mount against).
+    #[command(hide = true)]
+    NoopMount(mount::NoopArgs),
     /// Internal: the plain-TCP peer `dase bench --ceiling` measures against.
     #[command(hide = true)]
     CeilingServer {
@@ -85,6 +89,7 @@ fn main() {
         Cmd::Cluster(a) => cluster::run(a),
         Cmd::Mkfs(a) => fs::mkfs(a),
         Cmd::Mount(a) => mount::mount(a),
+        Cmd::NoopMount(a) => mount::noop_mount(a),
         Cmd::Fsck(a) => match fs::fsck(a) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),

@@ -222,8 +222,9 @@ impl Fuse {
     }
 }
 
-impl Filesystem for Fuse {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+impl Fuse {
+    /// What both dase mounts ask of the kernel.
+    fn configure(_req: &Request, config: &mut KernelConfig) {
         // Without ASYNC_DIO the kernel sends one O_DIRECT request at a time.
         let want = InitFlags::FUSE_ASYNC_DIO
             | InitFlags::FUSE_PARALLEL_DIROPS
@@ -236,6 +237,12 @@ impl Filesystem for Fuse {
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+    }
+}
+
+impl Filesystem for Fuse {
+    fn init(&mut self, req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        Fuse::configure(req, config);
         Ok(())
     }
 
@@ -814,5 +821,172 @@ pub fn mount(a: MountArgs) -> Result<()> {
     run.context("FUSE session")?;
     closed.context("final commit at unmount")?;
     println!("unmounted {}", mp.display());
+    Ok(())
+}
+
+/// The ceiling a FUSE file system can reach here: one file, `data`, that
+/// discards writes and reads as zeros, served with the same threads and
+/// kernel options as `dase mount` (`dase noop-mount`, for benchmarks).
+struct Noop;
+
+const NOOP_FILE: u64 = 2;
+const NOOP_SIZE: u64 = 1 << 40;
+
+fn noop_attr(ino: u64) -> FileAttr {
+    let dir = ino == 1;
+    FileAttr {
+        ino: INodeNo(ino),
+        size: if dir { 0 } else { NOOP_SIZE },
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: if dir {
+            FileType::Directory
+        } else {
+            FileType::RegularFile
+        },
+        perm: if dir { 0o755 } else { 0o644 },
+        nlink: if dir { 2 } else { 1 },
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK,
+        flags: 0,
+    }
+}
+
+impl Filesystem for Noop {
+    fn init(&mut self, req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        Fuse::configure(req, config);
+        Ok(())
+    }
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 == 1 && name == "data" {
+            reply.entry(&TTL, &noop_attr(NOOP_FILE), Generation(0))
+        } else {
+            reply.error(Errno::ENOENT)
+        }
+    }
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match ino.0 {
+            1 | NOOP_FILE => reply.attr(&TTL, &noop_attr(ino.0)),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        )
+    }
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        thread_local! {
+            static ZEROS: Vec<u8> = vec![0u8; 1 << 20];
+        }
+        let n = (size as u64).min(NOOP_SIZE.saturating_sub(offset)) as usize;
+        ZEROS.with(|z| reply.data(&z[..n.min(z.len())]))
+    }
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.written(data.len() as u32)
+    }
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.attr(&TTL, &noop_attr(ino.0))
+    }
+    fn fsync(&self, _: &Request, _: INodeNo, _: FileHandle, _: bool, reply: ReplyEmpty) {
+        reply.ok()
+    }
+    fn flush(&self, _: &Request, _: INodeNo, _: FileHandle, _: LockOwner, reply: ReplyEmpty) {
+        reply.ok()
+    }
+}
+
+#[derive(clap::Args)]
+pub struct NoopArgs {
+    pub mountpoint: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+}
+
+/// `dase noop-mount`: serves [`Noop`] until unmounted or signalled.
+pub fn noop_mount(a: NoopArgs) -> Result<()> {
+    let mp = absolute_mountpoint(&a.mountpoint)?;
+    clean_stale_mount(&mp)?;
+    let mut c = fuser::Config::default();
+    c.mount_options = vec![
+        MountOption::FSName("dase-noop".into()),
+        MountOption::DefaultPermissions,
+        MountOption::RW,
+    ];
+    c.acl = fuser::SessionACL::All;
+    c.n_threads = Some(a.threads.clamp(1, 64));
+    c.clone_fd = true;
+    let session = fuser::Session::new(Noop, &mp, &c)
+        .with_context(|| format!("mounting at {}", mp.display()))?;
+    unmount_on_signal(&mp)?;
+    println!("mounted no-op file system at {} (file: data)", mp.display());
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    session.run().context("FUSE session")?;
+    Ok(())
+}
+
+/// SIGINT/SIGTERM detach the mount (a thread waits for them).
+fn unmount_on_signal(mp: &Path) -> Result<()> {
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: plain signal-mask calls on a local set; blocking the signals
+    // here (before any other thread exists) makes every thread inherit it.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    let mp = mp.to_path_buf();
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waits on the set blocked above.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        let _ = detach(&mp);
+    });
     Ok(())
 }
