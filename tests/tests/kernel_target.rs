@@ -223,4 +223,37 @@ fn the_kernel_target_serves_as_a_dnode_in_a_cluster() {
             other => panic!("{:?}", other.err().map(|e| e.to_string())),
         }
     });
+    // The whole file system with the kernel target as one of its D-nodes:
+    // mkfs, mount, write, remount, read back, fsck.
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster.toml");
+    std::fs::write(&cluster, file.to_toml()).unwrap();
+    let c = cluster.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(dase_bin()).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "dase {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    run(&["mkfs", "--cluster", c, "--ec", "3+2", "--force"]);
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir_all(&mp).unwrap();
+    let data = pattern(2 << 20, 77);
+    let m = Mount::start(&cluster, &mp, &[]).expect("mount over the kernel target");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(mp.join("f")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert!(m.stop());
+    let m = Mount::start(&cluster, &mp, &[]).expect("remount");
+    drop_caches();
+    assert!(std::fs::read(mp.join("f")).unwrap() == data);
+    assert!(m.stop());
+    assert!(run(&["fsck", "--cluster", c]).contains("clean"));
 }

@@ -682,13 +682,24 @@ fn demo_runs_and_cleans_up_also_on_ctrl_c() {
     let d = dir.path().join("int");
     assert!(!is_mounted(&d.join("mnt")), "no mount left");
     assert!(!d.exists(), "directory removed");
-    let ps = Command::new("pgrep")
-        .args(["-f", d.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        ps.stdout.is_empty(),
-        "leftover processes: {}",
-        String::from_utf8_lossy(&ps.stdout)
-    );
+    let left = processes_mentioning(d.to_str().unwrap());
+    assert!(left.is_empty(), "leftover processes: {left:?}");
+}
+
+/// Command lines of running processes that mention `s` (from /proc).
+fn processes_mentioning(s: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().into_string().ok()?;
+            if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
+                return None;
+            }
+            let cmd = fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(s).then_some(cmd)
+        })
+        .collect()
 }

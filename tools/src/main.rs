@@ -17,9 +17,10 @@ use clap::{Parser, Subcommand};
     long_about = "dase: disaggregated, shared-everything storage over NVMe/TCP.\n\n\
 D-nodes (`dase dnode`) serve files, block devices or memory as NVMe namespaces over NVMe/TCP;\n\
 any NVMe/TCP host can use them (the Linux kernel, SPDK, dase's own host library). C-nodes stripe\n\
-data over every D-node with wide erasure codes (`dase cluster`, `dase mkfs`; the file system\n\
-mount is in progress). `dase bench` measures every layer with fio's options.",
-    after_help = "Examples:\n  dase dnode --listen 127.0.0.1:4420 --nqn nqn.2026-11.io.dase:d0 --namespace /tmp/d0.img --size 1G\n  dase discover nvme-tcp://127.0.0.1:4420\n  dase identify nvme-tcp://127.0.0.1:4420/nqn.2026-11.io.dase:d0/1\n  dase bench --filename nvme-tcp://127.0.0.1:4420/nqn.2026-11.io.dase:d0/1 --rw randread --bs 4k --iodepth 32 --runtime 10 --time_based\n  dase cluster up --dir /tmp/dase --dnodes 13 --size 2G && dase mkfs --cluster /tmp/dase/cluster.toml"
+data over every D-node with wide erasure codes and mount the result as a POSIX file system\n\
+(`dase cluster`, `dase mkfs`, `dase mount`, `dase stats`, `dase fsck`, `dase rebuild`).\n\
+`dase bench` measures every layer with fio's options. `dase demo` shows it all in one command.",
+    after_help = "Examples:\n  dase demo\n  dase dnode --listen 127.0.0.1:4420 --nqn nqn.2026-11.io.dase:d0 --namespace /tmp/d0.img --size 1G\n  dase discover nvme-tcp://127.0.0.1:4420\n  dase identify nvme-tcp://127.0.0.1:4420/nqn.2026-11.io.dase:d0/1\n  dase bench --filename nvme-tcp://127.0.0.1:4420/nqn.2026-11.io.dase:d0/1 --rw randread --bs 4k --iodepth 32 --runtime 10 --time_based\n  dase cluster up --dir /tmp/dase --dnodes 13 --size 2G && dase mkfs --cluster /tmp/dase/cluster.toml\n  dase mount --cluster /tmp/dase/cluster.toml /mnt/dase"
 )]
 struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. info, debug, dase_target=debug.
