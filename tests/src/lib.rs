@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use dase_initiator::cnode::{ClusterFile, DNodeSpec};
 use dase_protocol::pdu::{dgst, Fes};
 use dase_protocol::{DecodeError, Limits, Pdu, PduDecoder, PduEncoder, Role};
 
@@ -318,6 +319,36 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// `n` D-nodes on backing files `dir/dN.img` of `size`, one failure
+/// domain each, and how a cluster file names them.
+pub fn file_dnodes(dir: &Path, name: &str, n: usize, size: &str) -> (Vec<DNode>, Vec<DNodeSpec>) {
+    let mut nodes = Vec::new();
+    let mut specs = Vec::new();
+    for i in 0..n {
+        let nqn = nqn(&format!("{name}-d{i}"));
+        let img = dir.join(format!("d{i}.img"));
+        let d = DNode::start(&[
+            "--nqn",
+            &nqn,
+            "--namespace",
+            img.to_str().unwrap(),
+            "--size",
+            size,
+            "--block-size",
+            "4096",
+        ]);
+        specs.push(DNodeSpec {
+            addr: d.addr_string(),
+            nqn,
+            nsid: 1,
+            domain: format!("d{i}"),
+            id: None,
+        });
+        nodes.push(d);
+    }
+    (nodes, specs)
+}
+
 /// D-nodes on backing files in a temp dir, their cluster file, formatted
 /// as one dase file system.
 pub struct FsRig {
@@ -330,25 +361,8 @@ impl FsRig {
     /// `n` D-nodes of `size` each, formatted with `ec` and 64 KiB strips.
     pub fn new(name: &str, n: usize, size: &str, ec: &str) -> FsRig {
         let dir = tempfile::tempdir().unwrap();
-        let mut nodes = Vec::new();
-        let mut toml = String::new();
-        for i in 0..n {
-            let nqn = nqn(&format!("{name}-d{i}"));
-            let img = dir.path().join(format!("d{i}.img"));
-            let d = DNode::start(&[
-                "--nqn",
-                &nqn,
-                "--namespace",
-                img.to_str().unwrap(),
-                "--size",
-                size,
-            ]);
-            toml.push_str(&format!(
-                "[[dnode]]\naddr = \"{}\"\nnqn = \"{nqn}\"\ndomain = \"d{i}\"\n\n",
-                d.addr
-            ));
-            nodes.push(d);
-        }
+        let (nodes, specs) = file_dnodes(dir.path(), name, n, size);
+        let toml = ClusterFile { dnodes: specs }.to_toml();
         let cluster = dir.path().join("cluster.toml");
         std::fs::write(&cluster, toml).unwrap();
         let rig = FsRig {

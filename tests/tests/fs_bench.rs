@@ -19,13 +19,9 @@ use dase_erasure::Geometry;
 use dase_initiator::cnode::{Cluster, ClusterFile, Volume};
 use dase_initiator::host::{join_all, ControllerOptions};
 use dase_tests::*;
+use dase_tools::bench::report::Summary;
 
-struct Figure {
-    bw: f64,
-    iops: f64,
-    p50_us: f64,
-    p99_us: f64,
-}
+type Figure = Summary;
 
 fn bench(args: &[&str]) -> Figure {
     let out = Command::new(dase_bin())
@@ -37,19 +33,7 @@ fn bench(args: &[&str]) -> Figure {
         .unwrap();
     assert!(out.status.success(), "dase bench {args:?} failed");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let j = &v["jobs"][0];
-    let side = if j["write"]["io_bytes"].as_u64().unwrap_or(0) > 0 {
-        &j["write"]
-    } else {
-        &j["read"]
-    };
-    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1e3;
-    Figure {
-        bw: side["bw_bytes"].as_f64().unwrap(),
-        iops: side["iops"].as_f64().unwrap(),
-        p50_us: pct("50.000000"),
-        p99_us: pct("99.000000"),
-    }
+    Summary::of_job(&v, 0).expect("a job in the bench output")
 }
 
 fn dase(args: &[&str]) -> String {
@@ -106,12 +90,12 @@ fn workloads(file: &str, size: &str) -> [Figure; 3] {
 fn row(what: &str, f: &Figure, ceiling: Option<&Figure>) {
     println!(
         "| {what} | {:.2} GB/s | {:.0} | {:.0} | {:.0} | {} |",
-        f.bw / 1e9,
+        f.bw_bytes / 1e9,
         f.iops,
         f.p50_us,
         f.p99_us,
         ceiling
-            .map(|c| format!("{:.0} %", 100.0 * f.bw / c.bw))
+            .map(|c| format!("{:.0} %", 100.0 * f.bw_bytes / c.bw_bytes))
             .unwrap_or_default()
     );
 }
@@ -198,16 +182,13 @@ fn file_system_against_its_ceilings() {
         .filter_map(|p| p.parse().ok())
         .collect();
     let toml = std::fs::read_to_string(&cluster).unwrap();
-    let addrs: Vec<String> = toml
-        .lines()
-        .filter_map(|l| l.strip_prefix("addr = \""))
-        .map(|a| a.trim_end_matches('"').to_string())
-        .collect();
-    let nqns: Vec<String> = toml
-        .lines()
-        .filter_map(|l| l.strip_prefix("nqn = \""))
-        .map(|a| a.trim_end_matches('"').to_string())
-        .collect();
+    let field = |key: &str| -> Vec<String> {
+        toml.lines()
+            .filter_map(|l| l.strip_prefix(key))
+            .map(|a| a.trim_end_matches('"').to_string())
+            .collect()
+    };
+    let (addrs, nqns) = (field("addr = \""), field("nqn = \""));
     for &i in &[1usize, 5, 9] {
         // SAFETY: signalling a D-node this test started.
         unsafe { libc::kill(pids[i], libc::SIGKILL) };
@@ -301,12 +282,12 @@ fn file_system_against_its_ceilings() {
     );
     println!(
         "mount as a fraction of the stripe layer: write {:.0} %, read {:.0} %",
-        100.0 * w.bw / raw_w,
-        100.0 * r.bw / raw_r
+        100.0 * w.bw_bytes / raw_w,
+        100.0 * r.bw_bytes / raw_r
     );
     println!(
         "degraded read (3 of 13 down): {:.0} % of healthy",
-        100.0 * deg.bw / r.bw
+        100.0 * deg.bw_bytes / r.bw_bytes
     );
     println!(
         "rebuild onto a fresh D-node while mounted: {:.0} MB of strips in {rebuild_s:.1} s = {:.2} GB/s",

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dase_erasure::Geometry;
 use dase_initiator::cnode::volume::DATA_OFFSET;
-use dase_initiator::cnode::{Cluster, ClusterFile, DNodeSpec, StripeRecord, Volume, VolumeError};
+use dase_initiator::cnode::{Cluster, ClusterFile, StripeRecord, Volume, VolumeError};
 use dase_initiator::host::{Controller, ControllerOptions};
 use dase_tests::*;
 
@@ -21,30 +21,7 @@ struct Rig {
 /// `n` file-backed D-nodes (so a restarted one keeps its data), one failure domain each.
 fn rig(name: &str, n: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    let mut specs = Vec::new();
-    for i in 0..n {
-        let nqn = nqn(&format!("{name}-d{i}"));
-        let img = dir.path().join(format!("d{i}.img"));
-        let d = DNode::start(&[
-            "--nqn",
-            &nqn,
-            "--namespace",
-            img.to_str().unwrap(),
-            "--size",
-            "32M",
-            "--block-size",
-            "4096",
-        ]);
-        specs.push(DNodeSpec {
-            addr: d.addr_string(),
-            nqn,
-            nsid: 1,
-            domain: format!("d{i}"),
-            id: None,
-        });
-        nodes.push(d);
-    }
+    let (nodes, specs) = file_dnodes(dir.path(), name, n, "32M");
     Rig {
         _dir: dir,
         nodes,

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use dase_tools::bench::report::Summary;
 use serde_json::Value;
 
 #[derive(clap::Args)]
@@ -100,10 +101,7 @@ fn step(args: &[&str], log: &Path) -> Result<String> {
 
 struct Measured {
     what: &'static str,
-    bw: f64,
-    iops: f64,
-    p50_us: f64,
-    p99_us: f64,
+    m: Summary,
     verified: Option<bool>,
 }
 
@@ -112,19 +110,9 @@ fn bench(label: &'static str, args: &[&str], log: &Path, verify: bool) -> Result
     all.extend_from_slice(args);
     let out = step(&all, log)?;
     let v: Value = serde_json::from_str(&out).context("bench output")?;
-    let j = &v["jobs"][0];
-    let side = if j["write"]["io_bytes"].as_u64().unwrap_or(0) > 0 {
-        &j["write"]
-    } else {
-        &j["read"]
-    };
-    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
     Ok(Measured {
         what: label,
-        bw: side["bw_bytes"].as_f64().unwrap_or(0.0),
-        iops: side["iops"].as_f64().unwrap_or(0.0),
-        p50_us: pct("50.000000"),
-        p99_us: pct("99.000000"),
+        m: Summary::of_job(&v, 0).context("bench output has no job")?,
         verified: verify.then_some(true),
     })
 }
@@ -254,54 +242,38 @@ fn demo(a: &DemoArgs, dir: &Path, log: &Path, mount: &mut Option<Mount>) -> Resu
     println!("[3/{total}] mounting at {}", mnt.display());
     *mount = Some(Mount::start(&cluster, &mnt, log)?);
     let file = mnt.join("demo.dat").to_string_lossy().to_string();
+    // Sequential 1 MiB I/O over the whole file, checked with crc32c.
+    let seq = |label: &'static str, rw: &str| {
+        bench(
+            label,
+            &[
+                "--filename",
+                &file,
+                "--rw",
+                rw,
+                "--bs",
+                "1M",
+                "--iodepth",
+                "4",
+                "--direct",
+                "1",
+                "--size",
+                &a.file_size,
+                "--verify",
+                "crc32c",
+            ],
+            log,
+            true,
+        )
+    };
     let mut rows = Vec::new();
     println!(
         "[4/{total}] sequential 1 MiB writes of {} (verified by reading back)",
         a.file_size
     );
-    rows.push(bench(
-        "seq write 1M QD4",
-        &[
-            "--filename",
-            &file,
-            "--rw",
-            "write",
-            "--bs",
-            "1M",
-            "--iodepth",
-            "4",
-            "--direct",
-            "1",
-            "--size",
-            &a.file_size,
-            "--verify",
-            "crc32c",
-        ],
-        log,
-        true,
-    )?);
+    rows.push(seq("seq write 1M QD4", "write")?);
     println!("[5/{total}] sequential 1 MiB reads, then 4 KiB random reads");
-    rows.push(bench(
-        "seq read 1M QD4",
-        &[
-            "--filename",
-            &file,
-            "--rw",
-            "read",
-            "--bs",
-            "1M",
-            "--iodepth",
-            "4",
-            "--direct",
-            "1",
-            "--size",
-            &a.file_size,
-            "--verify",
-            "crc32c",
-        ],
-        log,
-        true,
-    )?);
+    rows.push(seq("seq read 1M QD4", "read")?);
     let secs = a.randread_seconds.to_string();
     rows.push(bench(
         "rand read 4K QD32",
@@ -330,43 +302,23 @@ fn demo(a: &DemoArgs, dir: &Path, log: &Path, mount: &mut Option<Mount>) -> Resu
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect();
-    let victims: Vec<i32> = pids.iter().copied().step_by(5).take(2).collect();
-    for p in &victims {
+    for p in pids.iter().step_by(5).take(2) {
         // SAFETY: signalling a D-node this demo started.
         unsafe { libc::kill(*p, libc::SIGKILL) };
     }
-    let degraded = bench(
-        "degraded seq read 1M (2 D-nodes down)",
-        &[
-            "--filename",
-            &file,
-            "--rw",
-            "read",
-            "--bs",
-            "1M",
-            "--iodepth",
-            "4",
-            "--direct",
-            "1",
-            "--size",
-            &a.file_size,
-            "--verify",
-            "crc32c",
-        ],
-        log,
-        true,
-    );
+    const DEGRADED: &str = "degraded seq read 1M (2 D-nodes down)";
+    let degraded = seq(DEGRADED, "read");
     let degraded_ok = degraded.is_ok();
-    let ratio = degraded.as_ref().ok().map(|d| d.bw / rows[1].bw.max(1.0));
+    let ratio = degraded
+        .as_ref()
+        .ok()
+        .map(|d| d.m.bw_bytes / rows[1].m.bw_bytes.max(1.0));
     match degraded {
         Ok(d) => rows.push(d),
         Err(e) => {
             rows.push(Measured {
-                what: "degraded seq read 1M (2 D-nodes down)",
-                bw: 0.0,
-                iops: 0.0,
-                p50_us: 0.0,
-                p99_us: 0.0,
+                what: DEGRADED,
+                m: Summary::default(),
                 verified: Some(false),
             });
             eprintln!("dase demo: degraded read failed: {e:#}");
@@ -390,10 +342,10 @@ fn demo(a: &DemoArgs, dir: &Path, log: &Path, mount: &mut Option<Mount>) -> Resu
         println!(
             "  {:<40} {:>11} {:>10.0} {:>9.0} {:>9.0}  {}",
             r.what,
-            fmt_bw(r.bw),
-            r.iops,
-            r.p50_us,
-            r.p99_us,
+            fmt_bw(r.m.bw_bytes),
+            r.m.iops,
+            r.m.p50_us,
+            r.m.p99_us,
             match r.verified {
                 Some(true) => "ok",
                 Some(false) => "FAILED",

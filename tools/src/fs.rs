@@ -60,16 +60,7 @@ pub fn mkfs(a: MkfsArgs) -> Result<()> {
             )
             .await,
         );
-        let down: Vec<String> = (0..cluster.len())
-            .filter(|&i| !cluster.is_up(i))
-            .map(|i| {
-                format!(
-                    "{} ({})",
-                    cluster.nodes[i].spec.addr,
-                    cluster.last_error(i).unwrap_or_default()
-                )
-            })
-            .collect();
+        let down = cluster.unreachable();
         if !down.is_empty() {
             bail!("cannot format: unreachable D-nodes: {}", down.join("; "));
         }

@@ -267,6 +267,20 @@ impl Cluster {
         (0..self.len()).filter(|&i| self.is_up(i)).count()
     }
 
+    /// "address (last error)" of every node that is down, for messages.
+    pub fn unreachable(&self) -> Vec<String> {
+        (0..self.len())
+            .filter(|&i| !self.is_up(i))
+            .map(|i| {
+                format!(
+                    "{} ({})",
+                    self.endpoint(i).0,
+                    self.last_error(i).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
     pub fn last_error(&self, i: usize) -> Option<String> {
         self.nodes[i].last_error.lock().unwrap().clone()
     }

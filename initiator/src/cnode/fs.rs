@@ -422,16 +422,7 @@ impl FileSystem {
         );
         let n = cluster.len();
         let up = cluster.up_count();
-        let down: Vec<String> = (0..n)
-            .filter(|&i| !cluster.is_up(i))
-            .map(|i| {
-                format!(
-                    "{} ({})",
-                    cluster.nodes[i].spec.addr,
-                    cluster.last_error(i).unwrap_or_default()
-                )
-            })
-            .collect();
+        let down = cluster.unreachable();
         // The newest commit is on a majority: fewer reachable could miss it.
         if up < n / 2 + 1 {
             return Err(MountError::Config(format!(

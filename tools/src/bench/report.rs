@@ -251,3 +251,32 @@ pub fn to_text(results: &[JobResult], cpu: &CpuUse, ceiling: Option<&Ceiling>) -
     }
     out
 }
+
+/// The headline of one job in fio-compatible JSON (as [`to_json`] writes
+/// it): whichever direction moved data.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Summary {
+    pub bw_bytes: f64,
+    pub iops: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+impl Summary {
+    /// Job `i` of a run's JSON output; None when it is not there.
+    pub fn of_job(run: &Value, i: usize) -> Option<Summary> {
+        let j = run.get("jobs")?.get(i)?;
+        let side = if j["write"]["io_bytes"].as_u64().unwrap_or(0) > 0 {
+            &j["write"]
+        } else {
+            &j["read"]
+        };
+        let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1e3;
+        Some(Summary {
+            bw_bytes: side["bw_bytes"].as_f64()?,
+            iops: side["iops"].as_f64()?,
+            p50_us: pct("50.000000"),
+            p99_us: pct("99.000000"),
+        })
+    }
+}
