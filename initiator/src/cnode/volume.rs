@@ -25,6 +25,28 @@ use crate::host::{join_all, HostError};
 /// Bytes reserved at the start of every namespace.
 pub const DATA_OFFSET: u64 = 1 << 20;
 
+/// The granularity of strip checksums for strips that are multiples of it:
+/// a 4 KiB read checks 4 KiB, not the whole strip.
+pub const CHECK_UNIT: usize = 4096;
+
+/// The checksum granularity for strips of `strip_size` bytes.
+pub fn check_unit(strip_size: usize) -> usize {
+    if strip_size.is_multiple_of(CHECK_UNIT) {
+        CHECK_UNIT
+    } else {
+        strip_size
+    }
+}
+
+/// Whether `data`, bytes `[offset, offset + len)` of a strip, matches its
+/// checksums (`sums`, one per unit of that strip); `offset` and `len` are
+/// unit-aligned.
+fn units_match(data: &[u8], offset: usize, unit: usize, sums: &[u32]) -> bool {
+    data.chunks(unit)
+        .zip(&sums[offset / unit..])
+        .all(|(c, &sum)| strip_checksum(c) == sum)
+}
+
 /// How many times a stripe write is re-placed after D-nodes fail under it.
 const WRITE_ATTEMPTS: usize = 3;
 
@@ -37,7 +59,8 @@ pub struct StripeRecord {
     pub m: u16,
     /// Cluster node index of each strip, data strips first.
     pub nodes: Vec<u16>,
-    /// CRC32C of each strip.
+    /// CRC32C of every [`check_unit`] of every strip, strip by strip
+    /// (`crcs[j * units + u]`): a read of any part of a strip is checked.
     pub crcs: Vec<u32>,
 }
 
@@ -215,7 +238,7 @@ impl Volume {
                 codec.encode(&dv, &mut pv)?;
             }
             let all = Bytes::from(buf);
-            let crcs: Vec<u32> = all.chunks(s).map(strip_checksum).collect();
+            let crcs: Vec<u32> = all.chunks(check_unit(s)).map(strip_checksum).collect();
             let offset = self.slot(stripe);
             let writes = p.nodes.iter().enumerate().map(|(j, &n)| {
                 let strip = all.slice(j * s..(j + 1) * s);
@@ -264,7 +287,9 @@ impl Volume {
     ) -> Result<Bytes, VolumeError> {
         let s = self.geo.strip_size();
         let k = rec.k as usize;
-        if rec.nodes.len() != k + rec.m as usize || rec.crcs.len() != rec.nodes.len() {
+        let unit = check_unit(s);
+        let units = s / unit;
+        if rec.nodes.len() != k + rec.m as usize || rec.crcs.len() != rec.nodes.len() * units {
             return Err(VolumeError::Invalid(format!(
                 "stripe {}: malformed record",
                 rec.stripe
@@ -295,19 +320,15 @@ impl Volume {
             let (lo, hi) = part(j);
             let node = rec.nodes[j] as usize;
             async move {
-                let bs = self
-                    .cluster
-                    .namespace(node)
-                    .map(|ns| ns.block_size as usize)
-                    .unwrap_or(512);
-                let (alo, ahi) = (lo - lo % bs, hi.div_ceil(bs) * bs);
+                // Whole checksum units (which are whole blocks too).
+                let (alo, ahi) = (lo - lo % unit, hi.div_ceil(unit) * unit);
                 let r = self.cluster.read(node, base + alo as u64, ahi - alo).await;
-                // A whole strip can be checked against its checksum.
+                let sums = &rec.crcs[j * units..(j + 1) * units];
                 let r = r.and_then(|b| {
-                    if alo == 0 && ahi == s && strip_checksum(&b) != rec.crcs[j] {
-                        Err(HostError::InvalidArgument("checksum mismatch".into()))
-                    } else {
+                    if units_match(&b, alo, unit, sums) {
                         Ok(b.slice(lo - alo..hi - alo))
+                    } else {
+                        Err(HostError::InvalidArgument("checksum mismatch".into()))
                     }
                 });
                 (j, r)
@@ -356,9 +377,19 @@ impl Volume {
         let mut strips: Vec<Vec<u8>> = Vec::with_capacity(rec.nodes.len());
         let mut lost = Vec::new();
         let mut corrupt = Vec::new();
+        let unit = check_unit(s);
+        let units = s / unit;
+        if rec.crcs.len() != rec.nodes.len() * units {
+            return Err(VolumeError::Invalid(format!(
+                "stripe {}: malformed record",
+                rec.stripe
+            )));
+        }
         for (j, r) in join_all(reads).await {
             match r {
-                Ok(b) if strip_checksum(&b) == rec.crcs[j] => strips.push(b.to_vec()),
+                Ok(b) if units_match(&b, 0, unit, &rec.crcs[j * units..(j + 1) * units]) => {
+                    strips.push(b.to_vec())
+                }
                 Ok(_) => {
                     tracing::warn!(stripe = rec.stripe, strip = j, dnode = %self.cluster.nodes[rec.nodes[j] as usize].spec.addr, "strip checksum mismatch");
                     strips.push(vec![0; s]);
