@@ -322,6 +322,10 @@ fn a_killed_mount_loses_nothing_fsynced_and_one_mount_at_a_time() {
     assert!(err.contains("mounted by"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
+    // Unlinked while open, then the C-node dies: freed at the next mount.
+    write_file(&p("orphan"), b"open at the crash");
+    let _held = File::open(p("orphan")).unwrap();
+    fs::remove_file(p("orphan")).unwrap();
     // Unsynced data may or may not survive; it must not corrupt anything.
     let mut f = File::create(p("unsynced")).unwrap();
     f.write_all(&pattern(1 << 20, 4)).unwrap();
@@ -555,6 +559,59 @@ fn a_corrupt_strip_is_caught_served_from_parity_and_repaired() {
     drop(f);
     assert!(m.log_text().contains("checksum mismatch"));
     assert!(m.stop());
+}
+
+#[test]
+fn metadata_pages_are_evicted_and_read_back() {
+    // A cache of 2 pages (512 inodes) for 3,000 files: most lookups,
+    // stats, renames and unlinks find their inode's page evicted.
+    let rig = FsRig::new("pages", 5, "256M", "3+2");
+    let m = rig.mount("mnt", &["--cache-pages", "2"]).unwrap();
+    let root = m.path.clone();
+    for d in 0..3 {
+        fs::create_dir(root.join(format!("d{d}"))).unwrap();
+        for f in 0..1000 {
+            let p = root.join(format!("d{d}/f{f}"));
+            fs::write(&p, format!("{d}/{f}")).unwrap();
+        }
+        // A commit, after which clean pages may be evicted.
+        File::open(root.join(format!("d{d}")))
+            .unwrap()
+            .sync_all()
+            .unwrap();
+    }
+    drop_caches();
+    for d in 0..3 {
+        for f in (0..1000).step_by(7) {
+            let p = root.join(format!("d{d}/f{f}"));
+            assert_eq!(fs::read_to_string(&p).unwrap(), format!("{d}/{f}"));
+        }
+        assert_eq!(
+            fs::read_dir(root.join(format!("d{d}"))).unwrap().count(),
+            1000
+        );
+    }
+    fs::rename(root.join("d0/f1"), root.join("d2/moved")).unwrap();
+    fs::remove_file(root.join("d1/f500")).unwrap();
+    drop_caches();
+    assert_eq!(fs::read_to_string(root.join("d2/moved")).unwrap(), "0/1");
+    let rss = fs::read_to_string(format!("/proc/{}/status", m.child.id())).unwrap();
+    eprintln!(
+        "{}",
+        rss.lines().find(|l| l.starts_with("VmRSS")).unwrap_or("")
+    );
+    assert!(m.stop());
+    let m = rig.mount("mnt", &["--cache-pages", "2"]).unwrap();
+    assert_eq!(fs::read_to_string(root.join("d2/moved")).unwrap(), "0/1");
+    assert!(!root.join("d1/f500").exists());
+    assert_eq!(fs::read_to_string(root.join("d2/f999")).unwrap(), "2/999");
+    assert!(m.stop());
+    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("inodes 3003") && text.contains("clean"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -56,6 +56,10 @@ pub struct MountArgs {
     /// this long (seconds); 0 disables.
     #[arg(long, default_value_t = 600.0)]
     pub rebuild_after: f64,
+    /// Metadata pages (256 inodes each) kept in memory: bounds the mount's
+    /// memory whatever the number of files.
+    #[arg(long, default_value_t = 512)]
+    pub cache_pages: usize,
 }
 
 /// Where a mount of file system `uuid` takes requests (`dase rebuild`).
@@ -247,11 +251,14 @@ impl Filesystem for Fuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(self.fs.lookup(parent.0, name.as_bytes()), reply)
+        self.entry(
+            self.rt.block_on(self.fs.lookup(parent.0, name.as_bytes())),
+            reply,
+        )
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
+        match self.rt.block_on(self.fs.getattr(ino.0)) {
             Ok(a) => reply.attr(&TTL, &fattr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -283,14 +290,14 @@ impl Filesystem for Fuse {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        match self.fs.setattr(ino.0, &set) {
+        match self.rt.block_on(self.fs.setattr(ino.0, &set)) {
             Ok(a) => reply.attr(&TTL, &fattr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
+        match self.rt.block_on(self.fs.readlink(ino.0)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
         }
@@ -311,14 +318,14 @@ impl Filesystem for Fuse {
             return reply.error(Errno::EPERM);
         }
         let perm = (mode & !umask & 0o7777) as u16;
-        let r = self.fs.create(
+        let r = self.rt.block_on(self.fs.create(
             parent.0,
             name.as_bytes(),
             NewKind::File,
             perm,
             req.uid(),
             req.gid(),
-        );
+        ));
         self.entry(r, reply)
     }
 
@@ -332,14 +339,14 @@ impl Filesystem for Fuse {
         reply: ReplyEntry,
     ) {
         let perm = (mode & !umask & 0o7777) as u16;
-        let r = self.fs.create(
+        let r = self.rt.block_on(self.fs.create(
             parent.0,
             name.as_bytes(),
             NewKind::Dir,
             perm,
             req.uid(),
             req.gid(),
-        );
+        ));
         self.entry(r, reply)
     }
 
@@ -361,14 +368,14 @@ impl Filesystem for Fuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.fs.create(
+        let r = self.rt.block_on(self.fs.create(
             parent.0,
             link_name.as_bytes(),
             NewKind::Symlink(target.as_os_str().as_bytes()),
             0o777,
             req.uid(),
             req.gid(),
-        );
+        ));
         self.entry(r, reply)
     }
 
@@ -402,11 +409,15 @@ impl Filesystem for Fuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.entry(self.fs.link(ino.0, newparent.0, newname.as_bytes()), reply)
+        self.entry(
+            self.rt
+                .block_on(self.fs.link(ino.0, newparent.0, newname.as_bytes())),
+            reply,
+        )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open_file(ino.0) {
+        match self.rt.block_on(self.fs.open_file(ino.0)) {
             // This mount is the only writer: the page cache stays valid
             // across opens. Direct writes to one file may run in parallel.
             Ok(_) => reply.opened(
@@ -454,7 +465,7 @@ impl Filesystem for Fuse {
     ) {
         let guard = self.rt.block_on(self.fs.write_guard());
         let n = data.len() as u32;
-        match self.fs.write(ino.0, offset, data) {
+        match self.rt.block_on(self.fs.write(ino.0, offset, data)) {
             Err(e) => reply.error(errno(&e)),
             Ok(sealed) if sealed.is_empty() => reply.written(n),
             Ok(sealed) => {
@@ -495,7 +506,7 @@ impl Filesystem for Fuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release_file(ino.0);
+        self.rt.block_on(self.fs.release_file(ino.0));
         reply.ok()
     }
 
@@ -521,7 +532,7 @@ impl Filesystem for Fuse {
     ) {
         let mut at = offset;
         loop {
-            let batch = match self.fs.readdir(ino.0, at, 128) {
+            let batch = match self.rt.block_on(self.fs.readdir(ino.0, at, 128)) {
                 Ok(b) => b,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -586,17 +597,20 @@ impl Filesystem for Fuse {
         reply: ReplyCreate,
     ) {
         let perm = (mode & !umask & 0o7777) as u16;
-        let r = self
-            .fs
-            .create(
-                parent.0,
-                name.as_bytes(),
-                NewKind::File,
-                perm,
-                req.uid(),
-                req.gid(),
-            )
-            .and_then(|a| self.fs.open_file(a.ino));
+        let r = self.rt.block_on(async {
+            let a = self
+                .fs
+                .create(
+                    parent.0,
+                    name.as_bytes(),
+                    NewKind::File,
+                    perm,
+                    req.uid(),
+                    req.gid(),
+                )
+                .await?;
+            self.fs.open_file(a.ino).await
+        });
         match r {
             Ok(a) => reply.created(
                 &TTL,
@@ -750,6 +764,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         rebuild_after: (a.rebuild_after > 0.0)
             .then(|| Duration::try_from_secs_f64(a.rebuild_after).ok())
             .flatten(),
+        cache_pages: a.cache_pages,
     };
     let fs = rt
         .block_on(FileSystem::open(&file, opts))

@@ -31,8 +31,8 @@ use dase_erasure::{Geometry, Layout};
 use super::cluster::{Cluster, ClusterFile};
 use super::lease::Lease;
 use super::meta::{
-    self, Batch, CommitRecord, Content, Extent, Image, Inode, Kind, MetaPart, MetaRecord, Segment,
-    COMMIT_MAGIC, COMMIT_SLOT, META_MAGIC, ROOT_INO,
+    self, page_of, Batch, CommitRecord, Content, Counts, Extent, Image, Inode, Kind, MetaPart,
+    MetaRecord, PageBlob, PageLocation, Segment, COMMIT_MAGIC, COMMIT_SLOT, META_MAGIC, ROOT_INO,
 };
 use super::superblock::{self, Superblock};
 use super::volume::{StripeRecord, Volume, VolumeError};
@@ -64,6 +64,10 @@ pub enum FsError {
     ReadOnly(String),
     #[error("I/O error: {0}")]
     Io(String),
+    /// Internal: the page holding an inode must be read from the D-nodes
+    /// first (the operation is retried); never returned to callers.
+    #[error("metadata page {0} not loaded")]
+    NotLoaded(u64),
 }
 
 impl FsError {
@@ -79,7 +83,7 @@ impl FsError {
             FsError::Invalid(_) => libc_errno::EINVAL,
             FsError::NoSpace => libc_errno::ENOSPC,
             FsError::ReadOnly(_) => libc_errno::EROFS,
-            FsError::Io(_) => libc_errno::EIO,
+            FsError::Io(_) | FsError::NotLoaded(_) => libc_errno::EIO,
         }
     }
 }
@@ -176,6 +180,9 @@ pub struct Options {
     /// Re-stripe the data of a D-node that stays down this long over the
     /// others (None: only on request).
     pub rebuild_after: Option<Duration>,
+    /// Metadata pages (of `meta::PAGE_INODES` inodes) kept in memory once
+    /// committed; dirty pages stay until their commit.
+    pub cache_pages: usize,
 }
 
 impl Default for Options {
@@ -186,6 +193,7 @@ impl Default for Options {
             description: format!("pid {}", std::process::id()),
             read_only: false,
             rebuild_after: None,
+            cache_pages: 512,
         }
     }
 }
@@ -223,15 +231,112 @@ fn from_time(t: SetTime) -> i64 {
     }
 }
 
+/// What a commit captured while writers were held off.
+struct Snapshot {
+    /// Changed pages, encoded (None: the page is now empty).
+    pages: Vec<(u64, Option<Vec<u8>>)>,
+    segments: Vec<(u64, Option<Segment>)>,
+    next_ino: u64,
+    next_seg: u64,
+    counts: Counts,
+    orphans: Vec<u64>,
+    to_free: Vec<u64>,
+    changes: u64,
+}
+
 /// The segment being filled.
 struct OpenSegment {
     id: u64,
     buf: Vec<u8>,
 }
 
+/// One page of inodes in memory.
+#[derive(Default)]
+struct Page {
+    inodes: HashMap<u64, Inode>,
+    /// Last use (a clock tick), for eviction.
+    used: u64,
+}
+
+/// The inodes: a cache of pages over their committed copies on the
+/// D-nodes. An inode is visible only when its page is resident: every
+/// operation first `require`s the inodes it touches (loading pages and
+/// retrying as needed) and only then changes anything.
+#[derive(Default)]
+struct Inodes {
+    pages: HashMap<u64, Page>,
+    /// Where each page's committed blob is.
+    map: HashMap<u64, PageLocation>,
+    /// Pages changed since the last commit snapshot.
+    dirty: BTreeSet<u64>,
+    clock: u64,
+}
+
+impl Inodes {
+    /// The page to load before `ino` can be looked at, if any.
+    fn missing(&self, ino: u64) -> Option<u64> {
+        let p = page_of(ino);
+        (!self.pages.contains_key(&p) && self.map.contains_key(&p)).then_some(p)
+    }
+
+    fn get(&self, ino: &u64) -> Option<&Inode> {
+        self.pages.get(&page_of(*ino))?.inodes.get(ino)
+    }
+
+    fn get_mut(&mut self, ino: &u64) -> Option<&mut Inode> {
+        let p = page_of(*ino);
+        let i = self.pages.get_mut(&p)?.inodes.get_mut(ino)?;
+        self.dirty.insert(p);
+        Some(i)
+    }
+
+    /// The page must be resident or new (`require` saw to it).
+    fn insert(&mut self, ino: u64, i: Inode) {
+        let p = page_of(ino);
+        debug_assert!(self.missing(ino).is_none());
+        self.dirty.insert(p);
+        self.pages.entry(p).or_default().inodes.insert(ino, i);
+    }
+
+    fn remove(&mut self, ino: &u64) -> Option<Inode> {
+        let p = page_of(*ino);
+        let i = self.pages.get_mut(&p)?.inodes.remove(ino)?;
+        self.dirty.insert(p);
+        Some(i)
+    }
+
+    /// Drops clean pages, least recently used first, down to `keep`.
+    fn evict(&mut self, keep: usize) {
+        if self.pages.len() <= keep {
+            return;
+        }
+        let mut clean: Vec<(u64, u64)> = self
+            .pages
+            .iter()
+            .filter(|(p, _)| !self.dirty.contains(p) && self.map.contains_key(p))
+            .map(|(p, pg)| (pg.used, *p))
+            .collect();
+        clean.sort_unstable();
+        let excess = self.pages.len() - keep;
+        for (_, p) in clean.into_iter().take(excess) {
+            self.pages.remove(&p);
+        }
+    }
+}
+
+impl std::ops::Index<&u64> for Inodes {
+    type Output = Inode;
+    fn index(&self, ino: &u64) -> &Inode {
+        self.get(ino).expect("required inode is resident")
+    }
+}
+
 #[derive(Default)]
 struct State {
-    inodes: HashMap<u64, Inode>,
+    inodes: Inodes,
+    counts: Counts,
+    /// Unlinked but still open: freed at release, or at the next mount.
+    orphans: BTreeSet<u64>,
     /// Every segment, written or not (records empty until written).
     segs: HashMap<u64, Segment>,
     next_ino: u64,
@@ -246,8 +351,6 @@ struct State {
     capacity: u64,
     /// Freed since the last commit snapshot: reusable once that commit is durable.
     pending_free: Vec<u64>,
-    dirty_inodes: HashSet<u64>,
-    removed_inodes: HashSet<u64>,
     dirty_segs: HashSet<u64>,
     open_handles: HashMap<u64, u32>,
     /// Bumped by every change; a commit covers the changes up to its snapshot.
@@ -353,28 +456,40 @@ impl FileSystem {
                 entries: BTreeMap::new(),
             },
         };
+        let blob = PageBlob {
+            fs_uuid: sb.fs_uuid,
+            page: page_of(ROOT_INO),
+            inodes: vec![root],
+        };
+        let cfg = |e: FsError| MountError::Recovery(e.to_string());
+        let page = write_parts(&meta, sb.fs_uuid, 1, false, None, &encode(&blob), &[1])
+            .await
+            .map_err(cfg)?;
         let image = MetaRecord::Image(Image {
             next_ino: ROOT_INO + 1,
             next_seg: 0,
-            inodes: vec![root],
+            pages: vec![(page_of(ROOT_INO), page)],
             segments: vec![],
+            counts: Counts {
+                inodes: 1,
+                dirs: 1,
+                ..Default::default()
+            },
+            orphans: vec![],
         });
-        let bytes = meta::encode_record(&image);
-        let part = MetaPart {
-            fs_uuid: sb.fs_uuid,
-            seq: 1,
-            image: true,
-            part: 0,
-            last: true,
-            prev: None,
-            payload: bytes,
-        };
-        let block = meta::frame(META_MAGIC, &part, geo.strip_size())
-            .map_err(|e| MountError::Config(e.to_string()))?;
-        let head = meta
-            .write_stripe(0, &block)
-            .await
-            .map_err(|e| MountError::Recovery(e.to_string()))?;
+        let head = write_parts(
+            &meta,
+            sb.fs_uuid,
+            1,
+            true,
+            None,
+            &meta::encode_record(&image),
+            &[0],
+        )
+        .await
+        .map_err(cfg)?
+        .pop()
+        .expect("one part");
         let commit = CommitRecord {
             fs_uuid: sb.fs_uuid,
             seq: 1,
@@ -570,18 +685,22 @@ impl FileSystem {
                     image_bytes = buf.len();
                     st.next_ino = img.next_ino;
                     st.next_seg = img.next_seg;
-                    st.inodes = img.inodes.into_iter().map(|i| (i.ino, i)).collect();
+                    st.inodes.map = img.pages.into_iter().collect();
                     st.segs = img.segments.into_iter().collect();
+                    st.counts = img.counts;
+                    st.orphans = img.orphans.into_iter().collect();
                 }
                 MetaRecord::Batch(b) if !first => {
                     journal_bytes += buf.len();
                     st.next_ino = b.next_ino;
                     st.next_seg = b.next_seg;
-                    for i in b.inodes {
-                        st.inodes.insert(i.ino, i);
-                    }
-                    for i in b.removed_inodes {
-                        st.inodes.remove(&i);
+                    st.counts = b.counts;
+                    st.orphans = b.orphans.into_iter().collect();
+                    for (p, loc) in b.pages {
+                        match loc {
+                            Some(l) => st.inodes.map.insert(p, l),
+                            None => st.inodes.map.remove(&p),
+                        };
                     }
                     for (id, s) in b.segments {
                         match s {
@@ -602,12 +721,15 @@ impl FileSystem {
         if !buf.is_empty() || first {
             return Err(MountError::Recovery("metadata log ends mid-record".into()));
         }
-        if !st.inodes.contains_key(&ROOT_INO) {
+        if !st.inodes.map.contains_key(&page_of(ROOT_INO)) {
             return Err(MountError::Recovery("no root directory".into()));
         }
-        // Free space is whatever no segment and no log stripe uses.
+        // Free space is whatever no segment, page or log stripe uses.
         st.capacity = self.data.capacity_stripes();
         let mut used: BTreeSet<u64> = chain.iter().copied().collect();
+        for loc in st.inodes.map.values() {
+            used.extend(loc.iter().map(|r| r.stripe));
+        }
         for s in st.segs.values() {
             for r in &s.records {
                 used.insert(r.stripe);
@@ -622,22 +744,27 @@ impl FileSystem {
         log.chain = chain;
         log.image_bytes = image_bytes;
         log.journal_bytes = journal_bytes;
+        drop(log);
+        let orphans: Vec<u64> = st.orphans.iter().copied().collect();
+        *self.state.lock().unwrap() = st;
         // Orphans: unlinked while open when the previous C-node stopped.
-        let orphans: Vec<u64> = st
-            .inodes
-            .values()
-            .filter(|i| i.nlink == 0)
-            .map(|i| i.ino)
-            .collect();
         for ino in orphans {
             tracing::info!(ino, "freeing an orphan inode");
-            st.delete_inode(ino);
+            self.with_state(|st| {
+                st.require(&[ino])?;
+                st.delete_inode(ino);
+                Ok(())
+            })
+            .await
+            .map_err(|e| MountError::Recovery(format!("freeing orphan {ino}: {e}")))?;
         }
-        drop(log);
-        *self.state.lock().unwrap() = st;
+        // The root must be readable: load its page now.
+        self.getattr(ROOT_INO)
+            .await
+            .map_err(|e| MountError::Recovery(format!("the root directory: {e}")))?;
         tracing::info!(
             seq = best.seq,
-            inodes = self.state.lock().unwrap().inodes.len(),
+            inodes = self.state.lock().unwrap().counts.inodes,
             "file system recovered"
         );
         Ok(())
@@ -676,19 +803,87 @@ impl FileSystem {
 
     // ---- namespace operations -------------------------------------------
 
-    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
-        let st = self.state.lock().unwrap();
-        st.inodes.get(&ino).map(attr).ok_or(FsError::NotFound)
+    /// Runs `f` on the state, loading whatever page it reports missing and
+    /// running it again (it changes nothing before all its inodes are in).
+    async fn with_state<T>(
+        &self,
+        mut f: impl FnMut(&mut State) -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
+        loop {
+            let r = f(&mut self.state.lock().unwrap());
+            match r {
+                Err(FsError::NotLoaded(p)) => self.load_page(p).await?,
+                r => return r,
+            }
+        }
     }
 
-    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
-        let st = self.state.lock().unwrap();
-        let ino = st.child(parent, name)?;
-        st.inodes.get(&ino).map(attr).ok_or(FsError::NotFound)
+    /// Reads page `p` from the D-nodes into the cache.
+    async fn load_page(&self, p: u64) -> Result<(), FsError> {
+        let loc = {
+            let st = self.state.lock().unwrap();
+            if st.inodes.pages.contains_key(&p) {
+                return Ok(());
+            }
+            match st.inodes.map.get(&p) {
+                Some(l) => l.clone(),
+                None => return Ok(()),
+            }
+        };
+        let blob = self.read_page(&loc).await?;
+        if blob.page != p || blob.fs_uuid != self.sb.fs_uuid {
+            return Err(FsError::Io(format!(
+                "metadata page {p}: found page {} of another file system or place",
+                blob.page
+            )));
+        }
+        let mut st = self.state.lock().unwrap();
+        // Unless it was loaded (or rewritten) meanwhile.
+        if !st.inodes.pages.contains_key(&p) && st.inodes.map.get(&p) == Some(&loc) {
+            let used = st.inodes.clock;
+            st.inodes.pages.insert(
+                p,
+                Page {
+                    inodes: blob.inodes.into_iter().map(|i| (i.ino, i)).collect(),
+                    used,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn read_page(&self, loc: &[StripeRecord]) -> Result<PageBlob, FsError> {
+        let strip = self.meta.geometry().strip_size();
+        let mut bytes = Vec::new();
+        for rec in loc {
+            let b = self.meta.read(rec, 0, strip).await?;
+            let part: MetaPart =
+                meta::unframe(META_MAGIC, &b).map_err(|e| FsError::Io(e.to_string()))?;
+            bytes.extend_from_slice(&part.payload);
+        }
+        postcard::from_bytes(&bytes).map_err(|e| FsError::Io(format!("metadata page: {e}")))
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        self.with_state(|st| {
+            st.require(&[ino])?;
+            st.inodes.get(&ino).map(attr).ok_or(FsError::NotFound)
+        })
+        .await
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        self.with_state(|st| {
+            st.require(&[parent])?;
+            let ino = st.child(parent, name)?;
+            st.require(&[ino])?;
+            st.inodes.get(&ino).map(attr).ok_or(FsError::NotFound)
+        })
+        .await
     }
 
     /// Creates a file, directory or symlink `name` in `parent`.
-    pub fn create(
+    pub async fn create(
         &self,
         parent: u64,
         name: &[u8],
@@ -699,112 +894,133 @@ impl FileSystem {
     ) -> Result<Attr, FsError> {
         self.check_writable()?;
         check_name(name)?;
-        let mut st = self.state.lock().unwrap();
-        if st.child(parent, name).is_ok() {
-            return Err(FsError::Exists);
-        }
-        let ino = st.next_ino;
-        st.next_ino += 1;
-        let t = now_ns();
-        let (kind, content, nlink, size) = match new {
-            NewKind::File => (Kind::File, Content::File(BTreeMap::new()), 1, 0),
-            NewKind::Dir => (
-                Kind::Dir,
-                Content::Dir {
-                    parent,
-                    entries: BTreeMap::new(),
-                },
-                2,
-                0,
-            ),
-            NewKind::Symlink(target) => (
-                Kind::Symlink,
-                Content::Symlink(target.to_vec()),
-                1,
-                target.len() as u64,
-            ),
-        };
-        let inode = Inode {
-            ino,
-            kind,
-            perm: perm & 0o7777,
-            uid,
-            gid,
-            nlink,
-            size,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            content,
-        };
-        let a = attr(&inode);
-        st.inodes.insert(ino, inode);
-        st.touch(ino);
-        let p = st.dir_mut(parent)?;
-        p.1.insert(name.to_vec(), ino);
-        let pi = st.inodes.get_mut(&parent).unwrap();
-        if kind == Kind::Dir {
-            pi.nlink += 1;
-        }
-        pi.mtime = t;
-        pi.ctime = t;
-        st.touch(parent);
-        Ok(a)
+        self.with_state(|st| {
+            let ino = st.next_ino;
+            st.require(&[parent, ino])?;
+            if st.child(parent, name).is_ok() {
+                return Err(FsError::Exists);
+            }
+            st.dir_mut(parent)?;
+            st.next_ino += 1;
+            let t = now_ns();
+            let (kind, content, nlink, size) = match new {
+                NewKind::File => (Kind::File, Content::File(BTreeMap::new()), 1, 0),
+                NewKind::Dir => (
+                    Kind::Dir,
+                    Content::Dir {
+                        parent,
+                        entries: BTreeMap::new(),
+                    },
+                    2,
+                    0,
+                ),
+                NewKind::Symlink(target) => (
+                    Kind::Symlink,
+                    Content::Symlink(target.to_vec()),
+                    1,
+                    target.len() as u64,
+                ),
+            };
+            let inode = Inode {
+                ino,
+                kind,
+                perm: perm & 0o7777,
+                uid,
+                gid,
+                nlink,
+                size,
+                atime: t,
+                mtime: t,
+                ctime: t,
+                content,
+            };
+            let a = attr(&inode);
+            st.inodes.insert(ino, inode);
+            st.counts.inodes += 1;
+            match kind {
+                Kind::File => st.counts.files += 1,
+                Kind::Dir => st.counts.dirs += 1,
+                Kind::Symlink => {}
+            }
+            st.touch(ino);
+            st.dir_mut(parent)?.1.insert(name.to_vec(), (ino, kind));
+            let pi = st.inodes.get_mut(&parent).unwrap();
+            if kind == Kind::Dir {
+                pi.nlink += 1;
+            }
+            pi.mtime = t;
+            pi.ctime = t;
+            st.touch(parent);
+            Ok(a)
+        })
+        .await
     }
 
-    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
-        let st = self.state.lock().unwrap();
-        match &st.inodes.get(&ino).ok_or(FsError::NotFound)?.content {
-            Content::Symlink(t) => Ok(t.clone()),
-            _ => Err(FsError::Invalid("not a symlink".into())),
-        }
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        self.with_state(|st| {
+            st.require(&[ino])?;
+            match &st.inodes.get(&ino).ok_or(FsError::NotFound)?.content {
+                Content::Symlink(t) => Ok(t.clone()),
+                _ => Err(FsError::Invalid("not a symlink".into())),
+            }
+        })
+        .await
     }
 
-    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr, FsError> {
+    pub async fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr, FsError> {
         self.check_writable()?;
         check_name(newname)?;
-        let mut st = self.state.lock().unwrap();
-        let kind = st.inodes.get(&ino).ok_or(FsError::NotFound)?.kind;
-        if kind == Kind::Dir {
-            return Err(FsError::NotPermitted);
-        }
-        if st.child(newparent, newname).is_ok() {
-            return Err(FsError::Exists);
-        }
-        st.dir_mut(newparent)?.1.insert(newname.to_vec(), ino);
-        let t = now_ns();
-        let i = st.inodes.get_mut(&ino).unwrap();
-        i.nlink += 1;
-        i.ctime = t;
-        let a = attr(i);
-        let p = st.inodes.get_mut(&newparent).unwrap();
-        p.mtime = t;
-        p.ctime = t;
-        st.touch(ino);
-        st.touch(newparent);
-        Ok(a)
+        self.with_state(|st| {
+            st.require(&[ino, newparent])?;
+            let kind = st.inodes.get(&ino).ok_or(FsError::NotFound)?.kind;
+            if kind == Kind::Dir {
+                return Err(FsError::NotPermitted);
+            }
+            if st.child(newparent, newname).is_ok() {
+                return Err(FsError::Exists);
+            }
+            st.dir_mut(newparent)?
+                .1
+                .insert(newname.to_vec(), (ino, kind));
+            let t = now_ns();
+            let i = st.inodes.get_mut(&ino).unwrap();
+            i.nlink += 1;
+            i.ctime = t;
+            let a = attr(i);
+            let p = st.inodes.get_mut(&newparent).unwrap();
+            p.mtime = t;
+            p.ctime = t;
+            st.touch(ino);
+            st.touch(newparent);
+            Ok(a)
+        })
+        .await
     }
 
     /// Removes `name` (a non-directory) from `parent`; committed before it returns.
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
         self.check_writable()?;
-        {
-            let mut st = self.state.lock().unwrap();
+        self.with_state(|st| {
+            st.require(&[parent])?;
             let ino = st.child(parent, name)?;
+            st.require(&[ino])?;
             if st.inodes[&ino].kind == Kind::Dir {
                 return Err(FsError::IsDir);
             }
             st.remove_entry(parent, name);
             st.drop_link(ino);
-        }
+            Ok(())
+        })
+        .await?;
         self.sync().await
     }
 
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
         self.check_writable()?;
-        {
-            let mut st = self.state.lock().unwrap();
+        self.with_state(|st| {
+            st.require(&[parent])?;
             let ino = st.child(parent, name)?;
+            st.require(&[ino])?;
             match &st.inodes[&ino].content {
                 Content::Dir { entries, .. } if !entries.is_empty() => {
                     return Err(FsError::NotEmpty)
@@ -815,7 +1031,9 @@ impl FileSystem {
             st.remove_entry(parent, name);
             st.inodes.get_mut(&parent).unwrap().nlink -= 1;
             st.delete_inode(ino);
-        }
+            Ok(())
+        })
+        .await?;
         self.sync().await
     }
 
@@ -831,175 +1049,209 @@ impl FileSystem {
     ) -> Result<(), FsError> {
         self.check_writable()?;
         check_name(newname)?;
-        {
-            let mut st = self.state.lock().unwrap();
-            let ino = st.child(parent, name)?;
-            st.dir_mut(newparent)?;
-            let kind = st.inodes[&ino].kind;
-            if kind == Kind::Dir {
-                // Not into itself or below itself.
-                let mut p = newparent;
-                loop {
-                    if p == ino {
-                        return Err(FsError::Invalid(
-                            "cannot move a directory into itself".into(),
-                        ));
-                    }
-                    if p == ROOT_INO {
-                        break;
-                    }
-                    p = match &st.inodes[&p].content {
-                        Content::Dir { parent, .. } => *parent,
-                        _ => break,
-                    };
+        let changed = self
+            .with_state(|st| {
+                st.require(&[parent, newparent])?;
+                let ino = st.child(parent, name)?;
+                st.dir_mut(newparent)?;
+                let target = st.child(newparent, newname).ok();
+                st.require(&[ino])?;
+                if let Some(t) = target {
+                    st.require(&[t])?;
                 }
-            }
-            if let Ok(target) = st.child(newparent, newname) {
-                if target == ino {
-                    return Ok(());
-                }
-                if noreplace {
-                    return Err(FsError::Exists);
-                }
-                match (&st.inodes[&target].content, kind) {
-                    (Content::Dir { entries, .. }, Kind::Dir) => {
-                        if !entries.is_empty() {
-                            return Err(FsError::NotEmpty);
+                let kind = st.inodes[&ino].kind;
+                if kind == Kind::Dir {
+                    // Not into itself or below itself.
+                    let mut p = newparent;
+                    loop {
+                        if p == ino {
+                            return Err(FsError::Invalid(
+                                "cannot move a directory into itself".into(),
+                            ));
                         }
-                        st.remove_entry(newparent, newname);
-                        st.inodes.get_mut(&newparent).unwrap().nlink -= 1;
-                        st.delete_inode(target);
+                        if p == ROOT_INO {
+                            break;
+                        }
+                        st.require(&[p])?;
+                        p = match &st.inodes[&p].content {
+                            Content::Dir { parent, .. } => *parent,
+                            _ => break,
+                        };
                     }
-                    (Content::Dir { .. }, _) => return Err(FsError::IsDir),
-                    (_, Kind::Dir) => return Err(FsError::NotDir),
-                    _ => {
-                        st.remove_entry(newparent, newname);
-                        st.drop_link(target);
+                }
+                if let Some(target) = target {
+                    if target == ino {
+                        return Ok(false);
+                    }
+                    if noreplace {
+                        return Err(FsError::Exists);
+                    }
+                    match (&st.inodes[&target].content, kind) {
+                        (Content::Dir { entries, .. }, Kind::Dir) => {
+                            if !entries.is_empty() {
+                                return Err(FsError::NotEmpty);
+                            }
+                            st.remove_entry(newparent, newname);
+                            st.inodes.get_mut(&newparent).unwrap().nlink -= 1;
+                            st.delete_inode(target);
+                        }
+                        (Content::Dir { .. }, _) => return Err(FsError::IsDir),
+                        (_, Kind::Dir) => return Err(FsError::NotDir),
+                        _ => {
+                            st.remove_entry(newparent, newname);
+                            st.drop_link(target);
+                        }
                     }
                 }
-            }
-            st.remove_entry(parent, name);
-            st.dir_mut(newparent)?.1.insert(newname.to_vec(), ino);
-            let t = now_ns();
-            if kind == Kind::Dir && parent != newparent {
-                st.inodes.get_mut(&parent).unwrap().nlink -= 1;
-                st.inodes.get_mut(&newparent).unwrap().nlink += 1;
-                if let Content::Dir { parent: p, .. } =
-                    &mut st.inodes.get_mut(&ino).unwrap().content
-                {
-                    *p = newparent;
+                st.remove_entry(parent, name);
+                st.dir_mut(newparent)?
+                    .1
+                    .insert(newname.to_vec(), (ino, kind));
+                let t = now_ns();
+                if kind == Kind::Dir && parent != newparent {
+                    st.inodes.get_mut(&parent).unwrap().nlink -= 1;
+                    st.inodes.get_mut(&newparent).unwrap().nlink += 1;
+                    if let Content::Dir { parent: p, .. } =
+                        &mut st.inodes.get_mut(&ino).unwrap().content
+                    {
+                        *p = newparent;
+                    }
                 }
-            }
-            for i in [parent, newparent, ino] {
-                let n = st.inodes.get_mut(&i).unwrap();
-                n.ctime = t;
-                if i != ino {
-                    n.mtime = t;
+                for i in [parent, newparent, ino] {
+                    let n = st.inodes.get_mut(&i).unwrap();
+                    n.ctime = t;
+                    if i != ino {
+                        n.mtime = t;
+                    }
+                    st.touch(i);
                 }
-                st.touch(i);
-            }
+                Ok(true)
+            })
+            .await?;
+        if changed {
+            self.sync().await?;
         }
-        self.sync().await
+        Ok(())
     }
 
     /// Entries of directory `ino` from position `offset` (0 is `.`, 1 is
     /// `..`), at most `max` of them, each with the position after it.
-    pub fn readdir(
+    pub async fn readdir(
         &self,
         ino: u64,
         offset: u64,
         max: usize,
     ) -> Result<Vec<(u64, DirEntry)>, FsError> {
-        let st = self.state.lock().unwrap();
-        let d = st.inodes.get(&ino).ok_or(FsError::NotFound)?;
-        let Content::Dir { parent, entries } = &d.content else {
-            return Err(FsError::NotDir);
-        };
-        let mut out = Vec::new();
-        let dots = [(ino, b".".to_vec()), (*parent, b"..".to_vec())];
-        let all = dots
-            .into_iter()
-            .chain(entries.iter().map(|(n, i)| (*i, n.clone())));
-        for (pos, (i, name)) in all.enumerate().skip(offset as usize) {
-            if out.len() >= max {
-                break;
-            }
-            let kind = st.inodes.get(&i).map(|x| x.kind).unwrap_or(Kind::Dir);
-            out.push((pos as u64 + 1, DirEntry { ino: i, kind, name }));
-        }
-        Ok(out)
+        self.with_state(|st| {
+            st.require(&[ino])?;
+            let d = st.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            let Content::Dir { parent, entries } = &d.content else {
+                return Err(FsError::NotDir);
+            };
+            let dots = [
+                (ino, Kind::Dir, b".".to_vec()),
+                (*parent, Kind::Dir, b"..".to_vec()),
+            ];
+            let all = dots
+                .into_iter()
+                .chain(entries.iter().map(|(n, (i, k))| (*i, *k, n.clone())));
+            Ok(all
+                .enumerate()
+                .skip(offset as usize)
+                .take(max)
+                .map(|(pos, (i, kind, name))| (pos as u64 + 1, DirEntry { ino: i, kind, name }))
+                .collect())
+        })
+        .await
     }
 
-    pub fn setattr(&self, ino: u64, set: &SetAttr) -> Result<Attr, FsError> {
+    pub async fn setattr(&self, ino: u64, set: &SetAttr) -> Result<Attr, FsError> {
         self.check_writable()?;
-        let mut st = self.state.lock().unwrap();
-        let t = now_ns();
-        let i = st.inodes.get_mut(&ino).ok_or(FsError::NotFound)?;
-        if let Some(p) = set.perm {
-            i.perm = p & 0o7777;
-        }
-        if let Some(u) = set.uid {
-            i.uid = u;
-        }
-        if let Some(g) = set.gid {
-            i.gid = g;
-        }
-        if let Some(a) = set.atime {
-            i.atime = from_time(a);
-        }
-        if let Some(m) = set.mtime {
-            i.mtime = from_time(m);
-        }
-        i.ctime = t;
-        if let Some(size) = set.size {
-            match i.kind {
-                Kind::Dir => return Err(FsError::IsDir),
-                Kind::Symlink => return Err(FsError::Invalid("truncating a symlink".into())),
-                Kind::File => {}
-            }
-            if set.mtime.is_none() {
-                i.mtime = t;
-            }
-            let old = i.size;
-            i.size = size;
-            if size < old {
-                let mut dead = Vec::new();
-                if let Content::File(ext) = &mut i.content {
-                    punch(ext, size, u64::MAX, &mut dead);
-                }
-                for (seg, len) in dead {
-                    st.release(seg, len);
+        self.with_state(|st| {
+            st.require(&[ino])?;
+            let t = now_ns();
+            let i = st.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            if set.size.is_some() {
+                match i.kind {
+                    Kind::Dir => return Err(FsError::IsDir),
+                    Kind::Symlink => return Err(FsError::Invalid("truncating a symlink".into())),
+                    Kind::File => {}
                 }
             }
-        }
-        st.touch(ino);
-        Ok(attr(&st.inodes[&ino]))
+            let i = st.inodes.get_mut(&ino).unwrap();
+            if let Some(p) = set.perm {
+                i.perm = p & 0o7777;
+            }
+            if let Some(u) = set.uid {
+                i.uid = u;
+            }
+            if let Some(g) = set.gid {
+                i.gid = g;
+            }
+            if let Some(a) = set.atime {
+                i.atime = from_time(a);
+            }
+            if let Some(m) = set.mtime {
+                i.mtime = from_time(m);
+            }
+            i.ctime = t;
+            let mut dead = Vec::new();
+            let mut grew = 0i128;
+            if let Some(size) = set.size {
+                if set.mtime.is_none() {
+                    i.mtime = t;
+                }
+                let old = i.size;
+                i.size = size;
+                grew = size as i128 - old as i128;
+                if size < old {
+                    if let Content::File(ext) = &mut i.content {
+                        punch(ext, size, u64::MAX, &mut dead);
+                    }
+                }
+            }
+            st.counts.logical_bytes = (st.counts.logical_bytes as i128 + grew) as u64;
+            for (seg, len) in dead {
+                st.release(seg, len);
+            }
+            st.touch(ino);
+            Ok(attr(&st.inodes[&ino]))
+        })
+        .await
     }
 
-    pub fn open_file(&self, ino: u64) -> Result<Attr, FsError> {
-        let mut st = self.state.lock().unwrap();
-        let a = st.inodes.get(&ino).map(attr).ok_or(FsError::NotFound)?;
-        *st.open_handles.entry(ino).or_default() += 1;
-        Ok(a)
+    pub async fn open_file(&self, ino: u64) -> Result<Attr, FsError> {
+        self.with_state(|st| {
+            st.require(&[ino])?;
+            let a = st.inodes.get(&ino).map(attr).ok_or(FsError::NotFound)?;
+            *st.open_handles.entry(ino).or_default() += 1;
+            Ok(a)
+        })
+        .await
     }
 
     /// The last handle of an unlinked file frees it.
-    pub fn release_file(&self, ino: u64) {
-        let mut st = self.state.lock().unwrap();
-        let gone = match st.open_handles.get_mut(&ino) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            Some(_) => {
-                st.open_handles.remove(&ino);
-                true
-            }
-            None => false,
-        };
-        if gone && st.inodes.get(&ino).is_some_and(|i| i.nlink == 0) {
-            st.delete_inode(ino);
-        }
+    pub async fn release_file(&self, ino: u64) {
+        let _ = self
+            .with_state(|st| {
+                st.require(&[ino])?;
+                let gone = match st.open_handles.get_mut(&ino) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        false
+                    }
+                    Some(_) => {
+                        st.open_handles.remove(&ino);
+                        true
+                    }
+                    None => false,
+                };
+                if gone && st.inodes.get(&ino).is_some_and(|i| i.nlink == 0) {
+                    st.delete_inode(ino);
+                }
+                Ok(())
+            })
+            .await;
     }
 
     // ---- data -------------------------------------------------------------
@@ -1012,12 +1264,23 @@ impl FileSystem {
     /// Copies `data` into the data log at `offset` of file `ino`. Returns
     /// the segments it filled: the caller passes them to
     /// [`FileSystem::write_segments`] (holding its write guard throughout).
-    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<Vec<u64>, FsError> {
+    pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<Vec<u64>, FsError> {
         self.check_writable()?;
         if offset.checked_add(data.len() as u64).is_none() {
             return Err(FsError::Invalid("offset + length overflows".into()));
         }
-        let mut st = self.state.lock().unwrap();
+        self.with_state(|st| self.write_locked(st, ino, offset, data))
+            .await
+    }
+
+    fn write_locked(
+        &self,
+        st: &mut State,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Vec<u64>, FsError> {
+        st.require(&[ino])?;
         match st.inodes.get(&ino).map(|i| i.kind) {
             None => return Err(FsError::NotFound),
             Some(Kind::Dir) => return Err(FsError::IsDir),
@@ -1068,9 +1331,12 @@ impl FileSystem {
         }
         let t = now_ns();
         let i = st.inodes.get_mut(&ino).unwrap();
+        let old = i.size;
         i.size = i.size.max(offset + data.len() as u64);
         i.mtime = t;
         i.ctime = t;
+        let grew = i.size - old;
+        st.counts.logical_bytes += grew;
         st.touch(ino);
         Ok(sealed)
     }
@@ -1134,55 +1400,57 @@ impl FileSystem {
             offset: usize,
             len: usize,
         }
-        let (mut out, jobs) = {
-            let st = self.state.lock().unwrap();
-            let i = st.inodes.get(&ino).ok_or(FsError::NotFound)?;
-            let Content::File(map) = &i.content else {
-                return Err(if i.kind == Kind::Dir {
-                    FsError::IsDir
-                } else {
-                    FsError::Invalid("reading a symlink".into())
-                });
-            };
-            if offset >= i.size {
-                return Ok(Vec::new());
-            }
-            let len = (len as u64).min(i.size - offset) as usize;
-            let end = offset + len as u64;
-            let mut out = vec![0u8; len];
-            let mut jobs = Vec::new();
-            let first = map
-                .range(..=offset)
-                .next_back()
-                .filter(|(k, e)| *k + e.len as u64 > offset)
-                .map(|(k, _)| *k)
-                .unwrap_or(offset);
-            for (&k, e) in map.range(first..end) {
-                let lo = k.max(offset);
-                let hi = (k + e.len as u64).min(end);
-                let at = (lo - offset) as usize;
-                let n = (hi - lo) as usize;
-                let seg_off = e.offset as usize + (lo - k) as usize;
-                let dst = &mut out[at..at + n];
-                if let Some(o) = st.open.as_ref().filter(|o| o.id == e.seg) {
-                    dst.copy_from_slice(&o.buf[seg_off..seg_off + n]);
-                } else if let Some(b) = st.unwritten.get(&e.seg) {
-                    dst.copy_from_slice(&b[seg_off..seg_off + n]);
-                } else {
-                    let s = st
-                        .segs
-                        .get(&e.seg)
-                        .ok_or_else(|| FsError::Io(format!("segment {} is missing", e.seg)))?;
-                    jobs.push(Job {
-                        at,
-                        records: s.records.clone(),
-                        offset: seg_off,
-                        len: n,
+        let (mut out, jobs) = self
+            .with_state(|st| {
+                st.require(&[ino])?;
+                let i = st.inodes.get(&ino).ok_or(FsError::NotFound)?;
+                let Content::File(map) = &i.content else {
+                    return Err(if i.kind == Kind::Dir {
+                        FsError::IsDir
+                    } else {
+                        FsError::Invalid("reading a symlink".into())
                     });
+                };
+                if offset >= i.size {
+                    return Ok((Vec::new(), Vec::new()));
                 }
-            }
-            (out, jobs)
-        };
+                let len = (len as u64).min(i.size - offset) as usize;
+                let end = offset + len as u64;
+                let mut out = vec![0u8; len];
+                let mut jobs = Vec::new();
+                let first = map
+                    .range(..=offset)
+                    .next_back()
+                    .filter(|(k, e)| *k + e.len as u64 > offset)
+                    .map(|(k, _)| *k)
+                    .unwrap_or(offset);
+                for (&k, e) in map.range(first..end) {
+                    let lo = k.max(offset);
+                    let hi = (k + e.len as u64).min(end);
+                    let at = (lo - offset) as usize;
+                    let n = (hi - lo) as usize;
+                    let seg_off = e.offset as usize + (lo - k) as usize;
+                    let dst = &mut out[at..at + n];
+                    if let Some(o) = st.open.as_ref().filter(|o| o.id == e.seg) {
+                        dst.copy_from_slice(&o.buf[seg_off..seg_off + n]);
+                    } else if let Some(b) = st.unwritten.get(&e.seg) {
+                        dst.copy_from_slice(&b[seg_off..seg_off + n]);
+                    } else {
+                        let s = st
+                            .segs
+                            .get(&e.seg)
+                            .ok_or_else(|| FsError::Io(format!("segment {} is missing", e.seg)))?;
+                        jobs.push(Job {
+                            at,
+                            records: s.records.clone(),
+                            offset: seg_off,
+                            len: n,
+                        });
+                    }
+                }
+                Ok((out, jobs))
+            })
+            .await?;
         let s = self.data.geometry().strip_size();
         let mut reads = Vec::new();
         for j in &jobs {
@@ -1214,7 +1482,8 @@ impl FileSystem {
     // ---- commit -------------------------------------------------------------
 
     /// Makes every change so far durable: writes the open segment, then the
-    /// changed metadata, then the commit record on a majority of D-nodes.
+    /// changed pages of inodes and the log record naming them, then the
+    /// commit record on a majority of D-nodes.
     pub async fn sync(&self) -> Result<(), FsError> {
         if self.opts.read_only {
             return Ok(());
@@ -1228,9 +1497,10 @@ impl FileSystem {
             return Err(FsError::ReadOnly(why.clone()));
         }
         let image_due = log.force_image || log.journal_bytes > (8 << 20) + log.image_bytes;
+        let seq = log.seq + 1;
         // Hold writers off while the snapshot is made consistent: every
         // segment it references is on the D-nodes first.
-        let (record, to_free, changes) = {
+        let snap = {
             let _x = self.quiesce.write().await;
             let sealed = self.state.lock().unwrap().seal();
             let all: Vec<u64> = {
@@ -1244,52 +1514,140 @@ impl FileSystem {
                 self.write_segment(id).await?;
             }
             let mut st = self.state.lock().unwrap();
-            let record = if image_due {
-                st.dirty_inodes.clear();
-                st.removed_inodes.clear();
-                st.dirty_segs.clear();
-                MetaRecord::Image(Image {
-                    next_ino: st.next_ino,
-                    next_seg: st.next_seg,
-                    inodes: st.inodes.values().cloned().collect(),
-                    segments: st
-                        .segs
+            let dirty = std::mem::take(&mut st.inodes.dirty);
+            let pages: Vec<(u64, Option<Vec<u8>>)> = dirty
+                .into_iter()
+                .map(|p| {
+                    let inodes: Vec<Inode> = st
+                        .inodes
+                        .pages
+                        .get(&p)
+                        .map(|pg| pg.inodes.values().cloned().collect())
+                        .unwrap_or_default();
+                    let blob = (!inodes.is_empty()).then(|| {
+                        encode(&PageBlob {
+                            fs_uuid: self.sb.fs_uuid,
+                            page: p,
+                            inodes,
+                        })
+                    });
+                    (p, blob)
+                })
+                .collect();
+            let segs = std::mem::take(&mut st.dirty_segs);
+            Snapshot {
+                pages,
+                segments: if image_due {
+                    st.segs
                         .iter()
                         .filter(|(_, s)| !s.records.is_empty())
-                        .map(|(id, s)| (*id, s.clone()))
-                        .collect(),
-                })
-            } else {
-                let inodes = std::mem::take(&mut st.dirty_inodes);
-                let removed = std::mem::take(&mut st.removed_inodes);
-                let segs = std::mem::take(&mut st.dirty_segs);
-                MetaRecord::Batch(Batch {
-                    next_ino: st.next_ino,
-                    next_seg: st.next_seg,
-                    inodes: inodes
-                        .iter()
-                        .filter_map(|i| st.inodes.get(i).cloned())
-                        .collect(),
-                    removed_inodes: removed.into_iter().collect(),
-                    segments: segs
-                        .into_iter()
+                        .map(|(id, s)| (*id, Some(s.clone())))
+                        .collect()
+                } else {
+                    segs.into_iter()
                         .map(|id| {
                             (
                                 id,
                                 st.segs.get(&id).filter(|s| !s.records.is_empty()).cloned(),
                             )
                         })
-                        .collect(),
-                })
-            };
-            let to_free = std::mem::take(&mut st.pending_free);
-            (record, to_free, st.changes)
+                        .collect()
+                },
+                next_ino: st.next_ino,
+                next_seg: st.next_seg,
+                counts: st.counts,
+                orphans: st.orphans.iter().copied().collect(),
+                to_free: std::mem::take(&mut st.pending_free),
+                changes: st.changes,
+            }
         };
-        match self.commit_record(&mut log, record).await {
+        let Snapshot {
+            pages,
+            segments,
+            next_ino,
+            next_seg,
+            counts,
+            orphans,
+            mut to_free,
+            changes,
+        } = snap;
+        let r = async {
+            // The changed pages, each to fresh stripes (copy-on-write).
+            let strip = self.meta.geometry().strip_size();
+            let mut located: Vec<(u64, Option<PageLocation>)> = Vec::with_capacity(pages.len());
+            for batch in pages.chunks(16) {
+                let writes = batch.iter().map(|(p, blob)| async move {
+                    let Some(b) = blob else {
+                        return Ok((*p, None));
+                    };
+                    let stripes = self.alloc_stripes(parts_for(b.len(), strip))?;
+                    match write_parts(&self.meta, self.sb.fs_uuid, seq, false, None, b, &stripes)
+                        .await
+                    {
+                        Ok(loc) => Ok((*p, Some(loc))),
+                        Err(e) => {
+                            self.state.lock().unwrap().free.extend(stripes);
+                            Err(e)
+                        }
+                    }
+                });
+                for r in join_all(writes).await {
+                    located.push(r?);
+                }
+            }
+            // New locations in force now (the pages' content is newest), old
+            // ones free once this commit is durable.
+            let record = {
+                let mut st = self.state.lock().unwrap();
+                for (p, loc) in &located {
+                    let old = match loc {
+                        Some(l) => st.inodes.map.insert(*p, l.clone()),
+                        None => {
+                            if st
+                                .inodes
+                                .pages
+                                .get(p)
+                                .is_some_and(|pg| pg.inodes.is_empty())
+                            {
+                                st.inodes.pages.remove(p);
+                            }
+                            st.inodes.map.remove(p)
+                        }
+                    };
+                    to_free.extend(old.into_iter().flatten().map(|r| r.stripe));
+                }
+                if image_due {
+                    MetaRecord::Image(Image {
+                        next_ino,
+                        next_seg,
+                        pages: st.inodes.map.iter().map(|(p, l)| (*p, l.clone())).collect(),
+                        segments: segments
+                            .into_iter()
+                            .filter_map(|(id, s)| s.map(|s| (id, s)))
+                            .collect(),
+                        counts,
+                        orphans,
+                    })
+                } else {
+                    MetaRecord::Batch(Batch {
+                        next_ino,
+                        next_seg,
+                        pages: located,
+                        segments,
+                        counts,
+                        orphans,
+                    })
+                }
+            };
+            self.commit_record(&mut log, record).await
+        }
+        .await;
+        match r {
             Ok(old_chain) => {
                 let mut st = self.state.lock().unwrap();
                 st.free.extend(to_free);
                 st.free.extend(old_chain);
+                st.inodes.evict(self.opts.cache_pages);
                 log.committed_changes = changes;
                 log.force_image = false;
                 Ok(())
@@ -1303,6 +1661,21 @@ impl FileSystem {
         }
     }
 
+    fn alloc_stripes(&self, n: usize) -> Result<Vec<u64>, FsError> {
+        let mut st = self.state.lock().unwrap();
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            match st.alloc_stripe() {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    st.free.extend(out);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes one record to the metadata log and commits it. Returns the
     /// stripes of the log it made obsolete (when it wrote an image).
     async fn commit_record(
@@ -1313,35 +1686,22 @@ impl FileSystem {
         let image = matches!(record, MetaRecord::Image(_));
         let bytes = meta::encode_record(&record);
         drop(record);
-        let strip = self.meta.geometry().strip_size();
-        let room = strip - meta::PART_HEADER_ROOM - meta::FRAME_OVERHEAD;
         let seq = log.seq + 1;
-        let mut prev = if image { None } else { log.head.clone() };
-        let mut written = Vec::new();
-        let nparts = bytes.len().div_ceil(room).max(1);
-        let r: Result<StripeRecord, FsError> = async {
-            for p in 0..nparts {
-                let chunk = &bytes[(p * room).min(bytes.len())..((p + 1) * room).min(bytes.len())];
-                let part = MetaPart {
-                    fs_uuid: self.sb.fs_uuid,
-                    seq,
-                    image,
-                    part: p as u32,
-                    last: p + 1 == nparts,
-                    prev: prev.take(),
-                    payload: chunk.to_vec(),
-                };
-                let block = meta::frame(META_MAGIC, &part, strip)
-                    .map_err(|e| FsError::Io(e.to_string()))?;
-                let stripe = self.state.lock().unwrap().alloc_stripe()?;
-                written.push(stripe);
-                prev = Some(self.meta.write_stripe(stripe, &block).await?);
-            }
-            Ok(prev.take().expect("at least one part"))
-        }
-        .await;
-        let head = match r {
-            Ok(h) => h,
+        let prev = if image { None } else { log.head.clone() };
+        let strip = self.meta.geometry().strip_size();
+        let written = self.alloc_stripes(parts_for(bytes.len(), strip))?;
+        let head = match write_parts(
+            &self.meta,
+            self.sb.fs_uuid,
+            seq,
+            image,
+            prev,
+            &bytes,
+            &written,
+        )
+        .await
+        {
+            Ok(mut recs) => recs.pop().expect("at least one part"),
             Err(e) => {
                 // Nothing references these stripes: free them at once.
                 self.state.lock().unwrap().free.extend(written);
@@ -1485,11 +1845,7 @@ impl FileSystem {
         let st = self.state.lock().unwrap();
         let free_stripes = st.free.len() as u64 + st.capacity.saturating_sub(st.high);
         let per = self.seg_bytes as u64;
-        (
-            st.capacity * per,
-            free_stripes * per,
-            st.inodes.len() as u64,
-        )
+        (st.capacity * per, free_stripes * per, st.counts.inodes)
     }
 
     pub async fn stats(&self) -> Stats {
@@ -1502,16 +1858,9 @@ impl FileSystem {
             commit_seq: log.seq,
             ..Default::default()
         };
-        for i in st.inodes.values() {
-            match i.kind {
-                Kind::File => {
-                    out.files += 1;
-                    out.logical_bytes += i.size;
-                }
-                Kind::Dir => out.dirs += 1,
-                Kind::Symlink => {}
-            }
-        }
+        out.files = st.counts.files;
+        out.dirs = st.counts.dirs;
+        out.logical_bytes = st.counts.logical_bytes;
         for seg in st.segs.values() {
             out.live_bytes += seg.live;
             for r in &seg.records {
@@ -1521,7 +1870,9 @@ impl FileSystem {
                 }
             }
         }
-        out.metadata_bytes = (log.chain.len() * self.meta.geometry().width() * s) as u64;
+        let page_stripes: usize = st.inodes.map.values().map(Vec::len).sum();
+        out.metadata_bytes =
+            ((log.chain.len() + page_stripes) * self.meta.geometry().width() * s) as u64;
         let free = st.free.len() as u64 + st.capacity.saturating_sub(st.high);
         out.capacity_bytes = st.capacity * self.seg_bytes as u64;
         out.free_bytes = free * self.seg_bytes as u64;
@@ -1534,16 +1885,55 @@ impl FileSystem {
     pub async fn fsck(&self) -> FsckReport {
         let mut rep = FsckReport::default();
         let chain = self.log.lock().await.chain.clone();
-        let segs = {
+        let (map, mut inodes, segs, orphans, counts) = {
             let st = self.state.lock().unwrap();
-            rep.inodes = st.inodes.len();
-            st.check(&mut rep, self.seg_bytes);
-            st.segs.clone()
+            let resident: HashMap<u64, Inode> = st
+                .inodes
+                .pages
+                .values()
+                .flat_map(|pg| pg.inodes.iter().map(|(k, v)| (*k, v.clone())))
+                .collect();
+            (
+                st.inodes.map.clone(),
+                resident,
+                st.segs.clone(),
+                st.orphans.clone(),
+                st.counts,
+            )
         };
+        // Pages not in memory are read from the D-nodes, one at a time.
+        for (p, loc) in &map {
+            let resident = {
+                let st = self.state.lock().unwrap();
+                st.inodes.pages.contains_key(p)
+            };
+            if resident {
+                continue;
+            }
+            match self.read_page(loc).await {
+                Ok(b) if b.page == *p => inodes.extend(b.inodes.into_iter().map(|i| (i.ino, i))),
+                Ok(b) => rep
+                    .problems
+                    .push(format!("page {p} holds page {} instead", b.page)),
+                Err(e) => rep.problems.push(format!("page {p}: {e}")),
+            }
+        }
+        rep.inodes = inodes.len();
+        check_metadata(&inodes, &segs, &orphans, &counts, &mut rep, self.seg_bytes);
         // No stripe in two places.
         let mut seen: HashMap<u64, String> = HashMap::new();
         for s in &chain {
             seen.insert(*s, "the metadata log".into());
+        }
+        for (p, loc) in &map {
+            for r in loc {
+                if let Some(prev) = seen.insert(r.stripe, format!("page {p}")) {
+                    rep.problems.push(format!(
+                        "stripe {} is used by both {prev} and page {p}",
+                        r.stripe
+                    ));
+                }
+            }
         }
         for (id, seg) in &segs {
             for r in &seg.records {
@@ -1607,6 +1997,15 @@ impl FileSystem {
                 meta.push(rec);
             }
         }
+        let st = self.state.lock().unwrap();
+        meta.extend(
+            st.inodes
+                .map
+                .values()
+                .flatten()
+                .filter(|r| r.nodes.contains(&(slot as u16)))
+                .cloned(),
+        );
         (data, meta)
     }
 
@@ -1722,12 +2121,85 @@ impl FileSystem {
             done += 1;
             progress(done, total);
         }
-        // A fresh image moves the metadata log off the slot too.
+        // Pages with a copy on the slot are rewritten elsewhere, and a
+        // fresh image moves the log off it too.
+        let pages: Vec<u64> = {
+            let st = self.state.lock().unwrap();
+            st.inodes
+                .map
+                .iter()
+                .filter(|(_, l)| l.iter().any(|r| r.nodes.contains(&(slot as u16))))
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        for p in pages {
+            self.with_state(|st| {
+                st.require(&[p * meta::PAGE_INODES])?;
+                st.inodes.dirty.insert(p);
+                Ok(())
+            })
+            .await?;
+        }
         self.log.lock().await.force_image = true;
         self.state.lock().unwrap().changes += 1;
         self.sync().await?;
         Ok(total)
     }
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("metadata serializes")
+}
+
+/// Bytes of payload one metadata part carries.
+fn part_room(strip: usize) -> usize {
+    strip - meta::PART_HEADER_ROOM - meta::FRAME_OVERHEAD
+}
+
+/// Metadata parts `bytes` needs.
+fn parts_for(bytes: usize, strip: usize) -> usize {
+    bytes.div_ceil(part_room(strip)).max(1)
+}
+
+/// Writes `bytes` as metadata parts into `stripes` (one each, as many as
+/// [`parts_for`]). Log records (`image` or batch, `prev` given for a batch)
+/// chain each part to the one before; a page's parts stand alone
+/// (`prev: None`, `image: false`). Returns where the parts went, in order.
+async fn write_parts(
+    meta: &Volume,
+    fs_uuid: [u8; 16],
+    seq: u64,
+    image: bool,
+    mut prev: Option<StripeRecord>,
+    bytes: &[u8],
+    stripes: &[u64],
+) -> Result<Vec<StripeRecord>, FsError> {
+    let strip = meta.geometry().strip_size();
+    let room = part_room(strip);
+    let n = parts_for(bytes.len(), strip);
+    assert_eq!(n, stripes.len(), "one stripe per part");
+    let chained = image || prev.is_some();
+    let mut out = Vec::with_capacity(n);
+    for (p, &stripe) in stripes.iter().enumerate() {
+        let chunk = &bytes[(p * room).min(bytes.len())..((p + 1) * room).min(bytes.len())];
+        let part = MetaPart {
+            fs_uuid,
+            seq,
+            image,
+            part: p as u32,
+            last: p + 1 == n,
+            prev: if chained { prev.take() } else { None },
+            payload: chunk.to_vec(),
+        };
+        let block =
+            meta::frame(META_MAGIC, &part, strip).map_err(|e| FsError::Io(e.to_string()))?;
+        let rec = meta.write_stripe(stripe, &block).await?;
+        if chained {
+            prev = Some(rec.clone());
+        }
+        out.push(rec);
+    }
+    Ok(out)
 }
 
 fn check_name(name: &[u8]) -> Result<(), FsError> {
@@ -1810,19 +2282,36 @@ fn insert_extent(map: &mut BTreeMap<u64, Extent>, at: u64, e: Extent, dead: &mut
 
 impl State {
     fn touch(&mut self, ino: u64) {
-        self.dirty_inodes.insert(ino);
-        self.removed_inodes.remove(&ino);
+        self.inodes.dirty.insert(page_of(ino));
         self.changes += 1;
+    }
+
+    /// Makes sure the pages of `inos` are in memory (or that they do not
+    /// exist), or says which page to load first. Operations call it before
+    /// they change anything, so a retry after loading is always safe.
+    fn require(&mut self, inos: &[u64]) -> Result<(), FsError> {
+        self.inodes.clock += 1;
+        for &ino in inos {
+            if let Some(p) = self.inodes.missing(ino) {
+                return Err(FsError::NotLoaded(p));
+            }
+            let now = self.inodes.clock;
+            if let Some(pg) = self.inodes.pages.get_mut(&page_of(ino)) {
+                pg.used = now;
+            }
+        }
+        Ok(())
     }
 
     fn child(&self, parent: u64, name: &[u8]) -> Result<u64, FsError> {
         match &self.inodes.get(&parent).ok_or(FsError::NotFound)?.content {
-            Content::Dir { entries, .. } => entries.get(name).copied().ok_or(FsError::NotFound),
+            Content::Dir { entries, .. } => entries.get(name).map(|e| e.0).ok_or(FsError::NotFound),
             _ => Err(FsError::NotDir),
         }
     }
 
-    fn dir_mut(&mut self, ino: u64) -> Result<(u64, &mut BTreeMap<Vec<u8>, u64>), FsError> {
+    #[allow(clippy::type_complexity)]
+    fn dir_mut(&mut self, ino: u64) -> Result<(u64, &mut BTreeMap<Vec<u8>, (u64, Kind)>), FsError> {
         match &mut self.inodes.get_mut(&ino).ok_or(FsError::NotFound)?.content {
             Content::Dir { parent, entries } => Ok((*parent, entries)),
             _ => Err(FsError::NotDir),
@@ -1841,7 +2330,8 @@ impl State {
         self.touch(parent);
     }
 
-    /// One fewer name for `ino`; at none (and not open) it is freed.
+    /// One fewer name for `ino`; at none it is freed, or (while open) kept
+    /// as an orphan until its last close.
     fn drop_link(&mut self, ino: u64) {
         let Some(i) = self.inodes.get_mut(&ino) else {
             return;
@@ -1851,6 +2341,9 @@ impl State {
         if i.nlink == 0 && !self.open_handles.contains_key(&ino) {
             self.delete_inode(ino);
         } else {
+            if i.nlink == 0 {
+                self.orphans.insert(ino);
+            }
             self.touch(ino);
         }
     }
@@ -1859,13 +2352,19 @@ impl State {
         let Some(i) = self.inodes.remove(&ino) else {
             return;
         };
-        if let Content::File(map) = i.content {
-            for e in map.values() {
-                self.release(e.seg, e.len as u64);
+        self.counts.inodes -= 1;
+        match i.content {
+            Content::File(map) => {
+                self.counts.files -= 1;
+                self.counts.logical_bytes -= i.size;
+                for e in map.values() {
+                    self.release(e.seg, e.len as u64);
+                }
             }
+            Content::Dir { .. } => self.counts.dirs -= 1,
+            Content::Symlink(_) => {}
         }
-        self.dirty_inodes.remove(&ino);
-        self.removed_inodes.insert(ino);
+        self.orphans.remove(&ino);
         self.changes += 1;
     }
 
@@ -1921,102 +2420,132 @@ impl State {
         }
         Err(FsError::NoSpace)
     }
+}
 
-    /// The invariants fsck checks on the metadata itself.
-    fn check(&self, rep: &mut FsckReport, seg_bytes: usize) {
-        let mut links: HashMap<u64, u32> = HashMap::new();
-        let mut subdirs: HashMap<u64, u32> = HashMap::new();
-        let mut live: HashMap<u64, u64> = HashMap::new();
-        for i in self.inodes.values() {
-            match &i.content {
-                Content::Dir { parent, entries } => {
-                    rep.dirs += 1;
-                    if !self.inodes.contains_key(parent) {
+/// The invariants fsck checks on the metadata itself, over every inode.
+fn check_metadata(
+    inodes: &HashMap<u64, Inode>,
+    segs: &HashMap<u64, Segment>,
+    orphans: &BTreeSet<u64>,
+    counts: &Counts,
+    rep: &mut FsckReport,
+    seg_bytes: usize,
+) {
+    let mut links: HashMap<u64, u32> = HashMap::new();
+    let mut subdirs: HashMap<u64, u32> = HashMap::new();
+    let mut live: HashMap<u64, u64> = HashMap::new();
+    for i in inodes.values() {
+        match &i.content {
+            Content::Dir { parent, entries } => {
+                rep.dirs += 1;
+                if !inodes.contains_key(parent) {
+                    rep.problems
+                        .push(format!("directory {} has a missing parent {parent}", i.ino));
+                }
+                for (name, (c, kind)) in entries {
+                    let n = String::from_utf8_lossy(name);
+                    if inodes.get(c).is_some_and(|ci| ci.kind != *kind) {
+                        rep.problems.push(format!(
+                            "directory {} entry '{n}' records the wrong kind",
+                            i.ino
+                        ));
+                    }
+                    match inodes.get(c) {
+                        None => rep.problems.push(format!(
+                            "directory {} entry '{n}' points to missing inode {c}",
+                            i.ino
+                        )),
+                        Some(ci) if ci.kind == Kind::Dir => {
+                            *subdirs.entry(i.ino).or_default() += 1;
+                            if !matches!(&ci.content, Content::Dir { parent, .. } if *parent == i.ino)
+                            {
+                                rep.problems.push(format!(
+                                    "directory {c} ('{n}') does not name {} as its parent",
+                                    i.ino
+                                ));
+                            }
+                        }
+                        Some(_) => *links.entry(*c).or_default() += 1,
+                    }
+                }
+            }
+            Content::File(map) => {
+                rep.files += 1;
+                let mut end = 0;
+                for (&k, e) in map {
+                    if k < end {
                         rep.problems
-                            .push(format!("directory {} has a missing parent {parent}", i.ino));
+                            .push(format!("file {} has overlapping extents at {k}", i.ino));
                     }
-                    for (name, c) in entries {
-                        let n = String::from_utf8_lossy(name);
-                        match self.inodes.get(c) {
-                            None => rep.problems.push(format!(
-                                "directory {} entry '{n}' points to missing inode {c}",
-                                i.ino
-                            )),
-                            Some(ci) if ci.kind == Kind::Dir => {
-                                *subdirs.entry(i.ino).or_default() += 1;
-                                if !matches!(&ci.content, Content::Dir { parent, .. } if *parent == i.ino)
-                                {
-                                    rep.problems.push(format!(
-                                        "directory {c} ('{n}') does not name {} as its parent",
-                                        i.ino
-                                    ));
-                                }
+                    end = k + e.len as u64;
+                    if end > i.size {
+                        rep.problems.push(format!(
+                            "file {} has an extent beyond its size {} (ends at {end})",
+                            i.ino, i.size
+                        ));
+                    }
+                    match segs.get(&e.seg) {
+                        None => rep.problems.push(format!(
+                            "file {} extent at {k} points to missing segment {}",
+                            i.ino, e.seg
+                        )),
+                        Some(s) => {
+                            if e.offset as u64 + e.len as u64 > s.len as u64
+                                || s.len as usize > seg_bytes
+                            {
+                                rep.problems.push(format!(
+                                    "file {} extent at {k} is outside segment {}",
+                                    i.ino, e.seg
+                                ));
                             }
-                            Some(_) => *links.entry(*c).or_default() += 1,
+                            *live.entry(e.seg).or_default() += e.len as u64;
                         }
                     }
                 }
-                Content::File(map) => {
-                    rep.files += 1;
-                    let mut end = 0;
-                    for (&k, e) in map {
-                        if k < end {
-                            rep.problems
-                                .push(format!("file {} has overlapping extents at {k}", i.ino));
-                        }
-                        end = k + e.len as u64;
-                        if end > i.size {
-                            rep.problems.push(format!(
-                                "file {} has an extent beyond its size {} (ends at {end})",
-                                i.ino, i.size
-                            ));
-                        }
-                        match self.segs.get(&e.seg) {
-                            None => rep.problems.push(format!(
-                                "file {} extent at {k} points to missing segment {}",
-                                i.ino, e.seg
-                            )),
-                            Some(s) => {
-                                if e.offset as u64 + e.len as u64 > s.len as u64
-                                    || s.len as usize > seg_bytes
-                                {
-                                    rep.problems.push(format!(
-                                        "file {} extent at {k} is outside segment {}",
-                                        i.ino, e.seg
-                                    ));
-                                }
-                                *live.entry(e.seg).or_default() += e.len as u64;
-                            }
-                        }
-                    }
-                }
-                Content::Symlink(_) => {}
             }
+            Content::Symlink(_) => {}
         }
-        for i in self.inodes.values() {
-            let expect = match i.kind {
-                Kind::Dir => 2 + subdirs.get(&i.ino).copied().unwrap_or(0),
-                _ => links.get(&i.ino).copied().unwrap_or(0),
-            };
-            if i.nlink != expect && !(i.nlink == 0 && self.open_handles.contains_key(&i.ino)) {
-                rep.problems.push(format!(
-                    "inode {} has link count {} but {} names",
-                    i.ino, i.nlink, expect
-                ));
-            }
+    }
+    for i in inodes.values() {
+        let expect = match i.kind {
+            Kind::Dir => 2 + subdirs.get(&i.ino).copied().unwrap_or(0),
+            _ => links.get(&i.ino).copied().unwrap_or(0),
+        };
+        if i.nlink != expect && !(i.nlink == 0 && orphans.contains(&i.ino)) {
+            rep.problems.push(format!(
+                "inode {} has link count {} but {} names",
+                i.ino, i.nlink, expect
+            ));
         }
-        for (id, s) in &self.segs {
-            if s.records.is_empty() {
-                continue;
-            }
-            let counted = live.get(id).copied().unwrap_or(0);
-            if counted != s.live {
-                rep.problems.push(format!(
-                    "segment {id} records {} live bytes but files reference {counted}",
-                    s.live
-                ));
-            }
+    }
+    for (id, s) in segs {
+        if s.records.is_empty() {
+            continue;
         }
+        let counted = live.get(id).copied().unwrap_or(0);
+        if counted != s.live {
+            rep.problems.push(format!(
+                "segment {id} records {} live bytes but files reference {counted}",
+                s.live
+            ));
+        }
+    }
+    let mut actual = Counts::default();
+    for i in inodes.values() {
+        actual.inodes += 1;
+        match i.kind {
+            Kind::File => {
+                actual.files += 1;
+                actual.logical_bytes += i.size;
+            }
+            Kind::Dir => actual.dirs += 1,
+            Kind::Symlink => {}
+        }
+    }
+    if actual != *counts {
+        rep.problems.push(format!(
+            "recorded totals {counts:?} differ from the inodes' {actual:?}"
+        ));
     }
 }
 

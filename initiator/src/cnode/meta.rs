@@ -33,7 +33,17 @@ const _: () = assert!(COMMIT_OFFSET >= super::lease::LEASE_OFFSET + 4096);
 
 pub const COMMIT_MAGIC: [u8; 8] = *b"DASECOMT";
 pub const META_MAGIC: [u8; 8] = *b"DASEMETA";
-pub const VERSION: u32 = 1;
+/// 2: inodes in pages of their own, the log holds where each page is.
+pub const VERSION: u32 = 2;
+
+/// Inodes per metadata page: a page of small inodes fits a strip or two,
+/// and pages are what the C-node caches and evicts.
+pub const PAGE_INODES: u64 = 256;
+
+/// The page an inode lives in.
+pub fn page_of(ino: u64) -> u64 {
+    ino / PAGE_INODES
+}
 
 /// magic (8) + version (4) + length (4) before the payload, CRC32C (4) after.
 pub const FRAME_OVERHEAD: usize = 20;
@@ -64,10 +74,11 @@ pub struct Extent {
 pub enum Content {
     /// Extents keyed by file offset; gaps read as zeros (sparse files).
     File(BTreeMap<u64, Extent>),
-    /// Entries by name, and the parent directory (for `..`).
+    /// Entries by name (inode and its kind, so listing needs no other
+    /// inode), and the parent directory (for `..`).
     Dir {
         parent: u64,
-        entries: BTreeMap<Vec<u8>, u64>,
+        entries: BTreeMap<Vec<u8>, (u64, Kind)>,
     },
     Symlink(Vec<u8>),
 }
@@ -102,13 +113,29 @@ pub struct Segment {
     pub live: u64,
 }
 
-/// The whole file system at one commit.
+/// Where a page's blob is: the metadata stripes holding its parts, in order.
+pub type PageLocation = Vec<StripeRecord>;
+
+/// File system totals, kept so that reporting needs no scan of every inode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub inodes: u64,
+    pub files: u64,
+    pub dirs: u64,
+    /// Sum of regular files' sizes.
+    pub logical_bytes: u64,
+}
+
+/// The whole file system at one commit: where every page is, and the segments.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Image {
     pub next_ino: u64,
     pub next_seg: u64,
-    pub inodes: Vec<Inode>,
+    pub pages: Vec<(u64, PageLocation)>,
     pub segments: Vec<(u64, Segment)>,
+    pub counts: Counts,
+    /// Inodes unlinked while open: freed at the next mount if still there.
+    pub orphans: Vec<u64>,
 }
 
 /// What changed since the previous commit.
@@ -116,10 +143,21 @@ pub struct Image {
 pub struct Batch {
     pub next_ino: u64,
     pub next_seg: u64,
-    pub inodes: Vec<Inode>,
-    pub removed_inodes: Vec<u64>,
+    /// `None`: the page no longer holds any inode.
+    pub pages: Vec<(u64, Option<PageLocation>)>,
     /// `None`: the segment was freed.
     pub segments: Vec<(u64, Option<Segment>)>,
+    pub counts: Counts,
+    pub orphans: Vec<u64>,
+}
+
+/// The content of one page, written as metadata parts of its own (not in
+/// the log chain: the log names them).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PageBlob {
+    pub fs_uuid: [u8; 16],
+    pub page: u64,
+    pub inodes: Vec<Inode>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -280,23 +318,37 @@ mod tests {
                 len: 200,
             },
         );
+        let inode = Inode {
+            ino: 2,
+            kind: Kind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            size: 4296,
+            atime: 1,
+            mtime: 2,
+            ctime: 3,
+            content: Content::File(ext),
+        };
+        let blob = PageBlob {
+            fs_uuid: [1; 16],
+            page: 0,
+            inodes: vec![inode],
+        };
+        let back: PageBlob = postcard::from_bytes(&postcard::to_allocvec(&blob).unwrap()).unwrap();
+        assert_eq!(back.inodes, blob.inodes);
         let r = MetaRecord::Batch(Batch {
             next_ino: 9,
             next_seg: 4,
-            inodes: vec![Inode {
-                ino: 2,
-                kind: Kind::File,
-                perm: 0o644,
-                uid: 0,
-                gid: 0,
-                nlink: 1,
-                size: 4296,
-                atime: 1,
-                mtime: 2,
-                ctime: 3,
-                content: Content::File(ext),
-            }],
-            removed_inodes: vec![5],
+            pages: vec![(0, Some(vec![rec()])), (3, None)],
+            counts: Counts {
+                inodes: 2,
+                files: 1,
+                dirs: 1,
+                logical_bytes: 4296,
+            },
+            orphans: vec![5],
             segments: vec![
                 (
                     3,
@@ -313,7 +365,8 @@ mod tests {
         let MetaRecord::Batch(back) = decode_record(&b).unwrap() else {
             panic!("kind changed")
         };
-        assert_eq!(back.inodes.len(), 1);
+        assert_eq!(back.pages[0].1.as_ref().unwrap()[0], rec());
+        assert_eq!(back.counts.files, 1);
         assert_eq!(back.segments[0].1.as_ref().unwrap().records[0], rec());
         assert!(decode_record(&b[..b.len() / 2]).is_err());
     }
