@@ -269,6 +269,11 @@ struct Inodes {
     map: HashMap<u64, PageLocation>,
     /// Pages changed since the last commit snapshot.
     dirty: BTreeSet<u64>,
+    /// Pages a commit has captured but whose new location is not yet in
+    /// `map`: evicting one now would lose its changes.
+    committing: BTreeSet<u64>,
+    /// Most pages kept in memory (beyond dirty and committing ones).
+    limit: usize,
     clock: u64,
 }
 
@@ -305,15 +310,19 @@ impl Inodes {
         Some(i)
     }
 
-    /// Drops clean pages, least recently used first, down to `keep`.
-    fn evict(&mut self, keep: usize) {
-        if self.pages.len() <= keep {
+    /// Drops clean pages, least recently used first, down to the limit.
+    /// (A quarter more is tolerated first, so one sort serves many loads.)
+    fn evict(&mut self) {
+        let keep = self.limit.max(1);
+        if self.pages.len() <= keep + keep / 4 {
             return;
         }
         let mut clean: Vec<(u64, u64)> = self
             .pages
             .iter()
-            .filter(|(p, _)| !self.dirty.contains(p) && self.map.contains_key(p))
+            .filter(|(p, _)| {
+                !self.dirty.contains(p) && !self.committing.contains(p) && self.map.contains_key(p)
+            })
             .map(|(p, pg)| (pg.used, *p))
             .collect();
         clean.sort_unstable();
@@ -746,6 +755,7 @@ impl FileSystem {
         log.journal_bytes = journal_bytes;
         drop(log);
         let orphans: Vec<u64> = st.orphans.iter().copied().collect();
+        st.inodes.limit = self.opts.cache_pages;
         *self.state.lock().unwrap() = st;
         // Orphans: unlinked while open when the previous C-node stopped.
         for ino in orphans {
@@ -848,6 +858,8 @@ impl FileSystem {
                     used,
                 },
             );
+            // Reading alone must not grow the cache either.
+            st.inodes.evict();
         }
         Ok(())
     }
@@ -1515,6 +1527,7 @@ impl FileSystem {
             }
             let mut st = self.state.lock().unwrap();
             let dirty = std::mem::take(&mut st.inodes.dirty);
+            st.inodes.committing = dirty.clone();
             let pages: Vec<(u64, Option<Vec<u8>>)> = dirty
                 .into_iter()
                 .map(|p| {
@@ -1616,6 +1629,7 @@ impl FileSystem {
                     };
                     to_free.extend(old.into_iter().flatten().map(|r| r.stripe));
                 }
+                st.inodes.committing.clear();
                 if image_due {
                     MetaRecord::Image(Image {
                         next_ino,
@@ -1647,7 +1661,7 @@ impl FileSystem {
                 let mut st = self.state.lock().unwrap();
                 st.free.extend(to_free);
                 st.free.extend(old_chain);
-                st.inodes.evict(self.opts.cache_pages);
+                st.inodes.evict();
                 log.committed_changes = changes;
                 log.force_image = false;
                 Ok(())
@@ -1655,6 +1669,10 @@ impl FileSystem {
             Err(e) => {
                 let mut st = self.state.lock().unwrap();
                 st.pending_free.extend(to_free);
+                // Pages whose new copies may not have been written are
+                // changed again: the next commit writes them.
+                let pending = std::mem::take(&mut st.inodes.committing);
+                st.inodes.dirty.extend(pending);
                 log.force_image = true;
                 Err(e)
             }
