@@ -1365,34 +1365,16 @@ impl FileSystem {
         let Some(buf) = self.state.lock().unwrap().unwritten.get(&id).cloned() else {
             return Ok(());
         };
-        let mut records = Vec::new();
-        let mut off = 0;
-        let r: Result<(), FsError> = async {
-            while off < buf.len() {
-                let stripe = self.state.lock().unwrap().alloc_stripe()?;
-                match self.data.write_prefix(stripe, &buf[off..]).await {
-                    Ok((rec, n)) => {
-                        records.push(rec);
-                        off += n;
-                    }
-                    Err(e) => {
-                        self.state.lock().unwrap().free.insert(stripe);
-                        return Err(e.into());
-                    }
-                }
-            }
-            Ok(())
-        }
-        .await;
+        let r = self.write_as_stripes(&buf).await;
         let mut st = self.state.lock().unwrap();
-        if let Err(e) = r {
-            // Not lost: it stays in memory and the next commit retries it.
-            for rec in records {
-                st.free.insert(rec.stripe);
+        let records = match r {
+            Ok(r) => r,
+            Err(e) => {
+                // Not lost: it stays in memory and the next commit retries it.
+                tracing::warn!(segment = id, error = %e, "segment write failed; kept for retry");
+                return Err(e);
             }
-            tracing::warn!(segment = id, error = %e, "segment write failed; kept for retry");
-            return Err(e);
-        }
+        };
         st.unwritten.remove(&id);
         let s = st.segs.get_mut(&id).expect("unwritten segments exist");
         s.records = records;
@@ -1402,6 +1384,37 @@ impl FileSystem {
             st.free_segment(id);
         }
         Ok(())
+    }
+
+    /// Writes `bytes` as one or more data stripes (narrower ones when
+    /// D-nodes are down), in order. On failure nothing stays allocated.
+    async fn write_as_stripes(&self, bytes: &[u8]) -> Result<Vec<StripeRecord>, FsError> {
+        let mut records: Vec<StripeRecord> = Vec::new();
+        let mut off = 0;
+        while off < bytes.len() {
+            let allocated = self.state.lock().unwrap().alloc_stripe();
+            let r = match allocated {
+                Ok(stripe) => self
+                    .data
+                    .write_prefix(stripe, &bytes[off..])
+                    .await
+                    .map_err(|e| (Some(stripe), e.into())),
+                Err(e) => Err((None, e)),
+            };
+            match r {
+                Ok((rec, n)) => {
+                    records.push(rec);
+                    off += n;
+                }
+                Err((stripe, e)) => {
+                    let mut st = self.state.lock().unwrap();
+                    st.free.extend(stripe);
+                    st.free.extend(records.iter().map(|r| r.stripe));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(records)
     }
 
     /// Reads up to `len` bytes at `offset` (fewer at the end of the file).
@@ -2107,20 +2120,20 @@ impl FileSystem {
                     new.push(r.clone());
                     continue;
                 }
-                let strips = self.data.read_stripe(r).await?;
-                let bytes: Vec<u8> = strips[..r.k as usize].concat();
-                let mut off = 0;
-                while off < bytes.len() {
-                    let stripe = self.state.lock().unwrap().alloc_stripe()?;
-                    match self.data.write_prefix(stripe, &bytes[off..]).await {
-                        Ok((rec, n)) => {
-                            new.push(rec);
-                            off += n;
-                        }
-                        Err(e) => {
-                            self.state.lock().unwrap().free.insert(stripe);
-                            return Err(e.into());
-                        }
+                let copied = async {
+                    let strips = self.data.read_stripe(r).await?;
+                    self.write_as_stripes(&strips[..r.k as usize].concat())
+                        .await
+                }
+                .await;
+                match copied {
+                    Ok(recs) => new.extend(recs),
+                    Err(e) => {
+                        // The copies made so far for this segment are garbage.
+                        let mut st = self.state.lock().unwrap();
+                        st.free
+                            .extend(new.iter().filter(|n| !old.contains(n)).map(|n| n.stripe));
+                        return Err(e);
                     }
                 }
                 freed.push(r.stripe);
