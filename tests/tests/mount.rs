@@ -456,7 +456,12 @@ fn a_dnode_down_too_long_is_restriped_in_the_background() {
     write_file(&root.join("data"), &data);
     rig.nodes[1].kill();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !m.log_text().contains("background rebuild done") {
+    while !m.log_text().contains("background rebuild finished") {
+        assert!(
+            !m.log_text().contains("background rebuild failed"),
+            "{}",
+            m.log_text()
+        );
         assert!(
             Instant::now() < deadline,
             "no background rebuild: {}",

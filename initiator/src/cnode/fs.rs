@@ -1839,12 +1839,16 @@ impl FileSystem {
                         tokio::spawn(async move {
                             let r = fs
                                 .evacuate(i, |d, t| {
-                                    tracing::info!(done = d, total = t, "background rebuild");
+                                    tracing::info!(
+                                        done = d,
+                                        total = t,
+                                        "background rebuild progress"
+                                    );
                                 })
                                 .await;
                             match r {
                                 Ok(n) => {
-                                    tracing::info!(dnode = %addr, segments = n, "background rebuild done")
+                                    tracing::info!(dnode = %addr, segments = n, "background rebuild finished")
                                 }
                                 Err(e) => {
                                     tracing::error!(dnode = %addr, error = %e, "background rebuild failed")
