@@ -319,19 +319,24 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-/// `n` D-nodes on backing files `dir/dN.img` of `size`, one failure
-/// domain each, and how a cluster file names them.
-pub fn file_dnodes(dir: &Path, name: &str, n: usize, size: &str) -> (Vec<DNode>, Vec<DNodeSpec>) {
+/// `n` D-nodes with 4096-byte blocks, namespace `namespace(i)` (a path or
+/// `memory`) of `size`, one failure domain each, and how a cluster file
+/// names them.
+pub fn start_dnodes(
+    name: &str,
+    n: usize,
+    size: &str,
+    namespace: impl Fn(usize) -> String,
+) -> (Vec<DNode>, Vec<DNodeSpec>) {
     let mut nodes = Vec::new();
     let mut specs = Vec::new();
     for i in 0..n {
         let nqn = nqn(&format!("{name}-d{i}"));
-        let img = dir.join(format!("d{i}.img"));
         let d = DNode::start(&[
             "--nqn",
             &nqn,
             "--namespace",
-            img.to_str().unwrap(),
+            &namespace(i),
             "--size",
             size,
             "--block-size",
@@ -347,6 +352,13 @@ pub fn file_dnodes(dir: &Path, name: &str, n: usize, size: &str) -> (Vec<DNode>,
         nodes.push(d);
     }
     (nodes, specs)
+}
+
+/// [`start_dnodes`] on backing files `dir/dN.img`.
+pub fn file_dnodes(dir: &Path, name: &str, n: usize, size: &str) -> (Vec<DNode>, Vec<DNodeSpec>) {
+    start_dnodes(name, n, size, |i| {
+        dir.join(format!("d{i}.img")).to_string_lossy().into_owned()
+    })
 }
 
 /// D-nodes on backing files in a temp dir, their cluster file, formatted

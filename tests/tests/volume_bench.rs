@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dase_erasure::Geometry;
-use dase_initiator::cnode::{Cluster, ClusterFile, DNodeSpec, StripeRecord, Volume};
+use dase_initiator::cnode::{Cluster, ClusterFile, StripeRecord, Volume};
 use dase_initiator::host::{join_all, ControllerOptions};
 use dase_tests::*;
 
@@ -21,29 +21,7 @@ const IN_FLIGHT: usize = 8;
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture (release build recommended)"]
 fn volume_throughput_healthy_and_degraded() {
-    let mut nodes = Vec::new();
-    let mut specs = Vec::new();
-    for i in 0..13 {
-        let nqn = nqn(&format!("vbench-d{i}"));
-        let d = DNode::start(&[
-            "--nqn",
-            &nqn,
-            "--namespace",
-            "memory",
-            "--size",
-            "256M",
-            "--block-size",
-            "4096",
-        ]);
-        specs.push(DNodeSpec {
-            addr: d.addr_string(),
-            nqn,
-            nsid: 1,
-            domain: format!("d{i}"),
-            id: None,
-        });
-        nodes.push(d);
-    }
+    let (mut nodes, specs) = start_dnodes("vbench", 13, "256M", |_| "memory".into());
     let file = ClusterFile { dnodes: specs };
     let data: Vec<Vec<u8>> = (0..IN_FLIGHT)
         .map(|i| pattern(10 * STRIP, i as u64 + 1))
