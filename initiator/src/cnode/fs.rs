@@ -471,9 +471,17 @@ impl FileSystem {
             inodes: vec![root],
         };
         let cfg = |e: FsError| MountError::Recovery(e.to_string());
-        let page = write_parts(&meta, sb.fs_uuid, 1, false, None, &encode(&blob), &[1])
-            .await
-            .map_err(cfg)?;
+        let page = write_parts(
+            &meta,
+            sb.fs_uuid,
+            1,
+            false,
+            None,
+            &meta::encode(&blob),
+            &[1],
+        )
+        .await
+        .map_err(cfg)?;
         let image = MetaRecord::Image(Image {
             next_ino: ROOT_INO + 1,
             next_seg: 0,
@@ -492,7 +500,7 @@ impl FileSystem {
             1,
             true,
             None,
-            &meta::encode_record(&image),
+            &meta::encode(&image),
             &[0],
         )
         .await
@@ -688,7 +696,8 @@ impl FileSystem {
             if !p.last {
                 continue;
             }
-            let rec = meta::decode_record(&buf).map_err(|e| MountError::Recovery(e.to_string()))?;
+            let rec = meta::decode::<MetaRecord>(&buf, "metadata record")
+                .map_err(|e| MountError::Recovery(e.to_string()))?;
             match rec {
                 MetaRecord::Image(img) if first => {
                     image_bytes = buf.len();
@@ -873,7 +882,7 @@ impl FileSystem {
                 meta::unframe(META_MAGIC, &b).map_err(|e| FsError::Io(e.to_string()))?;
             bytes.extend_from_slice(&part.payload);
         }
-        postcard::from_bytes(&bytes).map_err(|e| FsError::Io(format!("metadata page: {e}")))
+        meta::decode(&bytes, "metadata page").map_err(|e| FsError::Io(e.to_string()))
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
@@ -1551,7 +1560,7 @@ impl FileSystem {
                         .map(|pg| pg.inodes.values().cloned().collect())
                         .unwrap_or_default();
                     let blob = (!inodes.is_empty()).then(|| {
-                        encode(&PageBlob {
+                        meta::encode(&PageBlob {
                             fs_uuid: self.sb.fs_uuid,
                             page: p,
                             inodes,
@@ -1715,7 +1724,7 @@ impl FileSystem {
         record: MetaRecord,
     ) -> Result<Vec<u64>, FsError> {
         let image = matches!(record, MetaRecord::Image(_));
-        let bytes = meta::encode_record(&record);
+        let bytes = meta::encode(&record);
         drop(record);
         let seq = log.seq + 1;
         let prev = if image { None } else { log.head.clone() };
@@ -1878,7 +1887,7 @@ impl FileSystem {
 
     pub fn statfs(&self) -> (u64, u64, u64) {
         let st = self.state.lock().unwrap();
-        let free_stripes = st.free.len() as u64 + st.capacity.saturating_sub(st.high);
+        let free_stripes = st.free_stripes();
         let per = self.seg_bytes as u64;
         (st.capacity * per, free_stripes * per, st.counts.inodes)
     }
@@ -1908,7 +1917,7 @@ impl FileSystem {
         let page_stripes: usize = st.inodes.map.values().map(Vec::len).sum();
         out.metadata_bytes =
             ((log.chain.len() + page_stripes) * self.meta.geometry().width() * s) as u64;
-        let free = st.free.len() as u64 + st.capacity.saturating_sub(st.high);
+        let free = st.free_stripes();
         out.capacity_bytes = st.capacity * self.seg_bytes as u64;
         out.free_bytes = free * self.seg_bytes as u64;
         out
@@ -1983,12 +1992,13 @@ impl FileSystem {
         rep.segments = segs.len();
         let records: Vec<StripeRecord> = segs.values().flat_map(|s| s.records.clone()).collect();
         for chunk in records.chunks(16) {
-            let results = join_all(chunk.iter().map(|r| async move {
-                let before = self.cluster.up_count();
-                (r, self.data.read_stripe(r).await, before)
-            }))
+            let results = join_all(
+                chunk
+                    .iter()
+                    .map(|r| async move { (r, self.data.read_stripe(r).await) }),
+            )
             .await;
-            for (r, res, _) in results {
+            for (r, res) in results {
                 rep.stripes_checked += 1;
                 if r.nodes.iter().any(|&n| !self.cluster.is_up(n as usize)) {
                     rep.degraded_stripes += 1;
@@ -2180,10 +2190,6 @@ impl FileSystem {
         self.sync().await?;
         Ok(total)
     }
-}
-
-fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_allocvec(v).expect("metadata serializes")
 }
 
 /// Bytes of payload one metadata part carries.
@@ -2443,6 +2449,11 @@ impl State {
         }
         self.unwritten.insert(o.id, Arc::new(o.buf));
         Some(o.id)
+    }
+
+    /// Stripes free now: below `high` in the free set, and all above it.
+    fn free_stripes(&self) -> u64 {
+        self.free.len() as u64 + self.capacity.saturating_sub(self.high)
     }
 
     fn alloc_stripe(&mut self) -> Result<u64, FsError> {

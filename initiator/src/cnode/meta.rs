@@ -257,12 +257,14 @@ pub fn unframe<T: for<'de> Deserialize<'de>>(magic: [u8; 8], b: &[u8]) -> Result
     postcard::from_bytes(&b[16..end]).map_err(|e| MetaError::Corrupt(e.to_string()))
 }
 
-pub fn encode_record(r: &MetaRecord) -> Vec<u8> {
-    postcard::to_allocvec(r).expect("metadata records always serialize")
+/// The postcard encoding of a metadata value (a record, a page).
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("metadata values always serialize")
 }
 
-pub fn decode_record(b: &[u8]) -> Result<MetaRecord, MetaError> {
-    postcard::from_bytes(b).map_err(|e| MetaError::Corrupt(format!("metadata record: {e}")))
+/// Decodes what [`encode`] wrote; `what` names it in the error.
+pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T, MetaError> {
+    postcard::from_bytes(b).map_err(|e| MetaError::Corrupt(format!("{what}: {e}")))
 }
 
 #[cfg(test)]
@@ -336,7 +338,7 @@ mod tests {
             page: 0,
             inodes: vec![inode],
         };
-        let back: PageBlob = postcard::from_bytes(&postcard::to_allocvec(&blob).unwrap()).unwrap();
+        let back: PageBlob = decode(&encode(&blob), "page").unwrap();
         assert_eq!(back.inodes, blob.inodes);
         let r = MetaRecord::Batch(Batch {
             next_ino: 9,
@@ -361,13 +363,13 @@ mod tests {
                 (1, None),
             ],
         });
-        let b = encode_record(&r);
-        let MetaRecord::Batch(back) = decode_record(&b).unwrap() else {
+        let b = encode(&r);
+        let MetaRecord::Batch(back) = decode::<MetaRecord>(&b, "record").unwrap() else {
             panic!("kind changed")
         };
         assert_eq!(back.pages[0].1.as_ref().unwrap()[0], rec());
         assert_eq!(back.counts.files, 1);
         assert_eq!(back.segments[0].1.as_ref().unwrap().records[0], rec());
-        assert!(decode_record(&b[..b.len() / 2]).is_err());
+        assert!(decode::<MetaRecord>(&b[..b.len() / 2], "record").is_err());
     }
 }
