@@ -228,7 +228,7 @@ impl Fuse {
 
 impl Fuse {
     /// What both dase mounts ask of the kernel.
-    fn configure(_req: &Request, config: &mut KernelConfig) {
+    fn configure(config: &mut KernelConfig) {
         // Without ASYNC_DIO the kernel sends one O_DIRECT request at a time.
         let want = InitFlags::FUSE_ASYNC_DIO
             | InitFlags::FUSE_PARALLEL_DIROPS
@@ -245,8 +245,8 @@ impl Fuse {
 }
 
 impl Filesystem for Fuse {
-    fn init(&mut self, req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        Fuse::configure(req, config);
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        Fuse::configure(config);
         Ok(())
     }
 
@@ -746,6 +746,10 @@ pub fn mount(a: MountArgs) -> Result<()> {
         .ok()
         .filter(|d| !d.is_zero())
         .context("--commit-interval must be positive")?;
+    // Before the runtime's threads exist, so that they all inherit the mask.
+    // SIGINT/SIGTERM then detach the mount; the session ends and we commit
+    // and release the lease below.
+    unmount_on_signal(&mp)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -798,28 +802,6 @@ pub fn mount(a: MountArgs) -> Result<()> {
             return Err(e).with_context(|| format!("mounting FUSE at {}", mp.display()));
         }
     };
-    // SIGINT/SIGTERM: detach the mount; the session then ends and we
-    // commit and release the lease below.
-    {
-        let mp = mp.clone();
-        rt.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("signal: unmounting");
-            if let Err(e) = detach(&mp) {
-                tracing::error!(error = %e, "unmount failed");
-            }
-        });
-    }
     println!(
         "mounted dase file system {uuid} at {} ({} geometry, {} D-nodes)",
         mp.display(),
@@ -873,8 +855,8 @@ fn noop_attr(ino: u64) -> FileAttr {
 }
 
 impl Filesystem for Noop {
-    fn init(&mut self, req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        Fuse::configure(req, config);
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        Fuse::configure(config);
         Ok(())
     }
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -975,9 +957,9 @@ pub fn noop_mount(a: NoopArgs) -> Result<()> {
     c.acl = fuser::SessionACL::All;
     c.n_threads = Some(a.threads.clamp(1, 64));
     c.clone_fd = true;
+    unmount_on_signal(&mp)?;
     let session = fuser::Session::new(Noop, &mp, &c)
         .with_context(|| format!("mounting at {}", mp.display()))?;
-    unmount_on_signal(&mp)?;
     println!("mounted no-op file system at {} (file: data)", mp.display());
     use std::io::Write;
     std::io::stdout().flush()?;
@@ -985,7 +967,9 @@ pub fn noop_mount(a: NoopArgs) -> Result<()> {
     Ok(())
 }
 
-/// SIGINT/SIGTERM detach the mount (a thread waits for them).
+/// SIGINT/SIGTERM detach the mount at `mp` (a thread waits for them); one
+/// that arrives before anything is mounted there ends the process. Call it
+/// before any other thread starts: they inherit the blocked signals.
 fn unmount_on_signal(mp: &Path) -> Result<()> {
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: plain signal-mask calls on a local set; blocking the signals
@@ -1001,7 +985,14 @@ fn unmount_on_signal(mp: &Path) -> Result<()> {
         let mut sig = 0;
         // SAFETY: waits on the set blocked above.
         unsafe { libc::sigwait(&set, &mut sig) };
-        let _ = detach(&mp);
+        if find_mount(&mp).is_none() {
+            eprintln!("dase: interrupted before mounting");
+            std::process::exit(130);
+        }
+        tracing::info!("signal: unmounting");
+        if let Err(e) = detach(&mp) {
+            tracing::error!(error = %e, "unmount failed");
+        }
     });
     Ok(())
 }
