@@ -52,10 +52,13 @@ fn dase(args: &[&str]) -> String {
 }
 
 /// The three sequential/random workloads on `file`.
-fn workloads(file: &str, size: &str) -> [Figure; 3] {
-    let common = [
+/// Sequential 1 MiB O_DIRECT I/O at QD4 over `size` of `file`.
+fn sequential(file: &str, size: &str, rw: &str) -> Figure {
+    bench(&[
         "--filename",
         file,
+        "--rw",
+        rw,
         "--bs",
         "1M",
         "--iodepth",
@@ -64,9 +67,12 @@ fn workloads(file: &str, size: &str) -> [Figure; 3] {
         "1",
         "--size",
         size,
-    ];
-    let w = bench(&[&common[..], &["--rw", "write"]].concat());
-    let r = bench(&[&common[..], &["--rw", "read"]].concat());
+    ])
+}
+
+fn workloads(file: &str, size: &str) -> [Figure; 3] {
+    let w = sequential(file, size, "write");
+    let r = sequential(file, size, "read");
     let rr = bench(&[
         "--filename",
         file,
@@ -193,20 +199,7 @@ fn file_system_against_its_ceilings() {
         // SAFETY: signalling a D-node this test started.
         unsafe { libc::kill(pids[i], libc::SIGKILL) };
     }
-    let deg = bench(&[
-        "--filename",
-        f,
-        "--rw",
-        "read",
-        "--bs",
-        "1M",
-        "--iodepth",
-        "4",
-        "--direct",
-        "1",
-        "--size",
-        &size,
-    ]);
+    let deg = sequential(f, &size, "read");
     // Rebuild one of them onto a fresh D-node while mounted.
     let img = tmp.path().join("fresh.img");
     let fresh = DNode::start(&[
