@@ -7,5 +7,6 @@
 
 pub mod cnode;
 pub mod host;
+pub mod reduce;
 
 pub use host::{Controller, ControllerOptions, HostError, NvmeUri, QueuePair};

@@ -1,0 +1,468 @@
+//! Data reduction, sans IO: content-defined chunking, fingerprints,
+//! similarity sketches and the chunk codecs (plain compression and deltas
+//! against a reference chunk). The file system (`cnode::fs`) drives these
+//! and keeps the indexes; nothing here touches the network or the disk.
+
+use serde::{Deserialize, Serialize};
+use zstd::zstd_safe::{self, CCtx, CParameter, DCtx};
+
+/// A chunk's strong fingerprint (BLAKE3): the key of the chunk index.
+pub type Fp = [u8; 32];
+
+pub fn fingerprint(data: &[u8]) -> Fp {
+    *blake3::hash(data).as_bytes()
+}
+
+/// What a file system does to the data written into it (chosen at mkfs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reduce {
+    /// Bytes are stored as written.
+    None,
+    /// Content-defined chunks, each stored once.
+    Dedup,
+    /// Dedup, then deltas against similar chunks, then compression.
+    #[default]
+    Full,
+}
+
+impl std::str::FromStr for Reduce {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Reduce::None),
+            "dedup" => Ok(Reduce::Dedup),
+            "full" => Ok(Reduce::Full),
+            _ => Err(format!("reduction {s:?}: expected none, dedup or full")),
+        }
+    }
+}
+
+impl std::fmt::Display for Reduce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reduce::None => "none",
+            Reduce::Dedup => "dedup",
+            Reduce::Full => "full",
+        })
+    }
+}
+
+/// Average chunk size. 16 KiB: archives whose members move between versions
+/// dedup only with small chunks, and measured on the evaluation corpus
+/// (BENCHMARKS.md) 16 KiB stored less than 32 or 64 KiB.
+pub const AVG_CHUNK: u32 = 16 << 10;
+pub const MIN_CHUNK: u32 = AVG_CHUNK / 4;
+pub const MAX_CHUNK: u32 = AVG_CHUNK * 4;
+
+/// Cut points of `data`: `(offset, len)` of each content-defined chunk. The
+/// last chunk ends where `data` does.
+pub fn chunks(data: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    fastcdc::v2020::FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+        .map(|c| (c.offset, c.length))
+}
+
+/// How a stored chunk is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encoding {
+    /// As is (incompressible, or reduction without compression).
+    Raw,
+    /// zstd.
+    Zstd,
+    /// zstd with the reference chunk as prefix: a byte-level delta.
+    Delta,
+    /// XOR with the reference, bytes grouped by their place in a 4-byte
+    /// word, then zstd: a delta for arrays of numbers (floats of a model
+    /// whose low bytes changed) that a byte delta cannot express.
+    XorDelta,
+}
+
+impl Encoding {
+    pub fn is_delta(self) -> bool {
+        matches!(self, Encoding::Delta | Encoding::XorDelta)
+    }
+}
+
+// ---- similarity sketches ---------------------------------------------------
+
+/// Super-features per chunk: two chunks sharing any one are likely similar.
+pub const SUPER_FEATURES: usize = 3;
+const FEATURES_PER_SF: usize = 4;
+const FEATURES: usize = SUPER_FEATURES * FEATURES_PER_SF;
+/// Content-defined sampling (Odess, Zhang et al. 2021): features are taken
+/// only at positions whose rolling hash has these bits clear (1 in 32),
+/// so the per-byte cost is the gear hash alone.
+const SAMPLE_MASK: u64 = (1 << 5) - 1;
+/// Chunks smaller than this get no sketch (too few samples to mean much).
+pub const MIN_SKETCH: usize = 1024;
+
+const fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+const GEAR: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = splitmix(0x5eed_0000 + i as u64);
+        i += 1;
+    }
+    t
+};
+
+/// Odd multipliers and offsets of the linear transforms, one per feature.
+const TRANSFORMS: [(u64, u64); FEATURES] = {
+    let mut t = [(0u64, 0u64); FEATURES];
+    let mut i = 0;
+    while i < FEATURES {
+        t[i] = (
+            splitmix(0xfea7_0000 + i as u64) | 1,
+            splitmix(0xadd0_0000 + i as u64),
+        );
+        i += 1;
+    }
+    t
+};
+
+/// The chunk's super-features (None for chunks too small to sketch).
+pub fn sketch(data: &[u8]) -> Option<[u64; SUPER_FEATURES]> {
+    if data.len() < MIN_SKETCH {
+        return None;
+    }
+    let mut f = [0u64; FEATURES];
+    let mut h = 0u64;
+    let mut sampled = false;
+    for &b in data {
+        h = (h << 1).wrapping_add(GEAR[b as usize]);
+        if h & SAMPLE_MASK == 0 {
+            sampled = true;
+            for (fi, &(m, a)) in f.iter_mut().zip(TRANSFORMS.iter()) {
+                *fi = (*fi).max(m.wrapping_mul(h).wrapping_add(a));
+            }
+        }
+    }
+    if !sampled {
+        return None;
+    }
+    let mut sf = [0u64; SUPER_FEATURES];
+    for (j, s) in sf.iter_mut().enumerate() {
+        let mut x = j as u64;
+        for v in &f[j * FEATURES_PER_SF..(j + 1) * FEATURES_PER_SF] {
+            x = splitmix(x ^ v);
+        }
+        *s = x;
+    }
+    Some(sf)
+}
+
+// ---- compressibility -------------------------------------------------------
+
+/// Whether a chunk looks incompressible: the order-0 entropy of a sample
+/// is near 8 bits a byte (compressed media, encrypted data). Costs a
+/// histogram of at most 4 KiB, so such data skips the compressor and the
+/// sketch.
+pub fn looks_incompressible(data: &[u8]) -> bool {
+    const SAMPLE: usize = 4096;
+    if data.len() < 512 {
+        return false;
+    }
+    let mut hist = [0u32; 256];
+    let step = (data.len() / SAMPLE).max(1);
+    let mut n = 0u32;
+    let mut i = 0;
+    while i < data.len() && n < SAMPLE as u32 {
+        hist[data[i] as usize] += 1;
+        n += 1;
+        i += step;
+    }
+    let nf = n as f64;
+    let entropy: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / nf;
+            -p * p.log2()
+        })
+        .sum();
+    // A uniform sample of n bytes over 256 values measures a little under 8.
+    let ceiling = 8.0 - 255.0 / (2.0 * nf * std::f64::consts::LN_2);
+    entropy > ceiling - 0.05
+}
+
+// ---- codecs ------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("zstd: {0}")]
+    Zstd(&'static str),
+    #[error("decoded {got} bytes, the chunk has {want}")]
+    Length { got: usize, want: usize },
+    #[error("a delta needs its reference chunk")]
+    NoBase,
+}
+
+fn zerr(code: usize) -> CodecError {
+    CodecError::Zstd(zstd_safe::get_error_name(code))
+}
+
+/// zstd level for chunks: 3 (zstd's default) stored ~10 % less than 1 on
+/// the corpus at about half the speed; see BENCHMARKS.md.
+pub const LEVEL: i32 = 3;
+
+/// Compresses chunks. `'a` is how long the reference chunks of deltas live:
+/// zstd refers to them rather than copying them into a dictionary.
+pub struct Encoder<'a> {
+    cctx: CCtx<'a>,
+    scratch: Vec<u8>,
+}
+
+impl<'a> Encoder<'a> {
+    pub fn new(level: i32) -> Self {
+        let mut cctx = CCtx::create();
+        cctx.set_parameter(CParameter::CompressionLevel(level))
+            .expect("valid zstd level");
+        Encoder {
+            cctx,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Compresses `data` into `out`: `Zstd`, or `Raw` (out left empty) when
+    /// that saves less than 1/32.
+    pub fn compress(&mut self, data: &[u8], out: &mut Vec<u8>) -> Encoding {
+        out.clear();
+        out.reserve(zstd_safe::compress_bound(data.len()));
+        match self.cctx.compress2(out, data) {
+            Ok(n) if n < data.len() - data.len() / 32 => Encoding::Zstd,
+            _ => {
+                out.clear();
+                Encoding::Raw
+            }
+        }
+    }
+
+    /// Encodes `data` as a delta against `base` into `out`: a zstd byte
+    /// delta, or for number arrays the XOR delta when it is smaller.
+    pub fn delta(&mut self, data: &[u8], base: &'a [u8], out: &mut Vec<u8>) -> Encoding {
+        out.clear();
+        out.reserve(zstd_safe::compress_bound(data.len()));
+        let ok = self.cctx.ref_prefix(base).is_ok() && self.cctx.compress2(out, data).is_ok();
+        if !ok {
+            out.clear();
+            out.extend_from_slice(data);
+            return Encoding::Raw;
+        }
+        // A byte delta that leaves more than 1/8 usually means every
+        // number changed a little: try the XOR delta.
+        if out.len() > data.len() / 8 {
+            xor_shuffle(data, base, &mut self.scratch);
+            let mut alt = Vec::with_capacity(zstd_safe::compress_bound(data.len()));
+            if self.cctx.compress2(&mut alt, &self.scratch).is_ok() && alt.len() < out.len() {
+                *out = alt;
+                return Encoding::XorDelta;
+            }
+        }
+        Encoding::Delta
+    }
+}
+
+/// `data XOR base` (base shorter: the rest as is), then the bytes grouped by
+/// their position in a 4-byte word: for floats, the sign/exponent bytes
+/// (nearly all zero after the XOR) together, the noisy low mantissa apart.
+fn xor_shuffle(data: &[u8], base: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(data.len(), 0);
+    let words = data.len() / 4;
+    for lane in 0..4 {
+        let dst = &mut out[lane * words..(lane + 1) * words];
+        for (w, d) in dst.iter_mut().enumerate() {
+            let i = w * 4 + lane;
+            *d = data[i] ^ base.get(i).copied().unwrap_or(0);
+        }
+    }
+    for i in words * 4..data.len() {
+        out[i] = data[i] ^ base.get(i).copied().unwrap_or(0);
+    }
+}
+
+fn xor_unshuffle(shuffled: &[u8], base: &[u8], out: &mut [u8]) {
+    let words = out.len() / 4;
+    for lane in 0..4 {
+        let src = &shuffled[lane * words..(lane + 1) * words];
+        for (w, s) in src.iter().enumerate() {
+            let i = w * 4 + lane;
+            out[i] = s ^ base.get(i).copied().unwrap_or(0);
+        }
+    }
+    for i in words * 4..out.len() {
+        out[i] = shuffled[i] ^ base.get(i).copied().unwrap_or(0);
+    }
+}
+
+/// Decodes stored chunks.
+pub struct Decoder<'a> {
+    dctx: DCtx<'a>,
+    scratch: Vec<u8>,
+}
+
+impl Default for Decoder<'_> {
+    fn default() -> Self {
+        Decoder {
+            dctx: DCtx::create(),
+            scratch: Vec::new(),
+        }
+    }
+}
+
+impl<'a> Decoder<'a> {
+    /// Decodes a stored chunk of `len` bytes into `out` (cleared first).
+    /// Bounded: a stored chunk that claims more than `len` is an error.
+    pub fn decode(
+        &mut self,
+        enc: Encoding,
+        stored: &[u8],
+        base: Option<&'a [u8]>,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        out.clear();
+        match enc {
+            Encoding::Raw => out.extend_from_slice(stored),
+            Encoding::Zstd => {
+                out.reserve(len);
+                self.dctx.decompress(out, stored).map_err(zerr)?;
+            }
+            Encoding::Delta => {
+                let base = base.ok_or(CodecError::NoBase)?;
+                out.reserve(len);
+                self.dctx.ref_prefix(base).map_err(zerr)?;
+                self.dctx.decompress(out, stored).map_err(zerr)?;
+            }
+            Encoding::XorDelta => {
+                let base = base.ok_or(CodecError::NoBase)?;
+                self.scratch.clear();
+                self.scratch.reserve(len);
+                self.dctx
+                    .decompress(&mut self.scratch, stored)
+                    .map_err(zerr)?;
+                if self.scratch.len() != len {
+                    return Err(CodecError::Length {
+                        got: self.scratch.len(),
+                        want: len,
+                    });
+                }
+                out.resize(len, 0);
+                xor_unshuffle(&self.scratch, base, out);
+            }
+        }
+        if out.len() != len {
+            return Err(CodecError::Length {
+                got: out.len(),
+                want: len,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        (0..n as u64)
+            .map(|i| splitmix(seed.wrapping_mul(0x1_0000_0001) ^ i) as u8)
+            .collect()
+    }
+
+    fn text(n: usize) -> Vec<u8> {
+        let words = [
+            "storage ", "stripe ", "chunk ", "delta ", "parity ", "node\n",
+        ];
+        (0..)
+            .map(|i: usize| words[(i * 7 + i / 3) % 6])
+            .flat_map(|w| w.bytes())
+            .take(n)
+            .collect()
+    }
+
+    #[test]
+    fn chunks_cover_the_data_and_resync_after_an_insertion() {
+        let a = noise(1, 1 << 20);
+        let cuts: Vec<_> = chunks(&a).collect();
+        assert_eq!(cuts.iter().map(|c| c.1).sum::<usize>(), a.len());
+        assert!(cuts.iter().all(|c| c.1 <= MAX_CHUNK as usize));
+        let mut b = a.clone();
+        b.splice(1000..1000, *b"inserted");
+        let fa: std::collections::HashSet<Fp> =
+            chunks(&a).map(|(o, n)| fingerprint(&a[o..o + n])).collect();
+        let shared = chunks(&b)
+            .filter(|&(o, n)| fa.contains(&fingerprint(&b[o..o + n])))
+            .count();
+        assert!(shared + 2 >= cuts.len(), "{shared} of {}", cuts.len());
+    }
+
+    #[test]
+    fn similar_chunks_share_a_super_feature_and_different_ones_do_not() {
+        let a = noise(2, 16 << 10);
+        let mut b = a.clone();
+        for i in (0..b.len()).step_by(4096) {
+            b[i] ^= 0xff;
+        }
+        let (sa, sb) = (sketch(&a).unwrap(), sketch(&b).unwrap());
+        assert!(sa.iter().any(|x| sb.contains(x)), "{sa:?} {sb:?}");
+        let c = noise(3, 16 << 10);
+        let sc = sketch(&c).unwrap();
+        assert!(!sa.iter().any(|x| sc.contains(x)));
+        assert!(sketch(&a[..100]).is_none());
+    }
+
+    #[test]
+    fn codecs_round_trip() {
+        let t = text(20000);
+        let f1: Vec<u8> = (0..5000)
+            .flat_map(|i| (1.0f32 + i as f32 * 1e-3).to_le_bytes())
+            .collect();
+        let mut enc = Encoder::new(LEVEL);
+        let mut dec = Decoder::default();
+        let (mut s, mut out) = (Vec::new(), Vec::new());
+        assert_eq!(enc.compress(&t, &mut s), Encoding::Zstd);
+        assert!(s.len() < t.len() / 4);
+        dec.decode(Encoding::Zstd, &s, None, t.len(), &mut out)
+            .unwrap();
+        assert_eq!(out, t);
+        // Incompressible data is recognised and stored as is.
+        let n = noise(4, 20000);
+        assert!(looks_incompressible(&n) && !looks_incompressible(&t));
+        assert_eq!(enc.compress(&n, &mut s), Encoding::Raw);
+        // A byte delta of a slightly edited chunk is tiny.
+        let mut t2 = t.clone();
+        t2[5000..5010].copy_from_slice(b"0123456789");
+        let e = enc.delta(&t2, &t, &mut s);
+        assert_eq!(e, Encoding::Delta);
+        assert!(s.len() < 100, "{}", s.len());
+        dec.decode(e, &s, Some(&t), t2.len(), &mut out).unwrap();
+        assert_eq!(out, t2);
+        // Floats whose low bits all moved: the XOR delta wins.
+        let f2: Vec<u8> = f1
+            .chunks(4)
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let v = f32::from_le_bytes(c.try_into().unwrap());
+                (v + (splitmix(i as u64) % 100) as f32 * 1e-7).to_le_bytes()
+            })
+            .collect();
+        let e = enc.delta(&f2, &f1, &mut s);
+        assert_eq!(e, Encoding::XorDelta);
+        dec.decode(e, &s, Some(&f1), f2.len(), &mut out).unwrap();
+        assert_eq!(out, f2);
+        // Damage and lies are errors, not panics.
+        assert!(dec
+            .decode(Encoding::Zstd, &s[..s.len() / 2], None, f2.len(), &mut out)
+            .is_err());
+        assert!(dec.decode(e, &s, None, f2.len(), &mut out).is_err());
+        assert!(dec.decode(e, &s, Some(&f1), 7, &mut out).is_err());
+    }
+}
