@@ -7,9 +7,11 @@ use anyhow::{bail, Context, Result};
 use dase_erasure::Geometry;
 use dase_initiator::cnode::fs::{FileSystem, MountError, Options};
 use dase_initiator::cnode::lease::LeaseError;
+use dase_initiator::cnode::meta;
 use dase_initiator::cnode::superblock;
 use dase_initiator::cnode::{Cluster, ClusterFile, DNodeSpec, Volume};
 use dase_initiator::host::ControllerOptions;
+use dase_initiator::reduce::Reduce;
 
 #[derive(clap::Args)]
 #[command(
@@ -29,6 +31,11 @@ pub struct MkfsArgs {
     /// Bytes per strip (a multiple of 64 and of the D-nodes' block size).
     #[arg(long, default_value = "64k")]
     strip_size: String,
+    /// Data reduction: none (bytes as written), dedup (content-defined
+    /// chunks stored once) or full (dedup, then deltas against similar
+    /// chunks, then compression).
+    #[arg(long, default_value = "full")]
+    reduce: Reduce,
     /// Destroy an existing dase file system on these D-nodes.
     #[arg(long)]
     force: bool,
@@ -38,6 +45,14 @@ pub fn mkfs(a: MkfsArgs) -> Result<()> {
     let file = ClusterFile::load(&a.cluster)?;
     let strip = dase_target::parse_size(&a.strip_size).map_err(anyhow::Error::msg)? as usize;
     let geo = Geometry::parse(&a.ec, strip)?;
+    let frame = (dase_initiator::reduce::MAX_CHUNK as usize + meta::CHUNK_HEADER) * 2;
+    if a.reduce != Reduce::None && geo.data_bytes() < frame {
+        bail!(
+            "a stripe holds {} bytes of data; reduction needs at least {frame} (two of the largest \
+             chunks): use a larger --strip-size or --reduce none",
+            geo.data_bytes()
+        );
+    }
     if file.dnodes.len() < geo.width() {
         eprintln!(
             "dase mkfs: warning: {} D-nodes for {} strips per stripe: stripes will be {} wide",
@@ -72,7 +87,7 @@ pub fn mkfs(a: MkfsArgs) -> Result<()> {
         }
         let sb = superblock::format(&cluster, &file, &geo, a.force).await?;
         let sb = superblock::verify(&cluster, &file).await.map(|_| sb)?;
-        dase_initiator::cnode::fs::FileSystem::format_metadata(&cluster, &sb)
+        dase_initiator::cnode::fs::FileSystem::format_metadata(&cluster, &sb, a.reduce)
             .await
             .context("writing the empty file system's metadata")?;
         println!("formatted dase file system {}", sb.uuid_string());
@@ -83,6 +98,7 @@ pub fn mkfs(a: MkfsArgs) -> Result<()> {
             geo.guaranteed_losses()
         );
         println!("  strip size     : {} bytes", geo.strip_size());
+        println!("  reduction      : {}", a.reduce);
         // Fewer D-nodes than strips per stripe: placement narrows every stripe.
         let k = geo.k().min(file.dnodes.len() - geo.m());
         let data = stripes * (k * geo.strip_size()) as u64;
@@ -215,6 +231,37 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         println!("live data       {}", gib(s.live_bytes));
         println!("stored (data)   {}", gib(s.stored_bytes));
         println!("stored (meta)   {}", gib(s.metadata_bytes));
+        let c = &s.counts;
+        if s.reduce != Reduce::None {
+            let after_sim = c.unique_bytes - c.delta_in + c.delta_out;
+            let ratio = |b: u64| {
+                if b == 0 {
+                    String::new()
+                } else {
+                    format!("  ({:.2} : 1)", s.logical_bytes as f64 / b as f64)
+                }
+            };
+            println!("reduction       {} ({} chunks)", s.reduce, c.chunks);
+            println!("  logical             {}", gib(s.logical_bytes));
+            println!("  after dedup         {}{}", gib(c.unique_bytes), ratio(c.unique_bytes));
+            println!("  after similarity    {}{}", gib(after_sim), ratio(after_sim));
+            println!("  after compression   {}{}", gib(c.stored_bytes), ratio(c.stored_bytes));
+            println!("  stored with parity  {}{}", gib(s.stored_bytes), ratio(s.stored_bytes));
+            if s.logical_bytes > 0 {
+                println!(
+                    "  raw-to-logical      {:.3} (D-node bytes per logical byte, parity included)",
+                    s.stored_bytes as f64 / s.logical_bytes as f64
+                );
+            }
+            println!(
+                "  indexes             {} chunk ({} buckets), {} similarity ({} buckets, {} entries)",
+                gib(s.chunk_index_bytes),
+                c.chunk_buckets,
+                gib(s.similar_index_bytes),
+                c.similar_buckets,
+                c.similar
+            );
+        }
         if s.live_bytes > 0 {
             println!(
                 "raw-to-usable   {:.3} (data stripes incl. parity / live data; the geometry's floor is {:.3})",
@@ -426,4 +473,57 @@ async fn prepare_replacement(
     new.write(0, 0, bytes::Bytes::from(both)).await?;
     new.flush(0).await?;
     Ok(())
+}
+
+#[derive(clap::Args)]
+#[command(
+    about = "Reclaim space in segments whose chunks mostly died",
+    long_about = "Applies queued chunk reference changes, then rewrites the live chunks of every \
+segment that is partly dead into new segments, so the old ones free at the next commit (the \
+mount's background cleaner does the same for segments at most half live). If the file system is \
+mounted, the mount does the work; otherwise this command opens it with the lease.",
+    after_help = "Example:\n  dase clean --cluster /tmp/dase/cluster.toml"
+)]
+pub struct CleanArgs {
+    #[arg(long)]
+    cluster: PathBuf,
+}
+
+pub fn clean(a: CleanArgs) -> Result<()> {
+    let file = ClusterFile::load(&a.cluster)?;
+    let rt = runtime()?;
+    let uuid = rt.block_on(async {
+        let c = Cluster::connect(&file, ControllerOptions::default()).await;
+        superblock::verify(&c, &file)
+            .await
+            .map(|sb| sb.uuid_string())
+    })?;
+    let sock = crate::mount::control_path(&uuid);
+    if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+        println!("the file system is mounted: the mount cleans");
+        let n = crate::mount::control_request(s, "clean")?;
+        println!("cleaned {n} segments");
+        return Ok(());
+    }
+    rt.block_on(async {
+        let fs = FileSystem::open(
+            &file,
+            Options {
+                description: format!("dase clean pid {}", std::process::id()),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let r = fs.clean(0.99).await;
+        let closed = fs.close().await;
+        let r = r?;
+        closed?;
+        println!(
+            "cleaned {} segments: moved {} live chunks ({})",
+            r.segments,
+            r.chunks_moved,
+            gib(r.bytes_moved)
+        );
+        Ok(())
+    })
 }

@@ -43,6 +43,7 @@ enum Cmd {
     Fsck(fs::FsckArgs),
     Stats(fs::StatsArgs),
     Rebuild(fs::RebuildArgs),
+    Clean(fs::CleanArgs),
     /// Internal: a FUSE file system that does nothing (the ceiling `dase
     /// bench` compares a mount against).
     #[command(hide = true)]
@@ -98,6 +99,7 @@ fn main() {
         },
         Cmd::Stats(a) => fs::stats(a),
         Cmd::Rebuild(a) => fs::rebuild(a),
+        Cmd::Clean(a) => fs::clean(a),
         Cmd::CeilingServer { listen } => (|| {
             let l = std::net::TcpListener::bind(listen)?;
             println!("listening on {}", l.local_addr()?);

@@ -134,6 +134,15 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                         tracing::info!(slot = i, dnode = %addr, "rebuilding onto a replacement D-node");
                         Ok(fs.repair_node(i, say("rebuild")).await?)
                     }
+                    ["clean"] => {
+                        let r = fs.clean(0.99).await?;
+                        fs.sync().await?;
+                        let _ = tx.send(format!(
+                            "cleaned {} segments, moved {} chunks ({} bytes)",
+                            r.segments, r.chunks_moved, r.bytes_moved
+                        ));
+                        Ok(r.segments)
+                    }
                     ["evacuate", s] => {
                         let i = slot(s)?;
                         let n = fs.evacuate(i, say("evacuate")).await?;
@@ -203,6 +212,8 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 struct Fuse {
     fs: Arc<FileSystem>,
     rt: tokio::runtime::Handle,
+    /// Writes go through the reduction pipeline.
+    reduces: bool,
 }
 
 impl Fuse {
@@ -463,8 +474,16 @@ impl Filesystem for Fuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let guard = self.rt.block_on(self.fs.write_guard());
         let n = data.len() as u32;
+        if self.reduces {
+            // Chunking and reduction run here, on this FUSE thread.
+            match self.rt.block_on(self.fs.write_reduced(ino.0, offset, data)) {
+                Ok(()) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            }
+            return;
+        }
+        let guard = self.rt.block_on(self.fs.write_guard());
         match self.rt.block_on(self.fs.write(ino.0, offset, data)) {
             Err(e) => reply.error(errno(&e)),
             Ok(sealed) if sealed.is_empty() => reply.written(n),
@@ -794,6 +813,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let fuse = Fuse {
         fs: fs.clone(),
         rt: rt.handle().clone(),
+        reduces: fs.reduce() != dase_initiator::reduce::Reduce::None,
     };
     let session = match fuser::Session::new(fuse, &mp, &config) {
         Ok(s) => s,

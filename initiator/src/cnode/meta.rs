@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::volume::StripeRecord;
+use crate::reduce::{Encoding, Fp, Reduce};
 
 /// Two commit slots per D-node (alternating by sequence number, so a torn
 /// write of one leaves the previous commit in the other), after the
@@ -34,7 +35,8 @@ const _: () = assert!(COMMIT_OFFSET >= super::lease::LEASE_OFFSET + 4096);
 pub const COMMIT_MAGIC: [u8; 8] = *b"DASECOMT";
 pub const META_MAGIC: [u8; 8] = *b"DASEMETA";
 /// 2: inodes in pages of their own, the log holds where each page is.
-pub const VERSION: u32 = 2;
+/// 3: extents may name chunks; the chunk and similarity indexes in pages.
+pub const VERSION: u32 = 3;
 
 /// Inodes per metadata page: a page of small inodes fits a strip or two,
 /// and pages are what the C-node caches and evicts.
@@ -43,6 +45,106 @@ pub const PAGE_INODES: u64 = 256;
 /// The page an inode lives in.
 pub fn page_of(ino: u64) -> u64 {
     ino / PAGE_INODES
+}
+
+/// Pages of the chunk index (fingerprint to chunk) are numbered from here,
+/// pages of the similarity index (super-feature to chunk) from
+/// [`SIMILAR_PAGES`]; inode pages below.
+pub const CHUNK_PAGES: u64 = 1 << 62;
+pub const SIMILAR_PAGES: u64 = 3 << 61;
+
+/// Chunk entries a chunk-index bucket holds on average before the index
+/// grows by a bucket (~60 KiB of entries: one metadata part).
+pub const CHUNKS_PER_BUCKET: u64 = 512;
+/// Similarity entries per bucket (each ~40 bytes).
+pub const SIMILAR_PER_BUCKET: u64 = 1024;
+
+/// The bucket of hash `h` in a linear-hashing table of `n` buckets (n >= 1):
+/// the table grows one bucket at a time, splitting bucket `n - 2^level`,
+/// so only one page changes when it grows.
+pub fn bucket(h: u64, n: u64) -> u64 {
+    let lo = 1u64 << (63 - n.max(1).leading_zeros());
+    let b = h & (2 * lo - 1);
+    if b >= n {
+        b & (lo - 1)
+    } else {
+        b
+    }
+}
+
+/// The bucket split when a table of `n` buckets grows to `n + 1`.
+pub fn split_source(n: u64) -> u64 {
+    n - (1u64 << (63 - n.leading_zeros()))
+}
+
+/// The hash a fingerprint is bucketed by.
+pub fn fp_hash(fp: &Fp) -> u64 {
+    u64::from_le_bytes(fp[..8].try_into().unwrap())
+}
+
+pub fn chunk_page(fp: &Fp, buckets: u64) -> u64 {
+    CHUNK_PAGES | bucket(fp_hash(fp), buckets)
+}
+
+pub fn similar_page(sf: u64, buckets: u64) -> u64 {
+    SIMILAR_PAGES | bucket(sf, buckets)
+}
+
+/// One stored chunk, in the chunk index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkEntry {
+    pub fp: Fp,
+    /// Where its frame ([`ChunkHeader`] then the stored bytes) is.
+    pub seg: u64,
+    pub offset: u32,
+    /// Stored bytes (after the header).
+    pub stored: u32,
+    /// The chunk's own length.
+    pub len: u32,
+    pub enc: Encoding,
+    /// The reference chunk of a delta (never itself a delta).
+    pub base: Option<Fp>,
+    /// Extents naming it plus deltas built on it; at zero it is freed.
+    pub refs: u32,
+}
+
+impl ChunkEntry {
+    /// Bytes the chunk takes in its segment.
+    pub fn frame_len(&self) -> u64 {
+        CHUNK_HEADER as u64 + self.stored as u64
+    }
+}
+
+/// Before every stored chunk in a segment, so a segment can be walked
+/// without the index (the cleaner does: a chunk is live when the index
+/// entry of its fingerprint points back at it).
+/// `magic "DCHK" | len u32 | stored u32 | encoding u8 | 0 u8 x3 | fp [32]`,
+/// little-endian.
+pub const CHUNK_HEADER: usize = 48;
+pub const CHUNK_MAGIC: [u8; 4] = *b"DCHK";
+
+pub fn chunk_header(e: &ChunkEntry) -> [u8; CHUNK_HEADER] {
+    let mut h = [0u8; CHUNK_HEADER];
+    h[..4].copy_from_slice(&CHUNK_MAGIC);
+    h[4..8].copy_from_slice(&e.len.to_le_bytes());
+    h[8..12].copy_from_slice(&e.stored.to_le_bytes());
+    h[12] = match e.enc {
+        Encoding::Raw => 0,
+        Encoding::Zstd => 1,
+        Encoding::Delta => 2,
+        Encoding::XorDelta => 3,
+    };
+    h[16..48].copy_from_slice(&e.fp);
+    h
+}
+
+/// `(fp, stored)` of the chunk frame at the start of `b`, if one is there.
+pub fn parse_chunk_header(b: &[u8]) -> Option<(Fp, u32)> {
+    if b.len() < CHUNK_HEADER || b[..4] != CHUNK_MAGIC {
+        return None;
+    }
+    let stored = u32::from_le_bytes(b[8..12].try_into().unwrap());
+    Some((b[16..48].try_into().unwrap(), stored))
 }
 
 /// magic (8) + version (4) + length (4) before the payload, CRC32C (4) after.
@@ -62,12 +164,20 @@ pub enum Kind {
 }
 
 /// A file's bytes `[file_offset, file_offset + len)` are bytes `[offset,
-/// offset + len)` of segment `seg`'s data.
+/// offset + len)` of what `at` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extent {
-    pub seg: u64,
+    pub at: Place,
     pub offset: u32,
     pub len: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Place {
+    /// A segment's bytes as written (file systems without reduction).
+    Seg(u64),
+    /// A chunk's content (found through the chunk index).
+    Chunk(Fp),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,11 +234,26 @@ pub struct Counts {
     pub dirs: u64,
     /// Sum of regular files' sizes.
     pub logical_bytes: u64,
+    /// Stored chunks, and the chunk index's buckets.
+    pub chunks: u64,
+    pub chunk_buckets: u64,
+    /// Similarity index entries and buckets.
+    pub similar: u64,
+    pub similar_buckets: u64,
+    /// Sum of the stored chunks' lengths (what is left after dedup).
+    pub unique_bytes: u64,
+    /// Lengths of the chunks stored as deltas, and their stored bytes.
+    pub delta_in: u64,
+    pub delta_out: u64,
+    /// Stored bytes of all chunks (after dedup, deltas and compression).
+    pub stored_bytes: u64,
 }
 
 /// The whole file system at one commit: where every page is, and the segments.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Image {
+    /// What the file system does to data (chosen at mkfs).
+    pub reduce: Reduce,
     pub next_ino: u64,
     pub next_seg: u64,
     pub pages: Vec<(u64, PageLocation)>,
@@ -136,6 +261,8 @@ pub struct Image {
     pub counts: Counts,
     /// Inodes unlinked while open: freed at the next mount if still there.
     pub orphans: Vec<u64>,
+    /// Chunk reference changes not yet applied to the chunk index.
+    pub ref_changes: Vec<(Fp, i32)>,
 }
 
 /// What changed since the previous commit.
@@ -149,6 +276,7 @@ pub struct Batch {
     pub segments: Vec<(u64, Option<Segment>)>,
     pub counts: Counts,
     pub orphans: Vec<u64>,
+    pub ref_changes: Vec<(Fp, i32)>,
 }
 
 /// The content of one page, written as metadata parts of its own (not in
@@ -158,6 +286,9 @@ pub struct PageBlob {
     pub fs_uuid: [u8; 16],
     pub page: u64,
     pub inodes: Vec<Inode>,
+    pub chunks: Vec<ChunkEntry>,
+    /// Super-feature to the chunk that has it.
+    pub similar: Vec<(u64, Fp)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -315,9 +446,17 @@ mod tests {
         ext.insert(
             4096,
             Extent {
-                seg: 3,
+                at: Place::Seg(3),
                 offset: 100,
                 len: 200,
+            },
+        );
+        ext.insert(
+            8192,
+            Extent {
+                at: Place::Chunk([7; 32]),
+                offset: 10,
+                len: 20,
             },
         );
         let inode = Inode {
@@ -337,9 +476,22 @@ mod tests {
             fs_uuid: [1; 16],
             page: 0,
             inodes: vec![inode],
+            chunks: vec![ChunkEntry {
+                fp: [7; 32],
+                seg: 3,
+                offset: 300,
+                stored: 9,
+                len: 30,
+                enc: Encoding::Delta,
+                base: Some([8; 32]),
+                refs: 2,
+            }],
+            similar: vec![(42, [8; 32])],
         };
         let back: PageBlob = decode(&encode(&blob), "page").unwrap();
         assert_eq!(back.inodes, blob.inodes);
+        assert_eq!(back.chunks, blob.chunks);
+        assert_eq!(back.similar, blob.similar);
         let r = MetaRecord::Batch(Batch {
             next_ino: 9,
             next_seg: 4,
@@ -349,8 +501,11 @@ mod tests {
                 files: 1,
                 dirs: 1,
                 logical_bytes: 4296,
+                chunks: 1,
+                ..Default::default()
             },
             orphans: vec![5],
+            ref_changes: vec![([7; 32], -1)],
             segments: vec![
                 (
                     3,
@@ -371,5 +526,47 @@ mod tests {
         assert_eq!(back.counts.files, 1);
         assert_eq!(back.segments[0].1.as_ref().unwrap().records[0], rec());
         assert!(decode::<MetaRecord>(&b[..b.len() / 2], "record").is_err());
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+
+    /// Linear hashing: every hash has one bucket below `n`, and growing the
+    /// table by one moves entries only out of the split bucket, into the new one.
+    #[test]
+    fn buckets_split_one_at_a_time() {
+        let hashes: Vec<u64> = (0..5000u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        for n in 1..300u64 {
+            for &h in &hashes {
+                let a = bucket(h, n);
+                let b = bucket(h, n + 1);
+                assert!(a < n && b <= n);
+                if a != b {
+                    assert_eq!((a, b), (split_source(n), n), "n={n} h={h:x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_headers_round_trip() {
+        let e = ChunkEntry {
+            fp: [3; 32],
+            seg: 1,
+            offset: 0,
+            stored: 77,
+            len: 100,
+            enc: Encoding::Zstd,
+            base: None,
+            refs: 1,
+        };
+        let h = chunk_header(&e);
+        assert_eq!(parse_chunk_header(&h), Some(([3; 32], 77)));
+        assert_eq!(parse_chunk_header(&h[..40]), None);
+        assert_eq!(parse_chunk_header(&[0u8; 48]), None);
     }
 }

@@ -31,12 +31,17 @@ use dase_erasure::{Geometry, Layout};
 use super::cluster::{Cluster, ClusterFile};
 use super::lease::Lease;
 use super::meta::{
-    self, page_of, Batch, CommitRecord, Content, Counts, Extent, Image, Inode, Kind, MetaPart,
-    MetaRecord, PageBlob, PageLocation, Segment, COMMIT_MAGIC, COMMIT_SLOT, META_MAGIC, ROOT_INO,
+    self, page_of, Batch, ChunkEntry, CommitRecord, Content, Counts, Extent, Image, Inode, Kind,
+    MetaPart, MetaRecord, PageBlob, PageLocation, Place, Segment, COMMIT_MAGIC, COMMIT_SLOT,
+    META_MAGIC, ROOT_INO,
 };
+use crate::reduce::{Fp, Reduce};
+
+mod reduce;
 use super::superblock::{self, Superblock};
 use super::volume::{StripeRecord, Volume, VolumeError};
 use crate::host::{join_all, ControllerOptions};
+pub use reduce::Ingest;
 
 pub const NAME_MAX: usize = 255;
 
@@ -240,6 +245,7 @@ struct Snapshot {
     next_seg: u64,
     counts: Counts,
     orphans: Vec<u64>,
+    ref_changes: Vec<(Fp, i32)>,
     to_free: Vec<u64>,
     changes: u64,
 }
@@ -254,8 +260,18 @@ struct OpenSegment {
 #[derive(Default)]
 struct Page {
     inodes: HashMap<u64, Inode>,
+    /// Chunk-index pages hold these instead.
+    chunks: HashMap<Fp, ChunkEntry>,
+    /// Similarity-index pages hold these.
+    similar: HashMap<u64, Fp>,
     /// Last use (a clock tick), for eviction.
     used: u64,
+}
+
+impl Page {
+    fn is_empty(&self) -> bool {
+        self.inodes.is_empty() && self.chunks.is_empty() && self.similar.is_empty()
+    }
 }
 
 /// The inodes: a cache of pages over their committed copies on the
@@ -280,8 +296,23 @@ struct Inodes {
 impl Inodes {
     /// The page to load before `ino` can be looked at, if any.
     fn missing(&self, ino: u64) -> Option<u64> {
-        let p = page_of(ino);
+        self.missing_page(page_of(ino))
+    }
+
+    /// Whether page `p` exists on the D-nodes and is not in memory.
+    fn missing_page(&self, p: u64) -> Option<u64> {
         (!self.pages.contains_key(&p) && self.map.contains_key(&p)).then_some(p)
+    }
+
+    /// Page `p` (resident or new), marked changed.
+    fn page_mut(&mut self, p: u64) -> &mut Page {
+        debug_assert!(self.missing_page(p).is_none());
+        self.dirty.insert(p);
+        let used = self.clock;
+        self.pages.entry(p).or_insert_with(|| Page {
+            used,
+            ..Default::default()
+        })
     }
 
     fn get(&self, ino: &u64) -> Option<&Inode> {
@@ -312,7 +343,8 @@ impl Inodes {
 
     /// Drops clean pages, least recently used first, down to the limit.
     /// (A quarter more is tolerated first, so one sort serves many loads.)
-    fn evict(&mut self) {
+    /// Pages in `pinned` stay: an operation is loading them one by one.
+    fn evict(&mut self, pinned: &[u64]) {
         let keep = self.limit.max(1);
         if self.pages.len() <= keep + keep / 4 {
             return;
@@ -321,12 +353,15 @@ impl Inodes {
             .pages
             .iter()
             .filter(|(p, _)| {
-                !self.dirty.contains(p) && !self.committing.contains(p) && self.map.contains_key(p)
+                !self.dirty.contains(p)
+                    && !self.committing.contains(p)
+                    && self.map.contains_key(p)
+                    && !pinned.contains(p)
             })
             .map(|(p, pg)| (pg.used, *p))
             .collect();
         clean.sort_unstable();
-        let excess = self.pages.len() - keep;
+        let excess = self.pages.len().saturating_sub(keep);
         for (_, p) in clean.into_iter().take(excess) {
             self.pages.remove(&p);
         }
@@ -364,6 +399,11 @@ struct State {
     open_handles: HashMap<u64, u32>,
     /// Bumped by every change; a commit covers the changes up to its snapshot.
     changes: u64,
+    reduce: Reduce,
+    /// Reference count changes of chunks not yet applied to the chunk index
+    /// (extents dropped or split, deltas freed): applied in batches before
+    /// each commit, and committed with it if they could not be.
+    ref_changes: Vec<(Fp, i32)>,
 }
 
 /// The committed log.
@@ -400,12 +440,16 @@ pub struct FileSystem {
     closing: AtomicBool,
     /// One rebuild at a time: each replaces segment records it read earlier.
     rebuilding: tokio::sync::Mutex<()>,
+    /// Pending (not yet chunked) bytes of files being written, when reducing.
+    writers: Mutex<HashMap<u64, reduce::Writer>>,
+    ingest: Ingest,
 }
 
 /// What `fsck` found.
 #[derive(Debug, Default)]
 pub struct FsckReport {
     pub inodes: usize,
+    pub chunks: usize,
     pub files: usize,
     pub dirs: usize,
     pub segments: usize,
@@ -431,6 +475,13 @@ pub struct Stats {
     pub per_node_strips: Vec<u64>,
     pub strip_size: usize,
     pub commit_seq: u64,
+    pub reduce: Reduce,
+    /// The recorded totals (chunks, bytes after each reduction stage).
+    pub counts: Counts,
+    /// Bytes the chunk and similarity indexes take on the D-nodes (all
+    /// copies of their committed pages).
+    pub chunk_index_bytes: u64,
+    pub similar_index_bytes: u64,
 }
 
 impl FileSystem {
@@ -439,6 +490,7 @@ impl FileSystem {
     pub async fn format_metadata(
         cluster: &Arc<Cluster>,
         sb: &Superblock,
+        reduce: Reduce,
     ) -> Result<(), MountError> {
         let geo = sb
             .geometry()
@@ -469,6 +521,8 @@ impl FileSystem {
             fs_uuid: sb.fs_uuid,
             page: page_of(ROOT_INO),
             inodes: vec![root],
+            chunks: vec![],
+            similar: vec![],
         };
         let cfg = |e: FsError| MountError::Recovery(e.to_string());
         let page = write_parts(
@@ -483,6 +537,7 @@ impl FileSystem {
         .await
         .map_err(cfg)?;
         let image = MetaRecord::Image(Image {
+            reduce,
             next_ino: ROOT_INO + 1,
             next_seg: 0,
             pages: vec![(page_of(ROOT_INO), page)],
@@ -490,9 +545,12 @@ impl FileSystem {
             counts: Counts {
                 inodes: 1,
                 dirs: 1,
+                chunk_buckets: 1,
+                similar_buckets: 1,
                 ..Default::default()
             },
             orphans: vec![],
+            ref_changes: vec![],
         });
         let head = write_parts(
             &meta,
@@ -616,6 +674,8 @@ impl FileSystem {
             shutdown: tokio::sync::Notify::new(),
             closing: AtomicBool::new(false),
             rebuilding: tokio::sync::Mutex::new(()),
+            writers: Mutex::new(HashMap::new()),
+            ingest: Ingest::default(),
         };
         if let Err(e) = fs.recover().await {
             if let Some(mut l) = fs.lease.lock().await.take() {
@@ -701,6 +761,8 @@ impl FileSystem {
             match rec {
                 MetaRecord::Image(img) if first => {
                     image_bytes = buf.len();
+                    st.reduce = img.reduce;
+                    st.ref_changes = img.ref_changes;
                     st.next_ino = img.next_ino;
                     st.next_seg = img.next_seg;
                     st.inodes.map = img.pages.into_iter().collect();
@@ -710,6 +772,7 @@ impl FileSystem {
                 }
                 MetaRecord::Batch(b) if !first => {
                     journal_bytes += buf.len();
+                    st.ref_changes = b.ref_changes;
                     st.next_ino = b.next_ino;
                     st.next_seg = b.next_seg;
                     st.counts = b.counts;
@@ -828,17 +891,23 @@ impl FileSystem {
         &self,
         mut f: impl FnMut(&mut State) -> Result<T, FsError>,
     ) -> Result<T, FsError> {
+        // Pages this operation loaded stay until it is done, so an operation
+        // that needs more pages than the cache holds still finishes.
+        let mut loaded = Vec::new();
         loop {
             let r = f(&mut self.state.lock().unwrap());
             match r {
-                Err(FsError::NotLoaded(p)) => self.load_page(p).await?,
+                Err(FsError::NotLoaded(p)) => {
+                    loaded.push(p);
+                    self.load_page(p, &loaded).await?
+                }
                 r => return r,
             }
         }
     }
 
     /// Reads page `p` from the D-nodes into the cache.
-    async fn load_page(&self, p: u64) -> Result<(), FsError> {
+    async fn load_page(&self, p: u64, pinned: &[u64]) -> Result<(), FsError> {
         let loc = {
             let st = self.state.lock().unwrap();
             if st.inodes.pages.contains_key(&p) {
@@ -864,11 +933,16 @@ impl FileSystem {
                 p,
                 Page {
                     inodes: blob.inodes.into_iter().map(|i| (i.ino, i)).collect(),
+                    chunks: blob.chunks.into_iter().map(|c| (c.fp, c)).collect(),
+                    similar: blob.similar.into_iter().collect(),
                     used,
                 },
             );
+            if p >= meta::CHUNK_PAGES {
+                self.ingest.index_loads.fetch_add(1, Ordering::Relaxed);
+            }
             // Reading alone must not grow the cache either.
-            st.inodes.evict();
+            st.inodes.evict(pinned);
         }
         Ok(())
     }
@@ -1188,6 +1262,9 @@ impl FileSystem {
 
     pub async fn setattr(&self, ino: u64, set: &SetAttr) -> Result<Attr, FsError> {
         self.check_writable()?;
+        if set.size.is_some() {
+            self.flush_file(ino).await?;
+        }
         self.with_state(|st| {
             st.require(&[ino])?;
             let t = now_ns();
@@ -1232,8 +1309,8 @@ impl FileSystem {
                 }
             }
             st.counts.logical_bytes = (st.counts.logical_bytes as i128 + grew) as u64;
-            for (seg, len) in dead {
-                st.release(seg, len);
+            for u in dead {
+                st.unref(u);
             }
             st.touch(ino);
             Ok(attr(&st.inodes[&ino]))
@@ -1253,7 +1330,7 @@ impl FileSystem {
 
     /// The last handle of an unlinked file frees it.
     pub async fn release_file(&self, ino: u64) {
-        let _ = self
+        let last = self
             .with_state(|st| {
                 st.require(&[ino])?;
                 let gone = match st.open_handles.get_mut(&ino) {
@@ -1270,9 +1347,20 @@ impl FileSystem {
                 if gone && st.inodes.get(&ino).is_some_and(|i| i.nlink == 0) {
                     st.delete_inode(ino);
                 }
-                Ok(())
+                Ok(gone)
             })
             .await;
+        if last.unwrap_or(false) {
+            if let Err(e) = self.forget_writer(ino).await {
+                // Not lost: the bytes stay pending and the next commit retries.
+                tracing::warn!(ino, error = %e, "storing a closed file's bytes failed");
+            }
+        }
+    }
+
+    /// What the write path did since mount.
+    pub fn ingest(&self) -> &Ingest {
+        &self.ingest
     }
 
     // ---- data -------------------------------------------------------------
@@ -1331,13 +1419,13 @@ impl FileSystem {
             let open = st.open.as_mut().unwrap();
             let n = (self.seg_bytes - open.buf.len()).min(data.len() - pos);
             let ext = Extent {
-                seg: open.id,
+                at: Place::Seg(open.id),
                 offset: open.buf.len() as u32,
                 len: n as u32,
             };
             open.buf.extend_from_slice(&data[pos..pos + n]);
             let full = open.buf.len() == self.seg_bytes;
-            st.segs.get_mut(&ext.seg).unwrap().live += n as u64;
+            st.segs.get_mut(&open.id).unwrap().live += n as u64;
             let i = st.inodes.get_mut(&ino).unwrap();
             if let Content::File(map) = &mut i.content {
                 insert_extent(map, offset + pos as u64, ext, &mut dead);
@@ -1347,8 +1435,8 @@ impl FileSystem {
             }
             pos += n;
         }
-        for (seg, len) in dead {
-            st.release(seg, len);
+        for u in dead {
+            st.unref(u);
         }
         let t = now_ns();
         let i = st.inodes.get_mut(&ino).unwrap();
@@ -1434,7 +1522,10 @@ impl FileSystem {
             offset: usize,
             len: usize,
         }
-        let (mut out, jobs) = self
+        // Bytes still pending in the file's buffer are the newest: hold it
+        // (so they are not being stored meanwhile) and lay them over.
+        let pending = self.pending_guard(ino).await;
+        let (mut out, jobs, chunk_jobs) = self
             .with_state(|st| {
                 st.require(&[ino])?;
                 let i = st.inodes.get(&ino).ok_or(FsError::NotFound)?;
@@ -1446,34 +1537,44 @@ impl FileSystem {
                     });
                 };
                 if offset >= i.size {
-                    return Ok((Vec::new(), Vec::new()));
+                    return Ok((Vec::new(), Vec::new(), Vec::new()));
                 }
                 let len = (len as u64).min(i.size - offset) as usize;
                 let end = offset + len as u64;
                 let mut out = vec![0u8; len];
                 let mut jobs = Vec::new();
+                let mut chunk_jobs = Vec::new();
                 let first = map
                     .range(..=offset)
                     .next_back()
                     .filter(|(k, e)| *k + e.len as u64 > offset)
                     .map(|(k, _)| *k)
                     .unwrap_or(offset);
-                for (&k, e) in map.range(first..end) {
+                let hits: Vec<(u64, Extent)> =
+                    map.range(first..end).map(|(k, e)| (*k, *e)).collect();
+                for (k, e) in hits {
                     let lo = k.max(offset);
                     let hi = (k + e.len as u64).min(end);
                     let at = (lo - offset) as usize;
                     let n = (hi - lo) as usize;
                     let seg_off = e.offset as usize + (lo - k) as usize;
                     let dst = &mut out[at..at + n];
-                    if let Some(o) = st.open.as_ref().filter(|o| o.id == e.seg) {
+                    let seg = match e.at {
+                        Place::Seg(seg) => seg,
+                        Place::Chunk(fp) => {
+                            chunk_jobs.push((at, seg_off, n, st.locate_chunk(&fp)?));
+                            continue;
+                        }
+                    };
+                    if let Some(o) = st.open.as_ref().filter(|o| o.id == seg) {
                         dst.copy_from_slice(&o.buf[seg_off..seg_off + n]);
-                    } else if let Some(b) = st.unwritten.get(&e.seg) {
+                    } else if let Some(b) = st.unwritten.get(&seg) {
                         dst.copy_from_slice(&b[seg_off..seg_off + n]);
                     } else {
                         let s = st
                             .segs
-                            .get(&e.seg)
-                            .ok_or_else(|| FsError::Io(format!("segment {} is missing", e.seg)))?;
+                            .get(&seg)
+                            .ok_or_else(|| FsError::Io(format!("segment {seg} is missing")))?;
                         jobs.push(Job {
                             at,
                             records: s.records.clone(),
@@ -1482,9 +1583,12 @@ impl FileSystem {
                         });
                     }
                 }
-                Ok((out, jobs))
+                Ok((out, jobs, chunk_jobs))
             })
             .await?;
+        if !chunk_jobs.is_empty() {
+            self.read_chunks(&mut out, chunk_jobs).await?;
+        }
         let s = self.data.geometry().strip_size();
         let mut reads = Vec::new();
         for j in &jobs {
@@ -1510,6 +1614,9 @@ impl FileSystem {
             let b = r?;
             out[at..at + b.len()].copy_from_slice(&b);
         }
+        if let Some(p) = &pending {
+            Self::overlay_pending(p, offset, &mut out);
+        }
         Ok(out)
     }
 
@@ -1521,6 +1628,12 @@ impl FileSystem {
     pub async fn sync(&self) -> Result<(), FsError> {
         if self.opts.read_only {
             return Ok(());
+        }
+        // Pending file bytes become chunks, dropped references are applied
+        // (what cannot be applied now is committed as the queue).
+        self.flush_all_pending().await?;
+        if let Err(e) = self.apply_ref_changes().await {
+            tracing::warn!(error = %e, "chunk reference changes kept queued");
         }
         let target = self.state.lock().unwrap().changes;
         let mut log = self.log.lock().await;
@@ -1553,19 +1666,20 @@ impl FileSystem {
             let pages: Vec<(u64, Option<Vec<u8>>)> = dirty
                 .into_iter()
                 .map(|p| {
-                    let inodes: Vec<Inode> = st
+                    let blob = st
                         .inodes
                         .pages
                         .get(&p)
-                        .map(|pg| pg.inodes.values().cloned().collect())
-                        .unwrap_or_default();
-                    let blob = (!inodes.is_empty()).then(|| {
-                        meta::encode(&PageBlob {
-                            fs_uuid: self.sb.fs_uuid,
-                            page: p,
-                            inodes,
-                        })
-                    });
+                        .filter(|pg| !pg.is_empty())
+                        .map(|pg| {
+                            meta::encode(&PageBlob {
+                                fs_uuid: self.sb.fs_uuid,
+                                page: p,
+                                inodes: pg.inodes.values().cloned().collect(),
+                                chunks: pg.chunks.values().cloned().collect(),
+                                similar: pg.similar.iter().map(|(k, v)| (*k, *v)).collect(),
+                            })
+                        });
                     (p, blob)
                 })
                 .collect();
@@ -1592,6 +1706,7 @@ impl FileSystem {
                 next_seg: st.next_seg,
                 counts: st.counts,
                 orphans: st.orphans.iter().copied().collect(),
+                ref_changes: st.ref_changes.clone(),
                 to_free: std::mem::take(&mut st.pending_free),
                 changes: st.changes,
             }
@@ -1603,6 +1718,7 @@ impl FileSystem {
             next_seg,
             counts,
             orphans,
+            ref_changes,
             mut to_free,
             changes,
         } = snap;
@@ -1638,12 +1754,7 @@ impl FileSystem {
                     let old = match loc {
                         Some(l) => st.inodes.map.insert(*p, l.clone()),
                         None => {
-                            if st
-                                .inodes
-                                .pages
-                                .get(p)
-                                .is_some_and(|pg| pg.inodes.is_empty())
-                            {
+                            if st.inodes.pages.get(p).is_some_and(|pg| pg.is_empty()) {
                                 st.inodes.pages.remove(p);
                             }
                             st.inodes.map.remove(p)
@@ -1654,6 +1765,7 @@ impl FileSystem {
                 st.inodes.committing.clear();
                 if image_due {
                     MetaRecord::Image(Image {
+                        reduce: st.reduce,
                         next_ino,
                         next_seg,
                         pages: st.inodes.map.iter().map(|(p, l)| (*p, l.clone())).collect(),
@@ -1663,6 +1775,7 @@ impl FileSystem {
                             .collect(),
                         counts,
                         orphans,
+                        ref_changes,
                     })
                 } else {
                     MetaRecord::Batch(Batch {
@@ -1672,6 +1785,7 @@ impl FileSystem {
                         segments,
                         counts,
                         orphans,
+                        ref_changes,
                     })
                 }
             };
@@ -1683,7 +1797,7 @@ impl FileSystem {
                 let mut st = self.state.lock().unwrap();
                 st.free.extend(to_free);
                 st.free.extend(old_chain);
-                st.inodes.evict();
+                st.inodes.evict(&[]);
                 log.committed_changes = changes;
                 log.force_image = false;
                 Ok(())
@@ -1832,6 +1946,18 @@ impl FileSystem {
             if let Err(e) = self.sync().await {
                 tracing::warn!(error = %e, "periodic commit failed");
             }
+            if self.reduce() != Reduce::None {
+                match self.clean(reduce::CLEAN_BELOW).await {
+                    Ok(r) if r.segments > 0 => tracing::info!(
+                        segments = r.segments,
+                        chunks = r.chunks_moved,
+                        bytes = r.bytes_moved,
+                        "cleaned mostly dead segments"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cleaning failed"),
+                }
+            }
             if let Some(after) = self.opts.rebuild_after {
                 for i in 0..self.cluster.len() {
                     if self.cluster.is_up(i) {
@@ -1905,6 +2031,18 @@ impl FileSystem {
         out.files = st.counts.files;
         out.dirs = st.counts.dirs;
         out.logical_bytes = st.counts.logical_bytes;
+        out.reduce = st.reduce;
+        out.counts = st.counts;
+        let page_bytes = |lo: u64, hi: u64| -> u64 {
+            st.inodes
+                .map
+                .iter()
+                .filter(|(p, _)| (lo..hi).contains(*p))
+                .map(|(_, l)| (l.len() * self.meta.geometry().width() * s) as u64)
+                .sum()
+        };
+        out.chunk_index_bytes = page_bytes(meta::CHUNK_PAGES, meta::SIMILAR_PAGES);
+        out.similar_index_bytes = page_bytes(meta::SIMILAR_PAGES, u64::MAX);
         for seg in st.segs.values() {
             out.live_bytes += seg.live;
             for r in &seg.records {
@@ -1929,7 +2067,7 @@ impl FileSystem {
     pub async fn fsck(&self) -> FsckReport {
         let mut rep = FsckReport::default();
         let chain = self.log.lock().await.chain.clone();
-        let (map, mut inodes, segs, orphans, counts) = {
+        let (map, mut inodes, mut chunks, segs, orphans, counts, ref_changes) = {
             let st = self.state.lock().unwrap();
             let resident: HashMap<u64, Inode> = st
                 .inodes
@@ -1937,12 +2075,20 @@ impl FileSystem {
                 .values()
                 .flat_map(|pg| pg.inodes.iter().map(|(k, v)| (*k, v.clone())))
                 .collect();
+            let chunks: HashMap<Fp, ChunkEntry> = st
+                .inodes
+                .pages
+                .values()
+                .flat_map(|pg| pg.chunks.iter().map(|(k, v)| (*k, v.clone())))
+                .collect();
             (
                 st.inodes.map.clone(),
                 resident,
+                chunks,
                 st.segs.clone(),
                 st.orphans.clone(),
                 st.counts,
+                st.ref_changes.clone(),
             )
         };
         // Pages not in memory are read from the D-nodes, one at a time.
@@ -1955,7 +2101,10 @@ impl FileSystem {
                 continue;
             }
             match self.read_page(loc).await {
-                Ok(b) if b.page == *p => inodes.extend(b.inodes.into_iter().map(|i| (i.ino, i))),
+                Ok(b) if b.page == *p => {
+                    inodes.extend(b.inodes.into_iter().map(|i| (i.ino, i)));
+                    chunks.extend(b.chunks.into_iter().map(|c| (c.fp, c)));
+                }
                 Ok(b) => rep
                     .problems
                     .push(format!("page {p} holds page {} instead", b.page)),
@@ -1963,7 +2112,20 @@ impl FileSystem {
             }
         }
         rep.inodes = inodes.len();
-        check_metadata(&inodes, &segs, &orphans, &counts, &mut rep, self.seg_bytes);
+        rep.chunks = chunks.len();
+        let chunk_state = ChunkState {
+            chunks: &chunks,
+            ref_changes: &ref_changes,
+        };
+        check_metadata(
+            &inodes,
+            &chunk_state,
+            &segs,
+            &orphans,
+            &counts,
+            &mut rep,
+            self.seg_bytes,
+        );
         // No stripe in two places.
         let mut seen: HashMap<u64, String> = HashMap::new();
         for s in &chain {
@@ -2271,7 +2433,16 @@ fn attr(i: &Inode) -> Attr {
 
 /// Removes `[start, end)` from an extent map, keeping the parts of
 /// extents outside it; the removed bytes are reported per segment.
-fn punch(map: &mut BTreeMap<u64, Extent>, start: u64, end: u64, dead: &mut Vec<(u64, u64)>) {
+/// What dropping (part of) an extent does to what it names: `len` bytes
+/// of it unreferenced, and `refs` more (or fewer) extents naming it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Unref {
+    at: Place,
+    len: u64,
+    refs: i32,
+}
+
+fn punch(map: &mut BTreeMap<u64, Extent>, start: u64, end: u64, dead: &mut Vec<Unref>) {
     let hit: Vec<u64> = map
         .range(..end)
         .rev()
@@ -2294,23 +2465,31 @@ fn punch(map: &mut BTreeMap<u64, Extent>, start: u64, end: u64, dead: &mut Vec<(
             map.insert(
                 end,
                 Extent {
-                    seg: e.seg,
+                    at: e.at,
                     offset: e.offset + (end - k) as u32,
                     len: (e_end - end) as u32,
                 },
             );
         }
-        dead.push((e.seg, e_end.min(end) - k.max(start)));
+        let kept = (k < start) as i32 + (e_end > end) as i32;
+        dead.push(Unref {
+            at: e.at,
+            len: e_end.min(end) - k.max(start),
+            refs: kept - 1,
+        });
     }
 }
 
 /// Points `[at, at + e.len)` at `e`, merging with the extent before it
 /// when the two are contiguous in one segment (sequential writes).
-fn insert_extent(map: &mut BTreeMap<u64, Extent>, at: u64, e: Extent, dead: &mut Vec<(u64, u64)>) {
+fn insert_extent(map: &mut BTreeMap<u64, Extent>, at: u64, e: Extent, dead: &mut Vec<Unref>) {
     punch(map, at, at + e.len as u64, dead);
     if let Some((&k, p)) = map.range_mut(..at).next_back() {
+        // Only raw segment bytes merge: two extents of one chunk are two
+        // references to it.
         if k + p.len as u64 == at
-            && p.seg == e.seg
+            && matches!(p.at, Place::Seg(_))
+            && p.at == e.at
             && p.offset + p.len == e.offset
             && (p.len as u64 + e.len as u64) <= u32::MAX as u64
         {
@@ -2399,7 +2578,11 @@ impl State {
                 self.counts.files -= 1;
                 self.counts.logical_bytes -= i.size;
                 for e in map.values() {
-                    self.release(e.seg, e.len as u64);
+                    self.unref(Unref {
+                        at: e.at,
+                        len: e.len as u64,
+                        refs: -1,
+                    });
                 }
             }
             Content::Dir { .. } => self.counts.dirs -= 1,
@@ -2407,6 +2590,17 @@ impl State {
         }
         self.orphans.remove(&ino);
         self.changes += 1;
+    }
+
+    fn unref(&mut self, u: Unref) {
+        match u.at {
+            Place::Seg(seg) => self.release(seg, u.len),
+            Place::Chunk(fp) if u.refs != 0 => {
+                self.ref_changes.push((fp, u.refs));
+                self.changes += 1;
+            }
+            Place::Chunk(_) => {}
+        }
     }
 
     /// `len` bytes of segment `seg` are no longer referenced.
@@ -2469,8 +2663,15 @@ impl State {
 }
 
 /// The invariants fsck checks on the metadata itself, over every inode.
+/// The chunk index as fsck read it.
+struct ChunkState<'a> {
+    chunks: &'a HashMap<Fp, ChunkEntry>,
+    ref_changes: &'a [(Fp, i32)],
+}
+
 fn check_metadata(
     inodes: &HashMap<u64, Inode>,
+    cs: &ChunkState<'_>,
     segs: &HashMap<u64, Segment>,
     orphans: &BTreeSet<u64>,
     counts: &Counts,
@@ -2480,6 +2681,7 @@ fn check_metadata(
     let mut links: HashMap<u64, u32> = HashMap::new();
     let mut subdirs: HashMap<u64, u32> = HashMap::new();
     let mut live: HashMap<u64, u64> = HashMap::new();
+    let mut refs: HashMap<Fp, i64> = HashMap::new();
     for i in inodes.values() {
         match &i.content {
             Content::Dir { parent, entries } => {
@@ -2530,21 +2732,42 @@ fn check_metadata(
                             i.ino, i.size
                         ));
                     }
-                    match segs.get(&e.seg) {
+                    let seg = match e.at {
+                        Place::Seg(seg) => seg,
+                        Place::Chunk(fp) => {
+                            match cs.chunks.get(&fp) {
+                                None => rep.problems.push(format!(
+                                    "file {} extent at {k} names missing chunk {}",
+                                    i.ino,
+                                    reduce::hex(&fp)
+                                )),
+                                Some(c) if e.offset as u64 + e.len as u64 > c.len as u64 => {
+                                    rep.problems.push(format!(
+                                        "file {} extent at {k} is beyond its chunk's length",
+                                        i.ino
+                                    ))
+                                }
+                                Some(_) => {}
+                            }
+                            *refs.entry(fp).or_default() += 1;
+                            continue;
+                        }
+                    };
+                    match segs.get(&seg) {
                         None => rep.problems.push(format!(
-                            "file {} extent at {k} points to missing segment {}",
-                            i.ino, e.seg
+                            "file {} extent at {k} points to missing segment {seg}",
+                            i.ino
                         )),
                         Some(s) => {
                             if e.offset as u64 + e.len as u64 > s.len as u64
                                 || s.len as usize > seg_bytes
                             {
                                 rep.problems.push(format!(
-                                    "file {} extent at {k} is outside segment {}",
-                                    i.ino, e.seg
+                                    "file {} extent at {k} is outside segment {seg}",
+                                    i.ino
                                 ));
                             }
-                            *live.entry(e.seg).or_default() += e.len as u64;
+                            *live.entry(seg).or_default() += e.len as u64;
                         }
                     }
                 }
@@ -2564,6 +2787,56 @@ fn check_metadata(
             ));
         }
     }
+    let mut actual = Counts::default();
+    for c in cs.chunks.values() {
+        actual.chunks += 1;
+        actual.unique_bytes += c.len as u64;
+        actual.stored_bytes += c.stored as u64;
+        if c.enc.is_delta() {
+            actual.delta_in += c.len as u64;
+            actual.delta_out += c.stored as u64;
+        }
+        let name = reduce::hex(&c.fp);
+        if let Some(b) = c.base {
+            *refs.entry(b).or_default() += 1;
+            if !cs.chunks.get(&b).is_some_and(|be| be.base.is_none()) {
+                rep.problems.push(format!(
+                    "chunk {name} is a delta of {}, which is missing or itself a delta",
+                    reduce::hex(&b)
+                ));
+            }
+        }
+        if c.enc.is_delta() != c.base.is_some() {
+            rep.problems
+                .push(format!("chunk {name}: encoding and reference disagree"));
+        }
+        match segs.get(&c.seg) {
+            None => rep
+                .problems
+                .push(format!("chunk {name} is in missing segment {}", c.seg)),
+            Some(s) => {
+                if !s.records.is_empty() && c.offset as u64 + c.frame_len() > s.len as u64 {
+                    rep.problems
+                        .push(format!("chunk {name} is outside segment {}", c.seg));
+                }
+                *live.entry(c.seg).or_default() += c.frame_len();
+            }
+        }
+    }
+    let mut pending: HashMap<Fp, i64> = HashMap::new();
+    for (fp, d) in cs.ref_changes {
+        *pending.entry(*fp).or_default() += *d as i64;
+    }
+    for c in cs.chunks.values() {
+        let want = refs.get(&c.fp).copied().unwrap_or(0);
+        let have = c.refs as i64 + pending.get(&c.fp).copied().unwrap_or(0);
+        if want != have {
+            rep.problems.push(format!(
+                "chunk {} counts {have} references (queued changes included) but {want} exist",
+                reduce::hex(&c.fp)
+            ));
+        }
+    }
     for (id, s) in segs {
         if s.records.is_empty() {
             continue;
@@ -2576,7 +2849,9 @@ fn check_metadata(
             ));
         }
     }
-    let mut actual = Counts::default();
+    actual.chunk_buckets = counts.chunk_buckets;
+    actual.similar_buckets = counts.similar_buckets;
+    actual.similar = counts.similar;
     for i in inodes.values() {
         actual.inodes += 1;
         match i.kind {
@@ -2600,7 +2875,11 @@ mod tests {
     use super::*;
 
     fn ext(seg: u64, offset: u32, len: u32) -> Extent {
-        Extent { seg, offset, len }
+        Extent {
+            at: Place::Seg(seg),
+            offset,
+            len,
+        }
     }
 
     #[test]
@@ -2612,7 +2891,11 @@ mod tests {
         assert_eq!(m.len(), 1, "contiguous writes merge");
         assert_eq!(m[&0].len, 150);
         insert_extent(&mut m, 40, ext(2, 0, 20), &mut dead);
-        assert_eq!(dead, vec![(1, 20)]);
+        assert_eq!(
+            dead,
+            vec![unref(1, 20, 1)],
+            "a hole splits an extent in two"
+        );
         assert_eq!(m[&0], ext(1, 0, 40));
         assert_eq!(m[&40], ext(2, 0, 20));
         assert_eq!(m[&60], ext(1, 60, 90));
@@ -2620,8 +2903,44 @@ mod tests {
         punch(&mut m, 50, u64::MAX, &mut dead);
         assert_eq!(m.len(), 2);
         assert_eq!(m[&40], ext(2, 0, 10));
-        let mut d = dead.clone();
+        let mut d: Vec<_> = dead
+            .iter()
+            .map(|u| (u.at, u.len, u.refs))
+            .map(|(a, l, r)| (format!("{a:?}"), l, r))
+            .collect();
         d.sort();
-        assert_eq!(d, vec![(1, 90), (2, 10)]);
+        assert_eq!(
+            d,
+            vec![
+                ("Seg(1)".to_string(), 90, -1),
+                ("Seg(2)".to_string(), 10, 0)
+            ]
+        );
+    }
+
+    fn unref(seg: u64, len: u64, refs: i32) -> Unref {
+        Unref {
+            at: Place::Seg(seg),
+            len,
+            refs,
+        }
+    }
+
+    /// Chunk extents never merge, and splitting one counts a reference.
+    #[test]
+    fn chunk_extents_count_their_pieces() {
+        let c = |offset, len| Extent {
+            at: Place::Chunk([1; 32]),
+            offset,
+            len,
+        };
+        let mut m = BTreeMap::new();
+        let mut dead = Vec::new();
+        insert_extent(&mut m, 0, c(0, 100), &mut dead);
+        insert_extent(&mut m, 100, c(0, 100), &mut dead);
+        assert_eq!(m.len(), 2);
+        punch(&mut m, 10, 20, &mut dead);
+        assert_eq!(dead.iter().map(|u| u.refs).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(m[&20], c(20, 80));
     }
 }

@@ -1,0 +1,952 @@
+//! Data reduction in the file system's write and read paths (the codecs
+//! are in [`crate::reduce`]; this drives them against the indexes).
+//!
+//! Write. A file's sequential writes gather in its *pending buffer*; when
+//! it holds [`PENDING_HIGH`] bytes (or the file is written elsewhere,
+//! closed, truncated or synced) it is cut into content-defined chunks.
+//! Every chunk is fingerprinted and looked up in the chunk index: a
+//! duplicate costs a reference. A new chunk is sketched and its
+//! super-features looked up in the similarity index; if a similar stored
+//! chunk exists (itself no delta, so a read costs at most two chunks) the
+//! new one is stored as a delta against it, else compressed (or as is when
+//! it looks incompressible). Stored chunks are appended, each behind a
+//! [`meta::ChunkHeader`](meta::chunk_header), to the open segment like raw
+//! writes are; the extent map then names chunks.
+//!
+//! Indexes. Both are linear-hashing tables whose buckets are metadata pages
+//! (the same pages, cache and copy-on-write commit as inodes), so a C-node
+//! holds only the buckets it uses and the tables grow a bucket at a time.
+//!
+//! References. A chunk counts the extents naming it and the deltas built on
+//! it. Dropped references are queued (`State::ref_changes`, committed with
+//! the metadata) and applied in batches before each commit; a chunk at zero
+//! is removed and its bytes become dead in its segment. The cleaner moves
+//! the live chunks out of mostly dead segments so whole segments free.
+
+use std::sync::atomic::AtomicU64;
+
+use super::*;
+use crate::reduce::{self, Decoder, Encoder, Encoding};
+use meta::{chunk_page, similar_page, CHUNK_HEADER};
+
+/// A file's pending bytes are chunked once this many have gathered: large
+/// enough that cut points depend on content, not on where writes stopped.
+pub(super) const PENDING_HIGH: usize = 4 << 20;
+/// Chunks looked up and inserted together (bounds the pages one batch pins).
+const BATCH_CHUNKS: usize = 64;
+/// Reference changes applied in one step.
+const REF_BATCH: usize = 256;
+/// The background cleaner rewrites segments at most this full of live
+/// chunks: moving half a segment frees a whole one.
+pub const CLEAN_BELOW: f64 = 0.5;
+
+/// What the write path did, since mount (for `dase stats` and benchmarks).
+#[derive(Debug, Default)]
+pub struct Ingest {
+    pub chunks: AtomicU64,
+    pub bytes: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub deltas: AtomicU64,
+    pub compressed: AtomicU64,
+    pub raw: AtomicU64,
+    /// Index pages read from the D-nodes (chunk and similarity).
+    pub index_loads: AtomicU64,
+    /// Index lookups made (one per page consulted per chunk).
+    pub lookups: AtomicU64,
+    pub cleaned_segments: AtomicU64,
+    pub moved_bytes: AtomicU64,
+}
+
+/// Bytes of a file written but not yet chunked.
+#[derive(Default)]
+pub(super) struct Pending {
+    start: u64,
+    buf: Vec<u8>,
+}
+
+pub(super) type Writer = Arc<tokio::sync::Mutex<Pending>>;
+
+/// Where a stored chunk's bytes are.
+#[derive(Clone)]
+enum Source {
+    /// In a segment not yet on the D-nodes: its stored bytes.
+    Mem(Arc<[u8]>),
+    /// On the D-nodes: the segment's stripes and the chunk's offset in it.
+    Disk(Vec<StripeRecord>, usize),
+}
+
+/// A chunk to read: its entry and where it (and its base) are.
+#[derive(Clone)]
+pub(super) struct ChunkRead {
+    entry: ChunkEntry,
+    src: Source,
+    base: Option<(ChunkEntry, Source)>,
+}
+
+/// One chunk of a batch being stored.
+struct Cand {
+    off: usize,
+    len: usize,
+    fp: Fp,
+    sketch: Option<[u64; reduce::SUPER_FEATURES]>,
+    incompressible: bool,
+}
+
+/// What a batch's lookups decided for a chunk.
+enum Plan {
+    Duplicate,
+    /// Delta against this stored chunk.
+    Against(ChunkRead),
+    /// Delta against an earlier new chunk of this batch.
+    AgainstBatch(usize),
+    New,
+}
+
+#[derive(Debug, Default)]
+pub struct CleanReport {
+    pub segments: u64,
+    pub chunks_moved: u64,
+    pub bytes_moved: u64,
+}
+
+impl State {
+    fn require_pages(&mut self, pages: impl IntoIterator<Item = u64>) -> Result<(), FsError> {
+        self.inodes.clock += 1;
+        let now = self.inodes.clock;
+        for p in pages {
+            if let Some(p) = self.inodes.missing_page(p) {
+                return Err(FsError::NotLoaded(p));
+            }
+            if let Some(pg) = self.inodes.pages.get_mut(&p) {
+                pg.used = now;
+            }
+        }
+        Ok(())
+    }
+
+    fn chunk_page(&self, fp: &Fp) -> u64 {
+        chunk_page(fp, self.counts.chunk_buckets.max(1))
+    }
+
+    fn similar_page(&self, sf: u64) -> u64 {
+        similar_page(sf, self.counts.similar_buckets.max(1))
+    }
+
+    /// The chunk's entry (its page must be resident or new).
+    pub(super) fn chunk(&self, fp: &Fp) -> Option<&ChunkEntry> {
+        self.inodes.pages.get(&self.chunk_page(fp))?.chunks.get(fp)
+    }
+
+    fn chunk_mut(&mut self, fp: &Fp) -> Option<&mut ChunkEntry> {
+        let p = self.chunk_page(fp);
+        if !self.inodes.pages.get(&p)?.chunks.contains_key(fp) {
+            return None;
+        }
+        self.inodes.page_mut(p).chunks.get_mut(fp)
+    }
+
+    fn similar(&self, sf: u64) -> Option<Fp> {
+        self.inodes
+            .pages
+            .get(&self.similar_page(sf))?
+            .similar
+            .get(&sf)
+            .copied()
+    }
+
+    /// Where a segment's bytes are.
+    fn seg_source(&self, seg: u64, offset: usize, len: usize) -> Result<Source, FsError> {
+        if let Some(o) = self.open.as_ref().filter(|o| o.id == seg) {
+            return Ok(Source::Mem(o.buf[offset..offset + len].into()));
+        }
+        if let Some(b) = self.unwritten.get(&seg) {
+            return Ok(Source::Mem(b[offset..offset + len].into()));
+        }
+        let s = self
+            .segs
+            .get(&seg)
+            .ok_or_else(|| FsError::Io(format!("segment {seg} is missing")))?;
+        Ok(Source::Disk(s.records.clone(), offset))
+    }
+
+    fn chunk_source(&self, e: &ChunkEntry) -> Result<Source, FsError> {
+        let bad = || FsError::Io(format!("chunk entry points outside segment {}", e.seg));
+        let off = e.offset as usize + CHUNK_HEADER;
+        let end = off.checked_add(e.stored as usize).ok_or_else(bad)?;
+        match self.seg_source(e.seg, off, e.stored as usize) {
+            Err(err) => Err(err),
+            Ok(src) => {
+                if let Some(s) = self.segs.get(&e.seg) {
+                    if !s.records.is_empty() && end > s.len as usize {
+                        return Err(bad());
+                    }
+                }
+                Ok(src)
+            }
+        }
+    }
+
+    /// Everything needed to read chunk `fp`, loading pages as needed.
+    pub(super) fn locate_chunk(&mut self, fp: &Fp) -> Result<ChunkRead, FsError> {
+        self.require_pages([self.chunk_page(fp)])?;
+        let entry = self
+            .chunk(fp)
+            .cloned()
+            .ok_or_else(|| FsError::Io(format!("chunk {} is missing", hex(fp))))?;
+        let base = match entry.base {
+            None => None,
+            Some(b) => {
+                self.require_pages([self.chunk_page(&b)])?;
+                let be = self.chunk(&b).cloned().ok_or_else(|| {
+                    FsError::Io(format!("reference chunk {} is missing", hex(&b)))
+                })?;
+                let src = self.chunk_source(&be)?;
+                Some((be, src))
+            }
+        };
+        let src = self.chunk_source(&entry)?;
+        Ok(ChunkRead { entry, src, base })
+    }
+
+    /// A segment with room for `frame` bytes (sealing the open one if it
+    /// has not), and the offset the frame goes to.
+    fn room_for(&mut self, frame: usize, seg_bytes: usize, sealed: &mut Vec<u64>) -> (u64, usize) {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.buf.len() + frame > seg_bytes)
+        {
+            sealed.extend(self.seal());
+        }
+        if self.open.is_none() {
+            let id = self.next_seg;
+            self.next_seg += 1;
+            self.segs.insert(
+                id,
+                Segment {
+                    records: vec![],
+                    len: 0,
+                    live: 0,
+                },
+            );
+            self.open = Some(OpenSegment {
+                id,
+                buf: Vec::with_capacity(seg_bytes),
+            });
+        }
+        let o = self.open.as_ref().unwrap();
+        (o.id, o.buf.len())
+    }
+
+    /// Appends a chunk frame to the open segment; returns its entry.
+    #[allow(clippy::too_many_arguments)]
+    fn append_chunk(
+        &mut self,
+        fp: Fp,
+        len: usize,
+        enc: Encoding,
+        base: Option<Fp>,
+        stored: &[u8],
+        seg_bytes: usize,
+        sealed: &mut Vec<u64>,
+    ) -> ChunkEntry {
+        let (seg, offset) = self.room_for(CHUNK_HEADER + stored.len(), seg_bytes, sealed);
+        let e = ChunkEntry {
+            fp,
+            seg,
+            offset: offset as u32,
+            stored: stored.len() as u32,
+            len: len as u32,
+            enc,
+            base,
+            refs: 1,
+        };
+        let o = self.open.as_mut().unwrap();
+        o.buf.extend_from_slice(&meta::chunk_header(&e));
+        o.buf.extend_from_slice(stored);
+        self.segs.get_mut(&seg).unwrap().live += e.frame_len();
+        if o.buf.len() + CHUNK_HEADER >= seg_bytes {
+            sealed.extend(self.seal());
+        }
+        e
+    }
+
+    fn insert_chunk(&mut self, e: ChunkEntry) {
+        let c = &mut self.counts;
+        c.chunks += 1;
+        c.unique_bytes += e.len as u64;
+        c.stored_bytes += e.stored as u64;
+        if e.enc.is_delta() {
+            c.delta_in += e.len as u64;
+            c.delta_out += e.stored as u64;
+        }
+        let p = self.chunk_page(&e.fp);
+        self.inodes.page_mut(p).chunks.insert(e.fp, e);
+        self.changes += 1;
+    }
+
+    /// Removes a chunk nothing references; returns its base, whose
+    /// reference it held.
+    fn remove_chunk(&mut self, fp: &Fp) -> Option<Fp> {
+        let p = self.chunk_page(fp);
+        let e = self.inodes.page_mut(p).chunks.remove(fp)?;
+        let c = &mut self.counts;
+        c.chunks -= 1;
+        c.unique_bytes -= e.len as u64;
+        c.stored_bytes -= e.stored as u64;
+        if e.enc.is_delta() {
+            c.delta_in -= e.len as u64;
+            c.delta_out -= e.stored as u64;
+        }
+        self.release(e.seg, e.frame_len());
+        self.changes += 1;
+        e.base
+    }
+}
+
+pub(super) fn hex(fp: &Fp) -> String {
+    fp[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl FileSystem {
+    pub fn reduce(&self) -> Reduce {
+        self.state.lock().unwrap().reduce
+    }
+
+    fn writer(&self, ino: u64) -> Writer {
+        self.writers.lock().unwrap().entry(ino).or_default().clone()
+    }
+
+    fn writer_if_any(&self, ino: u64) -> Option<Writer> {
+        self.writers.lock().unwrap().get(&ino).cloned()
+    }
+
+    /// Writes `data` at `offset` of file `ino` in a reducing file system:
+    /// into the file's pending buffer, chunking what has gathered.
+    pub async fn write_reduced(&self, ino: u64, offset: u64, data: &[u8]) -> Result<(), FsError> {
+        self.check_writable()?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| FsError::Invalid("offset + length overflows".into()))?;
+        let w = self.writer(ino);
+        let mut p = w.lock().await;
+        self.with_state(|st| {
+            st.require(&[ino])?;
+            let i = st.inodes.get_mut(&ino).ok_or(FsError::NotFound)?;
+            match i.kind {
+                Kind::Dir => return Err(FsError::IsDir),
+                Kind::Symlink => return Err(FsError::Invalid("writing a symlink".into())),
+                Kind::File => {}
+            }
+            let t = now_ns();
+            let grew = end.saturating_sub(i.size);
+            i.size += grew;
+            i.mtime = t;
+            i.ctime = t;
+            st.counts.logical_bytes += grew;
+            st.touch(ino);
+            Ok(())
+        })
+        .await?;
+        let contiguous = p.start + p.buf.len() as u64 == offset;
+        if !p.buf.is_empty() && (!contiguous || p.buf.len() + data.len() > 2 * PENDING_HIGH) {
+            self.flush_pending(ino, &mut p, true).await?;
+        }
+        if p.buf.is_empty() {
+            p.start = offset;
+        }
+        p.buf.extend_from_slice(data);
+        if p.buf.len() >= PENDING_HIGH {
+            self.flush_pending(ino, &mut p, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Chunks and stores a file's pending bytes: all of them, or (`all`
+    /// false) up to the last content-defined cut, keeping the tail for the
+    /// bytes that follow. On failure the bytes stay pending.
+    async fn flush_pending(&self, ino: u64, p: &mut Pending, all: bool) -> Result<(), FsError> {
+        if p.buf.is_empty() {
+            return Ok(());
+        }
+        let mut cuts: Vec<(usize, usize)> = reduce::chunks(&p.buf).collect();
+        if !all && cuts.len() > 1 {
+            cuts.pop();
+        }
+        let done = cuts.last().map(|c| c.0 + c.1).unwrap_or(0);
+        for batch in cuts.chunks(BATCH_CHUNKS) {
+            self.store_chunks(ino, p.start, &p.buf, batch).await?;
+        }
+        p.buf.drain(..done);
+        p.start += done as u64;
+        if p.buf.is_empty() {
+            p.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Stores a file's pending bytes (before a read of them is not needed:
+    /// reads see pending bytes; before truncation, release and commit).
+    pub(super) async fn flush_file(&self, ino: u64) -> Result<(), FsError> {
+        let Some(w) = self.writer_if_any(ino) else {
+            return Ok(());
+        };
+        let mut p = w.lock().await;
+        self.flush_pending(ino, &mut p, true).await
+    }
+
+    /// Flushes every file's pending bytes and forgets closed files' buffers.
+    pub(super) async fn flush_all_pending(&self) -> Result<(), FsError> {
+        let all: Vec<(u64, Writer)> = self
+            .writers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(i, w)| (*i, w.clone()))
+            .collect();
+        for (ino, w) in all {
+            let mut p = w.lock().await;
+            self.flush_pending(ino, &mut p, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the writer of a file no longer open (after its bytes are stored).
+    pub(super) async fn forget_writer(&self, ino: u64) -> Result<(), FsError> {
+        self.flush_file(ino).await?;
+        let mut w = self.writers.lock().unwrap();
+        if let Some(x) = w.get(&ino) {
+            // Only if nobody holds it meanwhile.
+            if Arc::strong_count(x) == 1 {
+                w.remove(&ino);
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks up, encodes and stores one batch of chunks of `buf` (at file
+    /// offset `start`), then points the file at them.
+    async fn store_chunks(
+        &self,
+        ino: u64,
+        start: u64,
+        buf: &[u8],
+        cuts: &[(usize, usize)],
+    ) -> Result<(), FsError> {
+        let mode = self.reduce();
+        let full = mode == Reduce::Full;
+        let cands: Vec<Cand> = cuts
+            .iter()
+            .map(|&(off, len)| {
+                let d = &buf[off..off + len];
+                let incompressible = full && reduce::looks_incompressible(d);
+                Cand {
+                    off,
+                    len,
+                    fp: reduce::fingerprint(d),
+                    sketch: if full && !incompressible {
+                        reduce::sketch(d)
+                    } else {
+                        None
+                    },
+                    incompressible,
+                }
+            })
+            .collect();
+        let ing = &self.ingest;
+        ing.chunks.fetch_add(cands.len() as u64, Ordering::Relaxed);
+        ing.bytes
+            .fetch_add(cuts.iter().map(|c| c.1 as u64).sum(), Ordering::Relaxed);
+        // Lookups: exact first, then similar for what is new.
+        let plans = self
+            .with_state(|st| {
+                st.require_pages(
+                    cands
+                        .iter()
+                        .map(|c| st.chunk_page(&c.fp))
+                        .collect::<Vec<_>>(),
+                )?;
+                let sfs: Vec<u64> = cands
+                    .iter()
+                    .filter(|c| st.chunk(&c.fp).is_none())
+                    .flat_map(|c| c.sketch.into_iter().flatten())
+                    .collect();
+                st.require_pages(
+                    sfs.iter()
+                        .map(|&sf| st.similar_page(sf))
+                        .collect::<Vec<_>>(),
+                )?;
+                let mut plans = Vec::with_capacity(cands.len());
+                let mut batch_sf: HashMap<u64, usize> = HashMap::new();
+                let mut seen: HashSet<Fp> = HashSet::new();
+                let mut lookups = cands.len() as u64;
+                for (i, c) in cands.iter().enumerate() {
+                    if st.chunk(&c.fp).is_some() || !seen.insert(c.fp) {
+                        plans.push(Plan::Duplicate);
+                        continue;
+                    }
+                    let mut plan = Plan::New;
+                    for sf in c.sketch.into_iter().flatten() {
+                        lookups += 1;
+                        if let Some(&j) = batch_sf.get(&sf) {
+                            plan = Plan::AgainstBatch(j);
+                            break;
+                        }
+                        let Some(b) = st.similar(sf) else { continue };
+                        if b == c.fp {
+                            continue;
+                        }
+                        let r = st.locate_chunk(&b);
+                        match r {
+                            Ok(r) if r.base.is_none() => {
+                                plan = Plan::Against(r);
+                                break;
+                            }
+                            Err(FsError::NotLoaded(p)) => return Err(FsError::NotLoaded(p)),
+                            _ => {}
+                        }
+                    }
+                    if matches!(plan, Plan::New) {
+                        for sf in c.sketch.into_iter().flatten() {
+                            batch_sf.entry(sf).or_insert(i);
+                        }
+                    }
+                    plans.push(plan);
+                }
+                ing.lookups.fetch_add(lookups, Ordering::Relaxed);
+                Ok(plans)
+            })
+            .await?;
+        // The reference chunks' bytes.
+        let mut bases: HashMap<Fp, Vec<u8>> = HashMap::new();
+        for p in &plans {
+            if let Plan::Against(r) = p {
+                if !bases.contains_key(&r.entry.fp) {
+                    bases.insert(r.entry.fp, self.fetch_chunk(r).await?);
+                }
+            }
+        }
+        // Encode.
+        let mut enc = Encoder::new(reduce::LEVEL);
+        let mut out: Vec<(Encoding, Option<Fp>, Vec<u8>)> = Vec::with_capacity(cands.len());
+        let mut scratch = Vec::new();
+        for (c, plan) in cands.iter().zip(&plans) {
+            let d = &buf[c.off..c.off + c.len];
+            let base: Option<(Fp, &[u8])> = match plan {
+                Plan::Duplicate => {
+                    out.push((Encoding::Raw, None, Vec::new()));
+                    continue;
+                }
+                Plan::Against(r) => Some((r.entry.fp, &bases[&r.entry.fp][..])),
+                Plan::AgainstBatch(j) => {
+                    let b = &cands[*j];
+                    Some((b.fp, &buf[b.off..b.off + b.len]))
+                }
+                Plan::New => None,
+            };
+            let r = match (mode, base) {
+                (Reduce::Full, Some((bfp, b))) => {
+                    let e = enc.delta(d, b, &mut scratch);
+                    if e.is_delta() && scratch.len() < d.len() / 2 {
+                        (e, Some(bfp), std::mem::take(&mut scratch))
+                    } else {
+                        plain(&mut enc, d, c.incompressible, &mut scratch)
+                    }
+                }
+                (Reduce::Full, None) => plain(&mut enc, d, c.incompressible, &mut scratch),
+                _ => (Encoding::Raw, None, Vec::new()),
+            };
+            out.push(r);
+        }
+        // Insert, holding writers' side of the commit lock.
+        let _guard = self.quiesce.read().await;
+        let seg_bytes = self.seg_bytes;
+        let sealed = self
+            .with_state(|st| {
+                st.require(&[ino])?;
+                let mut pages: Vec<u64> = cands.iter().map(|c| st.chunk_page(&c.fp)).collect();
+                pages.extend(out.iter().filter_map(|o| o.1).map(|b| st.chunk_page(&b)));
+                pages.extend(
+                    cands
+                        .iter()
+                        .flat_map(|c| c.sketch.into_iter().flatten())
+                        .map(|sf| st.similar_page(sf)),
+                );
+                st.require_pages(pages)?;
+                if !st
+                    .inodes
+                    .get(&ino)
+                    .is_some_and(|i| matches!(i.content, Content::File(_)))
+                {
+                    // Deleted meanwhile: the bytes are nobody's.
+                    return Ok(Vec::new());
+                }
+                let mut sealed = Vec::new();
+                let mut dead = Vec::new();
+                for (c, (enc, base, stored)) in cands.iter().zip(&out) {
+                    if let Some(e) = st.chunk_mut(&c.fp) {
+                        e.refs = e.refs.saturating_add(1);
+                        ing.duplicates.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        // Raw chunks come from the buffer itself (and so do
+                        // planned duplicates whose original went meanwhile,
+                        // and deltas whose reference chunk did).
+                        let raw = &buf[c.off..c.off + c.len];
+                        let (enc, base, stored): (Encoding, Option<Fp>, &[u8]) = match (enc, base) {
+                            (Encoding::Raw, _) => (Encoding::Raw, None, raw),
+                            (_, Some(b)) if !st.chunk(b).is_some_and(|e| e.base.is_none()) => {
+                                (Encoding::Raw, None, raw)
+                            }
+                            _ => (*enc, *base, &stored[..]),
+                        };
+                        if let Some(b) = base {
+                            let be = st.chunk_mut(&b).unwrap();
+                            be.refs = be.refs.saturating_add(1);
+                        }
+                        let e =
+                            st.append_chunk(c.fp, c.len, enc, base, stored, seg_bytes, &mut sealed);
+                        match enc {
+                            Encoding::Raw => &ing.raw,
+                            Encoding::Zstd => &ing.compressed,
+                            _ => &ing.deltas,
+                        }
+                        .fetch_add(1, Ordering::Relaxed);
+                        st.insert_chunk(e);
+                        if base.is_none() {
+                            for sf in c.sketch.into_iter().flatten() {
+                                let p = st.similar_page(sf);
+                                if st.similar(sf).is_none() {
+                                    st.inodes.page_mut(p).similar.insert(sf, c.fp);
+                                    st.counts.similar += 1;
+                                }
+                            }
+                        }
+                    }
+                    let i = st.inodes.get_mut(&ino).unwrap();
+                    if let Content::File(map) = &mut i.content {
+                        let e = Extent {
+                            at: Place::Chunk(c.fp),
+                            offset: 0,
+                            len: c.len as u32,
+                        };
+                        insert_extent(map, start + c.off as u64, e, &mut dead);
+                    }
+                }
+                for u in dead {
+                    st.unref(u);
+                }
+                st.touch(ino);
+                Ok(sealed)
+            })
+            .await?;
+        self.write_segments(&sealed).await?;
+        drop(_guard);
+        self.grow_indexes().await
+    }
+
+    /// Splits index buckets until both tables are within their load.
+    async fn grow_indexes(&self) -> Result<(), FsError> {
+        loop {
+            let grew = self
+                .with_state(|st| {
+                    let c = st.counts;
+                    let n = c.chunk_buckets.max(1);
+                    if c.chunks > n * meta::CHUNKS_PER_BUCKET {
+                        let src = meta::CHUNK_PAGES | meta::split_source(n);
+                        st.require_pages([src])?;
+                        let moved: Vec<ChunkEntry> = {
+                            let pg = st.inodes.page_mut(src);
+                            let keys: Vec<Fp> = pg
+                                .chunks
+                                .keys()
+                                .filter(|f| meta::bucket(meta::fp_hash(f), n + 1) == n)
+                                .copied()
+                                .collect();
+                            keys.iter().filter_map(|k| pg.chunks.remove(k)).collect()
+                        };
+                        let dst = st.inodes.page_mut(meta::CHUNK_PAGES | n);
+                        dst.chunks.extend(moved.into_iter().map(|e| (e.fp, e)));
+                        st.counts.chunk_buckets = n + 1;
+                        st.changes += 1;
+                        return Ok(true);
+                    }
+                    let n = c.similar_buckets.max(1);
+                    if c.similar > n * meta::SIMILAR_PER_BUCKET {
+                        let src = meta::SIMILAR_PAGES | meta::split_source(n);
+                        st.require_pages([src])?;
+                        let moved: Vec<(u64, Fp)> = {
+                            let pg = st.inodes.page_mut(src);
+                            let keys: Vec<u64> = pg
+                                .similar
+                                .keys()
+                                .filter(|&&sf| meta::bucket(sf, n + 1) == n)
+                                .copied()
+                                .collect();
+                            keys.iter()
+                                .filter_map(|k| pg.similar.remove(k).map(|v| (*k, v)))
+                                .collect()
+                        };
+                        let dst = st.inodes.page_mut(meta::SIMILAR_PAGES | n);
+                        dst.similar.extend(moved);
+                        st.counts.similar_buckets = n + 1;
+                        st.changes += 1;
+                        return Ok(true);
+                    }
+                    Ok(false)
+                })
+                .await?;
+            if !grew {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies the queued reference changes to the chunk index, freeing
+    /// chunks nothing references any more.
+    pub(super) async fn apply_ref_changes(&self) -> Result<(), FsError> {
+        loop {
+            let done = self
+                .with_state(|st| {
+                    if st.ref_changes.is_empty() {
+                        return Ok(true);
+                    }
+                    let n = st.ref_changes.len().min(REF_BATCH);
+                    let mut net: BTreeMap<Fp, i64> = BTreeMap::new();
+                    for (fp, d) in &st.ref_changes[..n] {
+                        *net.entry(*fp).or_default() += *d as i64;
+                    }
+                    st.require_pages(net.keys().map(|f| st.chunk_page(f)).collect::<Vec<_>>())?;
+                    let mut freed_bases = Vec::new();
+                    for (fp, d) in net {
+                        let Some(e) = st.chunk_mut(&fp) else {
+                            tracing::warn!(chunk = %hex(&fp), "reference change for a chunk not in the index");
+                            continue;
+                        };
+                        let refs = e.refs as i64 + d;
+                        if refs > 0 {
+                            e.refs = refs.min(u32::MAX as i64) as u32;
+                        } else if let Some(b) = st.remove_chunk(&fp) {
+                            freed_bases.push((b, -1));
+                        }
+                    }
+                    st.ref_changes.drain(..n);
+                    st.ref_changes.extend(freed_bases);
+                    st.changes += 1;
+                    Ok(false)
+                })
+                .await?;
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads, decodes and verifies one chunk.
+    pub(super) async fn fetch_chunk(&self, r: &ChunkRead) -> Result<Vec<u8>, FsError> {
+        let base = match &r.base {
+            Some((be, src)) => Some(self.decode_chunk(be, src, None).await?),
+            None => None,
+        };
+        self.decode_chunk(&r.entry, &r.src, base.as_deref()).await
+    }
+
+    async fn decode_chunk(
+        &self,
+        e: &ChunkEntry,
+        src: &Source,
+        base: Option<&[u8]>,
+    ) -> Result<Vec<u8>, FsError> {
+        let stored: Arc<[u8]> = match src {
+            Source::Mem(b) => b.clone(),
+            Source::Disk(records, off) => self
+                .read_segment_range(records, *off, e.stored as usize)
+                .await?
+                .into(),
+        };
+        let mut out = Vec::with_capacity(e.len as usize);
+        Decoder::default()
+            .decode(e.enc, &stored, base, e.len as usize, &mut out)
+            .map_err(|err| FsError::Io(format!("chunk {}: {err}", hex(&e.fp))))?;
+        if reduce::fingerprint(&out) != e.fp {
+            return Err(FsError::Io(format!(
+                "chunk {}: content does not match its fingerprint",
+                hex(&e.fp)
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Bytes `[off, off + len)` of a written segment.
+    pub(super) async fn read_segment_range(
+        &self,
+        records: &[StripeRecord],
+        off: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, FsError> {
+        let s = self.data.geometry().strip_size();
+        let mut reads = Vec::new();
+        let mut base = 0usize;
+        for r in records {
+            let cap = r.k as usize * s;
+            let lo = off.max(base);
+            let hi = (off + len).min(base + cap);
+            if lo < hi {
+                reads.push((lo - off, r, lo - base, hi - lo));
+            }
+            base += cap;
+        }
+        if base < off + len {
+            return Err(FsError::Io("read beyond a segment's stripes".into()));
+        }
+        let mut out = vec![0u8; len];
+        let results = join_all(
+            reads
+                .iter()
+                .map(|&(at, r, o, n)| async move { (at, self.data.read(r, o, n).await) }),
+        )
+        .await;
+        for (at, r) in results {
+            let b = r?;
+            out[at..at + b.len()].copy_from_slice(&b);
+        }
+        Ok(out)
+    }
+
+    /// Reads the chunks `jobs` name into `out`: `(at, offset in chunk,
+    /// len, chunk)`.
+    pub(super) async fn read_chunks(
+        &self,
+        out: &mut [u8],
+        jobs: Vec<(usize, usize, usize, ChunkRead)>,
+    ) -> Result<(), FsError> {
+        let results = join_all(jobs.iter().map(|(_, _, _, r)| self.fetch_chunk(r))).await;
+        for ((at, o, n, _), r) in jobs.iter().zip(results) {
+            let b = r?;
+            let src = b
+                .get(*o..*o + *n)
+                .ok_or_else(|| FsError::Io("extent beyond its chunk".into()))?;
+            out[*at..*at + *n].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// Pending bytes of `ino` over `[offset, offset + out.len())`, copied
+    /// into `out` (they are newer than anything in the extent map).
+    pub(super) fn overlay_pending(p: &Pending, offset: u64, out: &mut [u8]) {
+        let lo = p.start.max(offset);
+        let hi = (p.start + p.buf.len() as u64).min(offset + out.len() as u64);
+        if lo < hi {
+            let n = (hi - lo) as usize;
+            out[(lo - offset) as usize..][..n]
+                .copy_from_slice(&p.buf[(lo - p.start) as usize..][..n]);
+        }
+    }
+
+    pub(super) async fn pending_guard(
+        &self,
+        ino: u64,
+    ) -> Option<tokio::sync::OwnedMutexGuard<Pending>> {
+        Some(self.writer_if_any(ino)?.lock_owned().await)
+    }
+
+    /// Moves the live chunks out of written segments at most `max_live`
+    /// live (a fraction), so the segments free at the next commit.
+    pub async fn clean(&self, max_live: f64) -> Result<CleanReport, FsError> {
+        self.check_writable()?;
+        // Rebuilds replace segments' stripes: not while their chunks move.
+        let _one = self.rebuilding.lock().await;
+        self.apply_ref_changes().await?;
+        let candidates: Vec<(u64, Vec<StripeRecord>, u32)> = {
+            let st = self.state.lock().unwrap();
+            let open = st.open.as_ref().map(|o| o.id);
+            let mut c: Vec<_> = st
+                .segs
+                .iter()
+                .filter(|(id, s)| {
+                    Some(**id) != open
+                        && !s.records.is_empty()
+                        && s.len > 0
+                        && (s.live as f64) <= max_live * s.len as f64
+                })
+                .map(|(id, s)| (*id, s.records.clone(), s.len, s.live))
+                .collect();
+            c.sort_by_key(|x| x.3);
+            c.into_iter().map(|(id, r, len, _)| (id, r, len)).collect()
+        };
+        let mut rep = CleanReport::default();
+        for (seg, records, len) in candidates {
+            let bytes = self.read_segment_range(&records, 0, len as usize).await?;
+            // Walk the frames.
+            let mut frames = Vec::new();
+            let mut off = 0usize;
+            while let Some((fp, stored)) = meta::parse_chunk_header(&bytes[off..]) {
+                let end = off + CHUNK_HEADER + stored as usize;
+                if end > bytes.len() {
+                    break;
+                }
+                frames.push((off, fp, end));
+                off = end;
+            }
+            let _guard = self.quiesce.read().await;
+            let seg_bytes = self.seg_bytes;
+            let (sealed, moved, mbytes) = self
+                .with_state(|st| {
+                    st.require_pages(
+                        frames
+                            .iter()
+                            .map(|f| st.chunk_page(&f.1))
+                            .collect::<Vec<_>>(),
+                    )?;
+                    if !st.segs.get(&seg).is_some_and(|s| s.records == records) {
+                        return Ok((Vec::new(), 0, 0)); // moved or freed meanwhile
+                    }
+                    let mut sealed = Vec::new();
+                    let (mut moved, mut mbytes) = (0u64, 0u64);
+                    for &(o, fp, end) in &frames {
+                        let live = st
+                            .chunk(&fp)
+                            .is_some_and(|e| e.seg == seg && e.offset as usize == o);
+                        if !live {
+                            continue;
+                        }
+                        let frame = &bytes[o..end];
+                        let (nseg, noff) = st.room_for(frame.len(), seg_bytes, &mut sealed);
+                        st.open.as_mut().unwrap().buf.extend_from_slice(frame);
+                        st.segs.get_mut(&nseg).unwrap().live += frame.len() as u64;
+                        let e = st.chunk_mut(&fp).unwrap();
+                        e.seg = nseg;
+                        e.offset = noff as u32;
+                        st.release(seg, frame.len() as u64);
+                        moved += 1;
+                        mbytes += frame.len() as u64;
+                    }
+                    st.changes += 1;
+                    Ok((sealed, moved, mbytes))
+                })
+                .await?;
+            self.write_segments(&sealed).await?;
+            rep.segments += 1;
+            rep.chunks_moved += moved;
+            rep.bytes_moved += mbytes;
+            self.ingest.cleaned_segments.fetch_add(1, Ordering::Relaxed);
+            self.ingest.moved_bytes.fetch_add(mbytes, Ordering::Relaxed);
+        }
+        Ok(rep)
+    }
+}
+
+/// Plain compression of a chunk (incompressible-looking ones stored as is).
+fn plain(
+    enc: &mut Encoder<'_>,
+    d: &[u8],
+    incompressible: bool,
+    scratch: &mut Vec<u8>,
+) -> (Encoding, Option<Fp>, Vec<u8>) {
+    if incompressible {
+        return (Encoding::Raw, None, Vec::new());
+    }
+    match enc.compress(d, scratch) {
+        Encoding::Raw => (Encoding::Raw, None, Vec::new()),
+        e => (e, None, std::mem::take(scratch)),
+    }
+}
