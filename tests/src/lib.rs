@@ -319,6 +319,28 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Deterministic compressible text: words drawn from a small vocabulary
+/// with numbers mixed in, like logs (zstd stores it at about a third).
+pub fn text(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: [&str; 16] = [
+        "the ", "stripe ", "chunk ", "node ", "write ", "read ", "parity ", "delta ", "index ",
+        "commit ", "segment ", "error ", "latency ", "ok\n", "request ", "bytes ",
+    ];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len + 16);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(WORDS[(x & 15) as usize].as_bytes());
+        if x & 0x30 == 0 {
+            v.extend_from_slice(format!("{} ", (x >> 40) % 10000).as_bytes());
+        }
+    }
+    v.truncate(len);
+    v
+}
+
 /// `n` D-nodes with 4096-byte blocks, namespace `namespace(i)` (a path or
 /// `memory`) of `size`, one failure domain each, and how a cluster file
 /// names them.
@@ -372,6 +394,11 @@ pub struct FsRig {
 impl FsRig {
     /// `n` D-nodes of `size` each, formatted with `ec` and 64 KiB strips.
     pub fn new(name: &str, n: usize, size: &str, ec: &str) -> FsRig {
+        Self::with_mkfs(name, n, size, ec, &[])
+    }
+
+    /// As [`FsRig::new`], with more `dase mkfs` options.
+    pub fn with_mkfs(name: &str, n: usize, size: &str, ec: &str, mkfs: &[&str]) -> FsRig {
         let dir = tempfile::tempdir().unwrap();
         let (nodes, specs) = file_dnodes(dir.path(), name, n, size);
         let toml = ClusterFile { dnodes: specs }.to_toml();
@@ -382,7 +409,9 @@ impl FsRig {
             nodes,
             cluster,
         };
-        let out = rig.dase(&["mkfs", "--cluster", rig.cluster_str(), "--ec", ec]);
+        let mut args = vec!["mkfs", "--cluster", rig.cluster_str(), "--ec", ec];
+        args.extend_from_slice(mkfs);
+        let out = rig.dase(&args);
         assert!(
             out.status.success(),
             "mkfs: {}",
@@ -406,6 +435,17 @@ impl FsRig {
             .env("DASE_LOG", "warn")
             .output()
             .expect("run dase")
+    }
+
+    /// `dase stats --json` of the last commit.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = self.dase(&["stats", "--cluster", self.cluster_str(), "--json"]);
+        assert!(
+            out.status.success(),
+            "stats: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("stats JSON")
     }
 
     /// Mounts at `<dir>/<name>` with a short lease (so a crash test does

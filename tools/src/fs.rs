@@ -204,6 +204,9 @@ works while the file system is mounted (showing the last commit).",
 pub struct StatsArgs {
     #[arg(long)]
     cluster: PathBuf,
+    /// Print one JSON object (bytes as numbers) instead of the report.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn stats(a: StatsArgs) -> Result<()> {
@@ -219,6 +222,34 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         .await?;
         let s = fs.stats().await;
         let geo = fs.geometry();
+        if a.json {
+            let c = &s.counts;
+            let v = serde_json::json!({
+                "fs_uuid": fs.superblock().uuid_string(),
+                "commit": s.commit_seq,
+                "reduce": s.reduce.to_string(),
+                "files": s.files,
+                "dirs": s.dirs,
+                "logical_bytes": s.logical_bytes,
+                "after_dedup_bytes": c.unique_bytes,
+                "after_similarity_bytes": c.unique_bytes - c.delta_in + c.delta_out,
+                "after_compression_bytes": c.stored_bytes,
+                "live_bytes": s.live_bytes,
+                "stored_bytes": s.stored_bytes,
+                "metadata_bytes": s.metadata_bytes,
+                "chunks": c.chunks,
+                "delta_chunk_bytes": c.delta_in,
+                "chunk_index_bytes": s.chunk_index_bytes,
+                "similar_index_bytes": s.similar_index_bytes,
+                "chunk_buckets": c.chunk_buckets,
+                "similar_buckets": c.similar_buckets,
+                "similar_entries": c.similar,
+                "capacity_bytes": s.capacity_bytes,
+                "free_bytes": s.free_bytes,
+            });
+            println!("{v}");
+            return Ok(());
+        }
         println!("file system     {}", fs.superblock().uuid_string());
         println!(
             "geometry        {geo} data, strip {} KiB; metadata {} (mirrored)",

@@ -2341,7 +2341,7 @@ impl FileSystem {
         };
         for p in pages {
             self.with_state(|st| {
-                st.require(&[p * meta::PAGE_INODES])?;
+                st.require_pages([p])?;
                 st.inodes.dirty.insert(p);
                 Ok(())
             })

@@ -1,0 +1,248 @@
+//! Data reduction end to end: real D-nodes, a real FUSE mount, `dase
+//! stats --json` for what was stored.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use dase_tests::*;
+
+fn write_file(p: &Path, data: &[u8]) {
+    let mut f = File::create(p).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_cold(p: &Path) -> Vec<u8> {
+    drop_caches();
+    let mut v = Vec::new();
+    File::open(p).unwrap().read_to_end(&mut v).unwrap();
+    v
+}
+
+fn num(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+/// Commits everything (fsync of the root directory commits the file system).
+fn commit(root: &Path) {
+    File::open(root).unwrap().sync_all().unwrap();
+}
+
+const MAX_CHUNK: u64 = dase_initiator::reduce::MAX_CHUNK as u64;
+
+#[test]
+fn duplicates_and_near_duplicates_store_once_plus_small_deltas() {
+    let rig = FsRig::new("dups", 5, "512M", "3+2");
+    let m = rig.mount("mnt", &[]).unwrap();
+    let root = m.path.clone();
+    let a = text(8 << 20, 1);
+    write_file(&root.join("a"), &a);
+    let s1 = rig.stats();
+    assert_eq!(s1["reduce"], "full");
+    assert_eq!(num(&s1, "after_dedup_bytes"), a.len() as u64);
+    let stored1 = num(&s1, "after_compression_bytes");
+    assert!(
+        stored1 < a.len() as u64 / 2,
+        "text compressed only to {stored1}"
+    );
+
+    // An exact copy costs references only.
+    write_file(&root.join("b"), &a);
+    let s2 = rig.stats();
+    assert_eq!(num(&s2, "logical_bytes"), 2 * a.len() as u64);
+    assert_eq!(num(&s2, "after_dedup_bytes"), a.len() as u64);
+    assert_eq!(num(&s2, "chunks"), num(&s1, "chunks"));
+    assert_eq!(num(&s2, "after_compression_bytes"), stored1);
+
+    // Five small edits: a few new chunks, each a small delta.
+    let mut c = a.clone();
+    for i in 0..5 {
+        let at = 1_000_000 + i * 1_500_000;
+        c[at..at + 16].copy_from_slice(b"EDITED-EDITED-ED");
+    }
+    write_file(&root.join("c"), &c);
+    let s3 = rig.stats();
+    let new_unique = num(&s3, "after_dedup_bytes") - a.len() as u64;
+    assert!(new_unique <= 10 * MAX_CHUNK, "{new_unique} new bytes");
+    assert!(num(&s3, "delta_chunk_bytes") > 0, "no deltas: {s3}");
+    let grew = num(&s3, "after_compression_bytes") - stored1;
+    assert!(grew < 8 * 1024, "five edits stored {grew} bytes");
+
+    // An insertion shifts everything after it; chunks resynchronise.
+    let mut d = a.clone();
+    d.splice(3_000_000..3_000_000, b"inserted bytes".iter().copied());
+    write_file(&root.join("d"), &d);
+    let s4 = rig.stats();
+    let new_unique = num(&s4, "after_dedup_bytes") - num(&s3, "after_dedup_bytes");
+    assert!(new_unique <= 3 * MAX_CHUNK, "{new_unique} new bytes");
+    assert!(num(&s4, "after_compression_bytes") - num(&s3, "after_compression_bytes") < 8 * 1024);
+
+    // Bit-exact, from the page cache's absence and after a remount.
+    for (n, want) in [("a", &a), ("b", &a), ("c", &c), ("d", &d)] {
+        assert!(read_cold(&root.join(n)) == *want, "{n} differs");
+    }
+    assert!(m.stop());
+    let m = rig.mount("mnt", &[]).unwrap();
+    for (n, want) in [("a", &a), ("b", &a), ("c", &c), ("d", &d)] {
+        assert!(read_cold(&m.path.join(n)) == *want, "{n} differs after remount");
+    }
+    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // Deleting every file returns the stored bytes to an empty file system's.
+    for n in ["a", "b", "c", "d"] {
+        std::fs::remove_file(m.path.join(n)).unwrap();
+    }
+    assert!(m.stop());
+    let s = rig.stats();
+    assert_eq!(num(&s, "chunks"), 0, "{s}");
+    assert_eq!(num(&s, "after_compression_bytes"), 0);
+    assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
+    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn overwritten_chunks_die_and_the_cleaner_reclaims_their_segments() {
+    let rig = FsRig::with_mkfs("clean", 5, "512M", "3+2", &["--reduce", "dedup"]);
+    let m = rig.mount("mnt", &[]).unwrap();
+    let root = m.path.clone();
+    let mut data = pattern(8 << 20, 5);
+    write_file(&root.join("f"), &data);
+    let before = rig.stats();
+    assert_eq!(before["reduce"], "dedup");
+    // Overwrite every other 256 KiB: the chunks there die, leaving their
+    // segments partly dead.
+    {
+        let f = OpenOptions::new().write(true).open(root.join("f")).unwrap();
+        for i in (0..data.len()).step_by(512 << 10) {
+            let fresh = pattern(256 << 10, 100 + i as u64);
+            f.write_all_at(&fresh, i as u64).unwrap();
+            data[i..i + fresh.len()].copy_from_slice(&fresh);
+        }
+        f.sync_all().unwrap();
+    }
+    let dirty = rig.stats();
+    let out = rig.dase(&["clean", "--cluster", rig.cluster_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cleaned = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(cleaned.contains("cleaned"), "{cleaned}");
+    commit(&root);
+    let after = rig.stats();
+    assert!(
+        num(&after, "stored_bytes") < num(&dirty, "stored_bytes"),
+        "cleaning freed nothing: {dirty} -> {after}"
+    );
+    // Live data with parity, nothing much more: 8 MiB of chunks at 5/3.
+    let floor = num(&after, "after_compression_bytes") * 5 / 3;
+    assert!(
+        num(&after, "stored_bytes") < floor + floor / 4,
+        "{after} (before cleaning {dirty}, first write {before})"
+    );
+    assert!(read_cold(&root.join("f")) == data);
+    assert!(m.stop());
+    let m = rig.mount("mnt", &[]).unwrap();
+    assert!(read_cold(&m.path.join("f")) == data);
+    assert!(m.stop());
+    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn a_crash_during_reclamation_loses_nothing() {
+    let rig = FsRig::new("crash", 5, "512M", "3+2");
+    let m = rig.mount("mnt", &[]).unwrap();
+    let root = m.path.clone();
+    let files: Vec<Vec<u8>> = (0..12)
+        .map(|i| {
+            let mut t = text(2 << 20, 7); // near-duplicates: deltas and shared chunks
+            let at = (i * 150_001) % t.len();
+            t[at..at + 8].copy_from_slice(format!("{i:08}").as_bytes());
+            if i % 3 == 0 {
+                t.extend_from_slice(&pattern(1 << 20, i as u64)); // and unique bytes
+            }
+            t
+        })
+        .collect();
+    for (i, f) in files.iter().enumerate() {
+        write_file(&root.join(format!("f{i}")), f);
+    }
+    commit(&root);
+    // Delete half (the references of the rest keep shared chunks alive),
+    // then crash while the references drop and the cleaner runs.
+    for i in (0..12).step_by(2) {
+        std::fs::remove_file(root.join(format!("f{i}"))).unwrap();
+    }
+    let mut clean = std::process::Command::new(dase_bin())
+        .args(["clean", "--cluster", rig.cluster_str()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    m.crash();
+    let _ = clean.wait();
+    let m = rig.mount_when_free("mnt", &[]);
+    for (i, f) in files.iter().enumerate() {
+        let p = m.path.join(format!("f{i}"));
+        if p.exists() {
+            assert!(read_cold(&p) == *f, "f{i} differs after the crash");
+        } else {
+            assert!(i % 2 == 0, "f{i} was never deleted");
+        }
+    }
+    assert!(m.stop());
+    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    // And nothing leaked: with every file gone, nothing is stored.
+    let m = rig.mount("mnt", &[]).unwrap();
+    for e in std::fs::read_dir(&m.path).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    assert!(m.stop());
+    let s = rig.stats();
+    assert_eq!(num(&s, "chunks"), 0, "{s}");
+    assert_eq!(num(&s, "stored_bytes"), 0, "{s}");
+}
+
+#[test]
+fn a_corrupt_reference_chunk_is_repaired_before_a_delta_on_it_is_served() {
+    let rig = FsRig::new("refcorrupt", 5, "512M", "3+2");
+    let a = text(4 << 20, 3);
+    let mut c = a.clone();
+    for i in 0..40 {
+        let at = 50_000 + i * 100_000;
+        c[at..at + 4].copy_from_slice(b"EDIT");
+    }
+    let m = rig.mount("mnt", &[]).unwrap();
+    write_file(&m.path.join("a"), &a);
+    write_file(&m.path.join("c"), &c);
+    let s = rig.stats();
+    assert!(num(&s, "delta_chunk_bytes") >= 20 * 4096, "few deltas: {s}");
+    assert!(m.stop());
+    // Garbage over every strip slot of D-node 2: reference chunks (and
+    // deltas) with a strip there are corrupt on it.
+    let region = 1u64 << 20..(1u64 << 20) + (16 << 20);
+    {
+        let f = OpenOptions::new().write(true).open(rig.path("d2.img")).unwrap();
+        f.write_all_at(&vec![0xAB; (region.end - region.start) as usize], region.start)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    let m = rig.mount("mnt", &[]).unwrap();
+    // Only the deltas' file is read: its reference chunks are fetched,
+    // found corrupt by their strips' checksums, rebuilt from parity and
+    // rewritten, and only then are the deltas applied (and the result
+    // checked against its fingerprint).
+    assert!(read_cold(&m.path.join("c")) == c);
+    let log = m.log_text();
+    assert!(log.contains("checksum mismatch"), "{log}");
+    assert!(log.contains("corrupt strip repaired"), "{log}");
+    assert!(read_cold(&m.path.join("a")) == a);
+    assert!(m.stop());
+    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
