@@ -87,10 +87,17 @@ fn duplicates_and_near_duplicates_store_once_plus_small_deltas() {
     assert!(m.stop());
     let m = rig.mount("mnt", &[]).unwrap();
     for (n, want) in [("a", &a), ("b", &a), ("c", &c), ("d", &d)] {
-        assert!(read_cold(&m.path.join(n)) == *want, "{n} differs after remount");
+        assert!(
+            read_cold(&m.path.join(n)) == *want,
+            "{n} differs after remount"
+        );
     }
     let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // Deleting every file returns the stored bytes to an empty file system's.
     for n in ["a", "b", "c", "d"] {
@@ -102,7 +109,11 @@ fn duplicates_and_near_duplicates_store_once_plus_small_deltas() {
     assert_eq!(num(&s, "after_compression_bytes"), 0);
     assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
     let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -127,7 +138,11 @@ fn overwritten_chunks_die_and_the_cleaner_reclaims_their_segments() {
     }
     let dirty = rig.stats();
     let out = rig.dase(&["clean", "--cluster", rig.cluster_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cleaned = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(cleaned.contains("cleaned"), "{cleaned}");
     commit(&root);
@@ -148,7 +163,11 @@ fn overwritten_chunks_die_and_the_cleaner_reclaims_their_segments() {
     assert!(read_cold(&m.path.join("f")) == data);
     assert!(m.stop());
     let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -196,7 +215,11 @@ fn a_crash_during_reclamation_loses_nothing() {
     }
     assert!(m.stop());
     let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // And nothing leaked: with every file gone, nothing is stored.
     let m = rig.mount("mnt", &[]).unwrap();
     for e in std::fs::read_dir(&m.path).unwrap() {
@@ -227,9 +250,15 @@ fn a_corrupt_reference_chunk_is_repaired_before_a_delta_on_it_is_served() {
     // deltas) with a strip there are corrupt on it.
     let region = 1u64 << 20..(1u64 << 20) + (16 << 20);
     {
-        let f = OpenOptions::new().write(true).open(rig.path("d2.img")).unwrap();
-        f.write_all_at(&vec![0xAB; (region.end - region.start) as usize], region.start)
+        let f = OpenOptions::new()
+            .write(true)
+            .open(rig.path("d2.img"))
             .unwrap();
+        f.write_all_at(
+            &vec![0xAB; (region.end - region.start) as usize],
+            region.start,
+        )
+        .unwrap();
         f.sync_all().unwrap();
     }
     let m = rig.mount("mnt", &[]).unwrap();
@@ -244,5 +273,9 @@ fn a_corrupt_reference_chunk_is_repaired_before_a_delta_on_it_is_served() {
     assert!(read_cold(&m.path.join("a")) == a);
     assert!(m.stop());
     let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -1626,12 +1626,22 @@ impl FileSystem {
     /// changed pages of inodes and the log record naming them, then the
     /// commit record on a majority of D-nodes.
     pub async fn sync(&self) -> Result<(), FsError> {
+        self.commit(true).await
+    }
+
+    /// Commits; `flush` also stores files' pending bytes first. The timer's
+    /// commits do not: cutting a file being written where the timer fell
+    /// would make chunk boundaries depend on timing, not content (its bytes
+    /// are stored when it is closed, synced, or has gathered enough).
+    async fn commit(&self, flush: bool) -> Result<(), FsError> {
         if self.opts.read_only {
             return Ok(());
         }
         // Pending file bytes become chunks, dropped references are applied
         // (what cannot be applied now is committed as the queue).
-        self.flush_all_pending().await?;
+        if flush {
+            self.flush_all_pending().await?;
+        }
         if let Err(e) = self.apply_ref_changes().await {
             tracing::warn!(error = %e, "chunk reference changes kept queued");
         }
@@ -1943,7 +1953,7 @@ impl FileSystem {
                     }
                 }
             }
-            if let Err(e) = self.sync().await {
+            if let Err(e) = self.commit(false).await {
                 tracing::warn!(error = %e, "periodic commit failed");
             }
             if self.reduce() != Reduce::None {

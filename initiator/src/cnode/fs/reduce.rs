@@ -110,7 +110,10 @@ pub struct CleanReport {
 }
 
 impl State {
-    pub(super) fn require_pages(&mut self, pages: impl IntoIterator<Item = u64>) -> Result<(), FsError> {
+    pub(super) fn require_pages(
+        &mut self,
+        pages: impl IntoIterator<Item = u64>,
+    ) -> Result<(), FsError> {
         self.inodes.clock += 1;
         let now = self.inodes.clock;
         for p in pages {
