@@ -57,8 +57,13 @@ pub const MAX_CHUNK: u32 = AVG_CHUNK * 4;
 /// Cut points of `data`: `(offset, len)` of each content-defined chunk. The
 /// last chunk ends where `data` does.
 pub fn chunks(data: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
-    fastcdc::v2020::FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
-        .map(|c| (c.offset, c.length))
+    chunks_of_size(data, AVG_CHUNK)
+}
+
+/// [`chunks`] with another average size (min a quarter, max four times it),
+/// for measuring the choice.
+pub fn chunks_of_size(data: &[u8], avg: u32) -> impl Iterator<Item = (usize, usize)> + '_ {
+    fastcdc::v2020::FastCDC::new(data, avg / 4, avg, avg * 4).map(|c| (c.offset, c.length))
 }
 
 /// How a stored chunk is encoded.
@@ -161,8 +166,8 @@ pub fn sketch(data: &[u8]) -> Option<[u64; SUPER_FEATURES]> {
 
 /// Whether a chunk looks incompressible: the order-0 entropy of a sample
 /// is near 8 bits a byte (compressed media, encrypted data). Costs a
-/// histogram of at most 4 KiB, so such data skips the compressor and the
-/// sketch.
+/// histogram of at most 4 KiB, so such data skips the compressor (not the
+/// sketch: compressed archives of two versions are near-identical).
 pub fn looks_incompressible(data: &[u8]) -> bool {
     const SAMPLE: usize = 4096;
     if data.len() < 512 {

@@ -447,11 +447,11 @@ impl FileSystem {
                     off,
                     len,
                     fp: reduce::fingerprint(d),
-                    sketch: if full && !incompressible {
-                        reduce::sketch(d)
-                    } else {
-                        None
-                    },
+                    // Sketched even when incompressible: archives of
+                    // compressed members (wheels, zips) are high-entropy yet
+                    // near-identical between versions, which only a delta
+                    // finds.
+                    sketch: if full { reduce::sketch(d) } else { None },
                     incompressible,
                 }
             })

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Stores each part of the evaluation corpus with dase (--reduce full), restic
+and borg (their default and max compression), and zstd -19 --long=31, in one
+run, and prints a Markdown table of stored bytes (BENCHMARKS.md, "Reduction").
+
+Usage: benches/corpus/compare.py CORPUS_DIR WORK_DIR [--dase PATH] [--parts a,b]
+Needs restic, borgbackup and zstd (Debian packages) and root (FUSE).
+dase's figure is its chunks after dedup, deltas and compression (what restic
+and borg report too: no redundancy); "with parity" adds the 10+3 erasure code.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+PARTS = ["source", "wheels", "checkpoints", "logs", "media"]
+
+
+def du(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                total += os.path.getsize(p)
+    return total
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def restic(src, repo, compression):
+    env = dict(os.environ, RESTIC_PASSWORD="dase-bench", RESTIC_CACHE_DIR=repo + ".cache")
+    shutil.rmtree(repo, ignore_errors=True)
+    sh(["restic", "-q", "init", "--repository-version", "2", "-r", repo], env=env,
+       stdout=subprocess.DEVNULL)
+    sh(["restic", "-q", "-r", repo, "backup", "--compression", compression, "."], env=env,
+       cwd=src, stdout=subprocess.DEVNULL)
+    return du(repo)
+
+
+def borg(src, repo, compression):
+    env = dict(os.environ, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+               BORG_BASE_DIR=repo + ".base")
+    shutil.rmtree(repo, ignore_errors=True)
+    sh(["borg", "init", "-e", "none", repo], env=env)
+    sh(["borg", "create", "--compression", compression, f"{repo}::a", "."], env=env, cwd=src)
+    return du(repo)
+
+
+def zstd_long(src):
+    tar = subprocess.Popen(["tar", "cf", "-", "-C", src, "."], stdout=subprocess.PIPE)
+    z = subprocess.run(["zstd", "-19", "--long=31", "-T2", "-c", "-q"], stdin=tar.stdout,
+                       stdout=subprocess.PIPE, check=True)
+    tar.wait()
+    return len(z.stdout)
+
+
+class Dase:
+    def __init__(self, binary, work):
+        self.bin, self.dir = binary, os.path.join(work, "dase")
+        self.cluster = os.path.join(self.dir, "cluster.toml")
+        self.mnt = os.path.join(work, "mnt")
+        os.makedirs(self.mnt, exist_ok=True)
+        self.nodes = subprocess.Popen([binary, "cluster", "up", "--dir", self.dir, "--dnodes", "13",
+                                       "--size", "1G", "--log", "warn"])
+        for _ in range(100):
+            if os.path.exists(self.cluster):
+                break
+            time.sleep(0.1)
+        time.sleep(1)
+
+    def store(self, src):
+        sh([self.bin, "mkfs", "--cluster", self.cluster, "--reduce", "full", "--force"],
+           stdout=subprocess.DEVNULL)
+        m = subprocess.Popen([self.bin, "mount", "--cluster", self.cluster, "--log", "warn",
+                              self.mnt])
+        for _ in range(100):
+            if os.path.ismount(self.mnt):
+                break
+            time.sleep(0.1)
+        t = time.time()
+        sh(["cp", "-r", src, os.path.join(self.mnt, "x")])
+        sh(["umount", self.mnt])
+        m.wait()
+        took = time.time() - t
+        out = subprocess.run([self.bin, "stats", "--cluster", self.cluster, "--json"],
+                             check=True, stdout=subprocess.PIPE).stdout
+        s = json.loads(out)
+        s["seconds"] = took
+        return s
+
+    def close(self):
+        self.nodes.terminate()
+        self.nodes.wait()
+
+
+def mb(b):
+    return f"{b / 1e6:.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("corpus")
+    ap.add_argument("work")
+    ap.add_argument("--dase", default=os.path.join(os.path.dirname(__file__), "../../build/release/dase"))
+    ap.add_argument("--parts", default=",".join(PARTS))
+    a = ap.parse_args()
+    parts = a.parts.split(",")
+    os.makedirs(a.work, exist_ok=True)
+    d = Dase(os.path.abspath(a.dase), a.work)
+    rows, totals = [], {}
+    try:
+        for p in parts:
+            src = os.path.join(a.corpus, p)
+            r = {"part": p, "logical": du(src)}
+            s = d.store(src)
+            r.update(dedup=s["after_dedup_bytes"], similar=s["after_similarity_bytes"],
+                     dase=s["after_compression_bytes"], parity=s["stored_bytes"],
+                     dase_mbps=r["logical"] / s["seconds"] / 1e6)
+            w = lambda n: os.path.join(a.work, n)
+            r["restic"] = restic(src, w("restic-" + p), "auto")
+            r["restic_max"] = restic(src, w("restic-max-" + p), "max")
+            r["borg"] = borg(src, w("borg-" + p), "lz4")
+            r["borg_max"] = borg(src, w("borg-max-" + p), "zstd,22")
+            r["zstd_long"] = zstd_long(src)
+            for k, v in r.items():
+                if k != "part":
+                    totals[k] = totals.get(k, 0) + v
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    finally:
+        d.close()
+    whole = zstd_long(a.corpus) if len(parts) == len(PARTS) else None
+    cols = ["logical", "dedup", "similar", "dase", "parity", "restic", "restic_max", "borg",
+            "borg_max", "zstd_long"]
+    print("| part | logical MB | dase after dedup | + similarity | + compression (dase) | dase with 10+3 parity | restic (auto) | restic (max) | borg (lz4) | borg (zstd,22) | zstd -19 --long=31 |")
+    print("|---|" + "---:|" * len(cols))
+    for r in rows + [dict(totals, part="**all**")]:
+        print(f"| {r['part']} | " + " | ".join(mb(r[c]) for c in cols) + " |")
+    if whole:
+        print(f"\nWhole corpus as one tar, zstd -19 --long=31: {mb(whole)} MB; "
+              f"dase {mb(totals['dase'])} MB = {totals['dase'] / whole:.3f}x of it.")
+    for r in rows:
+        print(f"- {r['part']}: dase ingest through the mount {r['dase_mbps']:.0f} MB/s (cp -r, this VM)")
+
+
+if __name__ == "__main__":
+    main()
