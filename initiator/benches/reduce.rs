@@ -65,12 +65,12 @@ fn ingest(files: &[Vec<u8>], avg: u32) -> (Totals, Vec<Stored>, Vec<Fp>) {
             let mut chosen = None;
             if let Some(b) = base {
                 // The reference as the read path sees it: decoded.
-                if !decoded.contains_key(&b) {
+                decoded.entry(b).or_insert_with(|| {
                     let s = &store[b];
                     let mut v = Vec::new();
                     dec.decode(s.enc, &s.bytes, None, s.len, &mut v).unwrap();
-                    decoded.insert(b, v);
-                }
+                    v
+                });
                 // The reference must outlive the encoder that refers to it.
                 let e = Encoder::new(reduce::LEVEL).delta(d, &decoded[&b], &mut out);
                 if e.is_delta() && out.len() < len / 2 {
@@ -206,8 +206,7 @@ fn main() {
             let bs = &store[b];
             dec.decode(bs.enc, &bs.bytes, None, bs.len, &mut base)
                 .unwrap();
-            Decoder::default()
-                .decode(s.enc, &s.bytes, Some(&base), s.len, &mut outb)
+            dec.decode(s.enc, &s.bytes, Some(&base), s.len, &mut outb)
                 .unwrap();
             assert_eq!(reduce::fingerprint(&outb), fps[i]);
             delta_bytes += s.len as u64;

@@ -94,9 +94,9 @@ pub const SUPER_FEATURES: usize = 3;
 const FEATURES_PER_SF: usize = 4;
 const FEATURES: usize = SUPER_FEATURES * FEATURES_PER_SF;
 /// Content-defined sampling (Odess, Zhang et al. 2021): features are taken
-/// only at positions whose rolling hash has these bits clear (1 in 32),
+/// only at positions whose rolling hash has these bits clear (1 in 128),
 /// so the per-byte cost is the gear hash alone.
-const SAMPLE_MASK: u64 = (1 << 5) - 1;
+const SAMPLE_MASK: u64 = (1 << 7) - 1;
 /// Chunks smaller than this get no sketch (too few samples to mean much).
 pub const MIN_SKETCH: usize = 1024;
 
@@ -306,13 +306,29 @@ fn xor_unshuffle(shuffled: &[u8], base: &[u8], out: &mut [u8]) {
     }
 }
 
-/// Decodes stored chunks.
-pub struct Decoder<'a> {
-    dctx: DCtx<'a>,
+/// Decodes stored chunks. Keep one per thread ([`decode`]): creating a
+/// zstd context costs more than decoding a small chunk.
+pub struct Decoder {
+    dctx: DCtx<'static>,
     scratch: Vec<u8>,
 }
 
-impl Default for Decoder<'_> {
+thread_local! {
+    static DECODER: std::cell::RefCell<Decoder> = std::cell::RefCell::new(Decoder::default());
+}
+
+/// [`Decoder::decode`] with this thread's decoder.
+pub fn decode(
+    enc: Encoding,
+    stored: &[u8],
+    base: Option<&[u8]>,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    DECODER.with(|d| d.borrow_mut().decode(enc, stored, base, len, out))
+}
+
+impl Default for Decoder {
     fn default() -> Self {
         Decoder {
             dctx: DCtx::create(),
@@ -321,14 +337,14 @@ impl Default for Decoder<'_> {
     }
 }
 
-impl<'a> Decoder<'a> {
+impl Decoder {
     /// Decodes a stored chunk of `len` bytes into `out` (cleared first).
     /// Bounded: a stored chunk that claims more than `len` is an error.
     pub fn decode(
         &mut self,
         enc: Encoding,
         stored: &[u8],
-        base: Option<&'a [u8]>,
+        base: Option<&[u8]>,
         len: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), CodecError> {
@@ -342,8 +358,11 @@ impl<'a> Decoder<'a> {
             Encoding::Delta => {
                 let base = base.ok_or(CodecError::NoBase)?;
                 out.reserve(len);
-                self.dctx.ref_prefix(base).map_err(zerr)?;
-                self.dctx.decompress(out, stored).map_err(zerr)?;
+                // A content-only dictionary is what a prefix is to the
+                // decoder, and it is referenced, not copied.
+                self.dctx
+                    .decompress_using_dict(out, stored, base)
+                    .map_err(zerr)?;
             }
             Encoding::XorDelta => {
                 let base = base.ok_or(CodecError::NoBase)?;

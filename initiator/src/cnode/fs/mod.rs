@@ -2809,7 +2809,7 @@ fn check_metadata(
         let name = reduce::hex(&c.fp);
         if let Some(b) = c.base {
             *refs.entry(b).or_default() += 1;
-            if !cs.chunks.get(&b).is_some_and(|be| be.base.is_none()) {
+            if cs.chunks.get(&b).is_none_or(|be| be.base.is_some()) {
                 rep.problems.push(format!(
                     "chunk {name} is a delta of {}, which is missing or itself a delta",
                     reduce::hex(&b)

@@ -26,7 +26,7 @@
 use std::sync::atomic::AtomicU64;
 
 use super::*;
-use crate::reduce::{self, Decoder, Encoder, Encoding};
+use crate::reduce::{self, Encoder, Encoding};
 use meta::{chunk_page, similar_page, CHUNK_HEADER};
 
 /// A file's pending bytes are chunked once this many have gathered: large
@@ -96,7 +96,7 @@ struct Cand {
 enum Plan {
     Duplicate,
     /// Delta against this stored chunk.
-    Against(ChunkRead),
+    Against(Box<ChunkRead>),
     /// Delta against an earlier new chunk of this batch.
     AgainstBatch(usize),
     New,
@@ -438,7 +438,7 @@ impl FileSystem {
     ) -> Result<(), FsError> {
         let mode = self.reduce();
         let full = mode == Reduce::Full;
-        let cands: Vec<Cand> = cuts
+        let mut cands: Vec<Cand> = cuts
             .iter()
             .map(|&(off, len)| {
                 let d = &buf[off..off + len];
@@ -447,11 +447,7 @@ impl FileSystem {
                     off,
                     len,
                     fp: reduce::fingerprint(d),
-                    // Sketched even when incompressible: archives of
-                    // compressed members (wheels, zips) are high-entropy yet
-                    // near-identical between versions, which only a delta
-                    // finds.
-                    sketch: if full { reduce::sketch(d) } else { None },
+                    sketch: None,
                     incompressible,
                 }
             })
@@ -461,6 +457,28 @@ impl FileSystem {
         ing.bytes
             .fetch_add(cuts.iter().map(|c| c.1 as u64).sum(), Ordering::Relaxed);
         // Lookups: exact first, then similar for what is new.
+        if full {
+            let known: Vec<bool> = self
+                .with_state(|st| {
+                    st.require_pages(
+                        cands
+                            .iter()
+                            .map(|c| st.chunk_page(&c.fp))
+                            .collect::<Vec<_>>(),
+                    )?;
+                    Ok(cands.iter().map(|c| st.chunk(&c.fp).is_some()).collect())
+                })
+                .await?;
+            for (c, known) in cands.iter_mut().zip(known) {
+                if !known {
+                    // Sketched even when incompressible: archives of
+                    // compressed members (wheels, zips) are high-entropy
+                    // yet near-identical between versions, which only a
+                    // delta finds.
+                    c.sketch = reduce::sketch(&buf[c.off..c.off + c.len]);
+                }
+            }
+        }
         let plans = self
             .with_state(|st| {
                 st.require_pages(
@@ -502,7 +520,7 @@ impl FileSystem {
                         let r = st.locate_chunk(&b);
                         match r {
                             Ok(r) if r.base.is_none() => {
-                                plan = Plan::Against(r);
+                                plan = Plan::Against(Box::new(r));
                                 break;
                             }
                             Err(FsError::NotLoaded(p)) => return Err(FsError::NotLoaded(p)),
@@ -524,8 +542,8 @@ impl FileSystem {
         let mut bases: HashMap<Fp, Vec<u8>> = HashMap::new();
         for p in &plans {
             if let Plan::Against(r) = p {
-                if !bases.contains_key(&r.entry.fp) {
-                    bases.insert(r.entry.fp, self.fetch_chunk(r).await?);
+                if let std::collections::hash_map::Entry::Vacant(v) = bases.entry(r.entry.fp) {
+                    v.insert(self.fetch_chunk(r).await?);
                 }
             }
         }
@@ -597,7 +615,7 @@ impl FileSystem {
                         let raw = &buf[c.off..c.off + c.len];
                         let (enc, base, stored): (Encoding, Option<Fp>, &[u8]) = match (enc, base) {
                             (Encoding::Raw, _) => (Encoding::Raw, None, raw),
-                            (_, Some(b)) if !st.chunk(b).is_some_and(|e| e.base.is_none()) => {
+                            (_, Some(b)) if st.chunk(b).is_none_or(|e| e.base.is_some()) => {
                                 (Encoding::Raw, None, raw)
                             }
                             _ => (*enc, *base, &stored[..]),
@@ -767,8 +785,7 @@ impl FileSystem {
                 .into(),
         };
         let mut out = Vec::with_capacity(e.len as usize);
-        Decoder::default()
-            .decode(e.enc, &stored, base, e.len as usize, &mut out)
+        reduce::decode(e.enc, &stored, base, e.len as usize, &mut out)
             .map_err(|err| FsError::Io(format!("chunk {}: {err}", hex(&e.fp))))?;
         if reduce::fingerprint(&out) != e.fp {
             return Err(FsError::Io(format!(
