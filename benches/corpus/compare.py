@@ -85,6 +85,11 @@ class Dase:
             time.sleep(0.1)
         t = time.time()
         sh(["cp", "-r", src, os.path.join(self.mnt, "x")])
+        hwm = 0
+        with open(f"/proc/{m.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
         sh(["umount", self.mnt])
         m.wait()
         took = time.time() - t
@@ -92,6 +97,7 @@ class Dase:
                              check=True, stdout=subprocess.PIPE).stdout
         s = json.loads(out)
         s["seconds"] = took
+        s["rss_peak"] = hwm
         return s
 
     def close(self):
@@ -122,6 +128,9 @@ def main():
             r.update(dedup=s["after_dedup_bytes"], similar=s["after_similarity_bytes"],
                      dase=s["after_compression_bytes"], parity=s["stored_bytes"],
                      dase_mbps=r["logical"] / s["seconds"] / 1e6)
+            extra = {"rss_peak": s["rss_peak"], "chunks": s["chunks"],
+                     "index_bytes": s["chunk_index_bytes"] + s["similar_index_bytes"],
+                     "similar_entries": s["similar_entries"]}
             w = lambda n: os.path.join(a.work, n)
             r["restic"] = restic(src, w("restic-" + p), "auto")
             r["restic_max"] = restic(src, w("restic-max-" + p), "max")
@@ -129,9 +138,10 @@ def main():
             r["borg_max"] = borg(src, w("borg-max-" + p), "zstd,22")
             r["zstd_long"] = zstd_long(src)
             for k, v in r.items():
-                if k != "part":
+                if k not in ("part", "extra"):
                     totals[k] = totals.get(k, 0) + v
             rows.append(r)
+            r["extra"] = extra
             print(json.dumps(r), file=sys.stderr, flush=True)
     finally:
         d.close()
@@ -146,7 +156,10 @@ def main():
         print(f"\nWhole corpus as one tar, zstd -19 --long=31: {mb(whole)} MB; "
               f"dase {mb(totals['dase'])} MB = {totals['dase'] / whole:.3f}x of it.")
     for r in rows:
-        print(f"- {r['part']}: dase ingest through the mount {r['dase_mbps']:.0f} MB/s (cp -r, this VM)")
+        x = r["extra"]
+        print(f"- {r['part']}: dase ingest through the mount {r['dase_mbps']:.0f} MB/s (cp -r, this VM); "
+              f"mount peak RSS {x['rss_peak'] / 2**20:.0f} MiB; {x['chunks']} chunks; indexes on the "
+              f"D-nodes {x['index_bytes'] / 2**20:.1f} MiB (all copies)")
 
 
 if __name__ == "__main__":

@@ -35,13 +35,13 @@ struct Totals {
 }
 
 /// One pass of the write path's decisions over `files`.
-fn ingest(files: &[Vec<u8>], avg: u32) -> (Totals, Vec<Stored>, Vec<Fp>) {
+fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Vec<Stored>, Vec<Fp>) {
     let mut index: HashMap<Fp, usize> = HashMap::new();
     let mut similar: HashMap<u64, usize> = HashMap::new();
     let mut store: Vec<Stored> = Vec::new();
     let mut fps: Vec<Fp> = Vec::new();
     let mut t = Totals::default();
-    let mut enc = Encoder::new(reduce::LEVEL);
+    let mut enc = Encoder::new(level);
     let mut out = Vec::new();
     let mut decoded: HashMap<usize, Vec<u8>> = HashMap::new();
     let mut dec = Decoder::default();
@@ -72,7 +72,7 @@ fn ingest(files: &[Vec<u8>], avg: u32) -> (Totals, Vec<Stored>, Vec<Fp>) {
                     v
                 });
                 // The reference must outlive the encoder that refers to it.
-                let e = Encoder::new(reduce::LEVEL).delta(d, &decoded[&b], &mut out);
+                let e = Encoder::new(level).delta(d, &decoded[&b], &mut out);
                 if e.is_delta() && out.len() < len / 2 {
                     chosen = Some((e, Some(b)));
                     t.deltas += 1;
@@ -144,7 +144,11 @@ fn main() {
         })
         .collect();
     let t = Instant::now();
-    let (tot, _, _) = ingest(std::slice::from_ref(&noise), reduce::AVG_CHUNK);
+    let (tot, _, _) = ingest(
+        std::slice::from_ref(&noise),
+        reduce::AVG_CHUNK,
+        reduce::LEVEL,
+    );
     let s = t.elapsed().as_secs_f64();
     println!(
         "incompressible 256 MiB: ingest {:.2} GB/s one core (stored {:.3} of logical)",
@@ -193,7 +197,7 @@ fn main() {
     for part in parts {
         let files = read_files(&Path::new(&corpus).join(part));
         let t = Instant::now();
-        let (tot, store, fps) = ingest(&files, reduce::AVG_CHUNK);
+        let (tot, store, fps) = ingest(&files, reduce::AVG_CHUNK, reduce::LEVEL);
         let secs = t.elapsed().as_secs_f64();
         // Read back every delta chunk as a read does: decode its reference,
         // then the delta, then check the fingerprint.
@@ -250,9 +254,25 @@ fn main() {
         for avg in [8u32 << 10, 16 << 10, 32 << 10, 64 << 10] {
             let row: Vec<String> = sweep
                 .iter()
-                .map(|f| format!("{:.1}", ingest(f, avg).0.stored as f64 / 1e6))
+                .map(|f| format!("{:.1}", ingest(f, avg, reduce::LEVEL).0.stored as f64 / 1e6))
                 .collect();
             println!("  {:>2} KiB: {}", avg >> 10, row.join(" | "));
+        }
+        println!("\nzstd level: stored MB per part, and one-core ingest GB/s over the corpus");
+        for level in [1, 3, 6, 9] {
+            let (mut row, mut bytes, mut secs) = (Vec::new(), 0u64, 0.0);
+            for f in &sweep {
+                let t = Instant::now();
+                let (tot, _, _) = ingest(f, reduce::AVG_CHUNK, level);
+                secs += t.elapsed().as_secs_f64();
+                bytes += tot.logical;
+                row.push(format!("{:.1}", tot.stored as f64 / 1e6));
+            }
+            println!(
+                "  level {level}: {} | {:.2} GB/s",
+                row.join(" | "),
+                gbps(bytes, secs)
+            );
         }
     }
 }

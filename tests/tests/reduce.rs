@@ -279,3 +279,22 @@ fn a_corrupt_reference_chunk_is_repaired_before_a_delta_on_it_is_served() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn mkfs_refuses_reduction_on_stripes_too_small_for_its_chunks() {
+    let rig = FsRig::with_mkfs("small", 5, "64M", "3+2", &["--reduce", "none"]);
+    assert_eq!(rig.stats()["reduce"], "none");
+    let out = rig.dase(&[
+        "mkfs",
+        "--cluster",
+        rig.cluster_str(),
+        "--ec",
+        "3+2",
+        "--strip-size",
+        "16k",
+        "--force",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--reduce none"), "{err}");
+}

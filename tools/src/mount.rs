@@ -36,7 +36,9 @@ The mount takes the file system's lease (one mount at a time) and renews it; it 
 foreground until `umount MOUNTPOINT`, SIGINT or SIGTERM, then commits and releases the lease. \
 A stale mount left by a killed dase mount at MOUNTPOINT is cleaned up first.\n\n\
 Durability: fsync/fdatasync, unlink, rename and rmdir are committed to the D-nodes before they \
-return; other changes are committed within --commit-interval.",
+return; other changes are committed within --commit-interval, except that with data reduction \
+(dase mkfs --reduce dedup|full) up to 8 MiB per open file gather for content-defined chunking and \
+are stored when the file is closed, synced or written elsewhere.",
     after_help = "Examples:\n  dase mount --cluster /tmp/dase/cluster.toml /mnt/dase\n  dase mount --cluster cluster.toml --threads 8 /mnt/dase &\n  umount /mnt/dase"
 )]
 pub struct MountArgs {

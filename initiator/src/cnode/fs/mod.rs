@@ -2011,6 +2011,22 @@ impl FileSystem {
         self.closing.store(true, Ordering::Release);
         self.shutdown.notify_waiters();
         let r = self.sync().await;
+        let i = &self.ingest;
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        if n(&i.chunks) > 0 {
+            tracing::info!(
+                chunks = n(&i.chunks),
+                bytes = n(&i.bytes),
+                duplicates = n(&i.duplicates),
+                deltas = n(&i.deltas),
+                compressed = n(&i.compressed),
+                raw = n(&i.raw),
+                index_lookups = n(&i.lookups),
+                index_page_loads = n(&i.index_loads),
+                cleaned_segments = n(&i.cleaned_segments),
+                "reduction since mount"
+            );
+        }
         if let Some(mut l) = self.lease.lock().await.take() {
             if r.is_ok() {
                 l.release(&self.cluster).await;
