@@ -416,14 +416,7 @@ pub fn rebuild(a: RebuildArgs) -> Result<()> {
         }
         _ => bail!("give --replace OLD=NEW or --evacuate ADDR"),
     };
-    let uuid = rt.block_on(async {
-        let c = Cluster::connect(&file, ControllerOptions::default()).await;
-        superblock::verify(&c, &file)
-            .await
-            .map(|sb| sb.uuid_string())
-    })?;
-    let sock = crate::mount::control_path(&uuid);
-    let bytes = if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+    let bytes = if let Some(s) = mount_control(&rt, &file)? {
         println!("the file system is mounted: the mount rebuilds (it stays usable)");
         crate::mount::control_request(s, &request)?
     } else {
@@ -523,14 +516,7 @@ pub struct CleanArgs {
 pub fn clean(a: CleanArgs) -> Result<()> {
     let file = ClusterFile::load(&a.cluster)?;
     let rt = runtime()?;
-    let uuid = rt.block_on(async {
-        let c = Cluster::connect(&file, ControllerOptions::default()).await;
-        superblock::verify(&c, &file)
-            .await
-            .map(|sb| sb.uuid_string())
-    })?;
-    let sock = crate::mount::control_path(&uuid);
-    if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+    if let Some(s) = mount_control(&rt, &file)? {
         println!("the file system is mounted: the mount cleans");
         let n = crate::mount::control_request(s, "clean")?;
         println!("cleaned {n} segments");
@@ -557,4 +543,18 @@ pub fn clean(a: CleanArgs) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// The control socket of the mount of this cluster's file system, if one runs.
+fn mount_control(
+    rt: &tokio::runtime::Runtime,
+    file: &ClusterFile,
+) -> Result<Option<std::os::unix::net::UnixStream>> {
+    let uuid = rt.block_on(async {
+        let c = Cluster::connect(file, ControllerOptions::default()).await;
+        superblock::verify(&c, file)
+            .await
+            .map(|sb| sb.uuid_string())
+    })?;
+    Ok(std::os::unix::net::UnixStream::connect(crate::mount::control_path(&uuid)).ok())
 }

@@ -1589,26 +1589,12 @@ impl FileSystem {
         if !chunk_jobs.is_empty() {
             self.read_chunks(&mut out, chunk_jobs).await?;
         }
-        let s = self.data.geometry().strip_size();
-        let mut reads = Vec::new();
-        for j in &jobs {
-            // Split the segment range over the stripes that hold it.
-            let mut base = 0usize;
-            for r in &j.records {
-                let cap = r.k as usize * s;
-                let lo = j.offset.max(base);
-                let hi = (j.offset + j.len).min(base + cap);
-                if lo < hi {
-                    reads.push((j.at + (lo - j.offset), r, lo - base, hi - lo));
-                }
-                base += cap;
-            }
-        }
-        let results = join_all(
-            reads
-                .iter()
-                .map(|&(at, r, o, n)| async move { (at, self.data.read(r, o, n).await) }),
-        )
+        let results = join_all(jobs.iter().map(|j| async move {
+            (
+                j.at,
+                self.read_segment_range(&j.records, j.offset, j.len).await,
+            )
+        }))
         .await;
         for (at, r) in results {
             let b = r?;

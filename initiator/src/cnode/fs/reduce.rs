@@ -127,6 +127,12 @@ impl State {
         Ok(())
     }
 
+    /// Loads the chunk-index buckets of `fps` (see `require_pages`).
+    fn require_chunks<'a>(&mut self, fps: impl Iterator<Item = &'a Fp>) -> Result<(), FsError> {
+        let pages: Vec<u64> = fps.map(|f| self.chunk_page(f)).collect();
+        self.require_pages(pages)
+    }
+
     fn chunk_page(&self, fp: &Fp) -> u64 {
         chunk_page(fp, self.counts.chunk_buckets.max(1))
     }
@@ -460,12 +466,7 @@ impl FileSystem {
         if full {
             let known: Vec<bool> = self
                 .with_state(|st| {
-                    st.require_pages(
-                        cands
-                            .iter()
-                            .map(|c| st.chunk_page(&c.fp))
-                            .collect::<Vec<_>>(),
-                    )?;
+                    st.require_chunks(cands.iter().map(|c| &c.fp))?;
                     Ok(cands.iter().map(|c| st.chunk(&c.fp).is_some()).collect())
                 })
                 .await?;
@@ -481,12 +482,7 @@ impl FileSystem {
         }
         let plans = self
             .with_state(|st| {
-                st.require_pages(
-                    cands
-                        .iter()
-                        .map(|c| st.chunk_page(&c.fp))
-                        .collect::<Vec<_>>(),
-                )?;
+                st.require_chunks(cands.iter().map(|c| &c.fp))?;
                 let sfs: Vec<u64> = cands
                     .iter()
                     .filter(|c| st.chunk(&c.fp).is_none())
@@ -736,7 +732,7 @@ impl FileSystem {
                     for (fp, d) in &st.ref_changes[..n] {
                         *net.entry(*fp).or_default() += *d as i64;
                     }
-                    st.require_pages(net.keys().map(|f| st.chunk_page(f)).collect::<Vec<_>>())?;
+                    st.require_chunks(net.keys())?;
                     let mut freed_bases = Vec::new();
                     for (fp, d) in net {
                         let Some(e) = st.chunk_mut(&fp) else {
@@ -911,12 +907,7 @@ impl FileSystem {
             let seg_bytes = self.seg_bytes;
             let (sealed, moved, mbytes) = self
                 .with_state(|st| {
-                    st.require_pages(
-                        frames
-                            .iter()
-                            .map(|f| st.chunk_page(&f.1))
-                            .collect::<Vec<_>>(),
-                    )?;
+                    st.require_chunks(frames.iter().map(|f| &f.1))?;
                     if !st.segs.get(&seg).is_some_and(|s| s.records == records) {
                         return Ok((Vec::new(), 0, 0)); // moved or freed meanwhile
                     }
