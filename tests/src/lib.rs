@@ -437,6 +437,28 @@ impl FsRig {
             .expect("run dase")
     }
 
+    /// Runs `dase fsck` and fails the test unless it found nothing.
+    pub fn assert_fsck_clean(&self) {
+        let out = self.dase(&["fsck", "--cluster", self.cluster_str()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "fsck: {text}");
+    }
+
+    /// Overwrites `region` of D-node backing file `name` with `byte`.
+    pub fn corrupt(&self, name: &str, region: std::ops::Range<u64>, byte: u8) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path(name))
+            .unwrap();
+        f.write_all_at(
+            &vec![byte; (region.end - region.start) as usize],
+            region.start,
+        )
+        .unwrap();
+        f.sync_all().unwrap();
+    }
+
     /// `dase stats --json` of the last commit.
     pub fn stats(&self) -> serde_json::Value {
         let out = self.dase(&["stats", "--cluster", self.cluster_str(), "--json"]);

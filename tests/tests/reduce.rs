@@ -92,12 +92,7 @@ fn duplicates_and_near_duplicates_store_once_plus_small_deltas() {
             "{n} differs after remount"
         );
     }
-    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    rig.assert_fsck_clean();
 
     // Deleting every file returns the stored bytes to an empty file system's.
     for n in ["a", "b", "c", "d"] {
@@ -108,12 +103,7 @@ fn duplicates_and_near_duplicates_store_once_plus_small_deltas() {
     assert_eq!(num(&s, "chunks"), 0, "{s}");
     assert_eq!(num(&s, "after_compression_bytes"), 0);
     assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
-    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    rig.assert_fsck_clean();
 }
 
 #[test]
@@ -162,12 +152,7 @@ fn overwritten_chunks_die_and_the_cleaner_reclaims_their_segments() {
     let m = rig.mount("mnt", &[]).unwrap();
     assert!(read_cold(&m.path.join("f")) == data);
     assert!(m.stop());
-    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    rig.assert_fsck_clean();
 }
 
 #[test]
@@ -214,12 +199,7 @@ fn a_crash_during_reclamation_loses_nothing() {
         }
     }
     assert!(m.stop());
-    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    rig.assert_fsck_clean();
     // And nothing leaked: with every file gone, nothing is stored.
     let m = rig.mount("mnt", &[]).unwrap();
     for e in std::fs::read_dir(&m.path).unwrap() {
@@ -249,18 +229,7 @@ fn a_corrupt_reference_chunk_is_repaired_before_a_delta_on_it_is_served() {
     // Garbage over every strip slot of D-node 2: reference chunks (and
     // deltas) with a strip there are corrupt on it.
     let region = 1u64 << 20..(1u64 << 20) + (16 << 20);
-    {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(rig.path("d2.img"))
-            .unwrap();
-        f.write_all_at(
-            &vec![0xAB; (region.end - region.start) as usize],
-            region.start,
-        )
-        .unwrap();
-        f.sync_all().unwrap();
-    }
+    rig.corrupt("d2.img", region, 0xAB);
     let m = rig.mount("mnt", &[]).unwrap();
     // Only the deltas' file is read: its reference chunks are fetched,
     // found corrupt by their strips' checksums, rebuilt from parity and
@@ -272,12 +241,7 @@ fn a_corrupt_reference_chunk_is_repaired_before_a_delta_on_it_is_served() {
     assert!(log.contains("corrupt strip repaired"), "{log}");
     assert!(read_cold(&m.path.join("a")) == a);
     assert!(m.stop());
-    let out = rig.dase(&["fsck", "--cluster", rig.cluster_str()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    rig.assert_fsck_clean();
 }
 
 #[test]
