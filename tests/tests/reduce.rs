@@ -262,3 +262,32 @@ fn mkfs_refuses_reduction_on_stripes_too_small_for_its_chunks() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--reduce none"), "{err}");
 }
+
+/// `--reduce none` keeps the raw data path: bytes as written, no chunks.
+#[test]
+fn without_reduction_bytes_are_stored_as_written() {
+    let rig = FsRig::with_mkfs("raw", 5, "256M", "3+2", &["--reduce", "none"]);
+    let m = rig.mount("mnt", &[]).unwrap();
+    let mut a = text(3 << 20, 9);
+    write_file(&m.path.join("a"), &a);
+    write_file(&m.path.join("b"), &a);
+    {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(m.path.join("a"))
+            .unwrap();
+        f.write_all_at(b"overwritten", 1_000_000).unwrap();
+        f.sync_all().unwrap();
+    }
+    a[1_000_000..1_000_011].copy_from_slice(b"overwritten");
+    let s = rig.stats();
+    assert_eq!(s["reduce"], "none");
+    assert_eq!(num(&s, "chunks"), 0);
+    assert!(num(&s, "live_bytes") >= 2 * a.len() as u64, "{s}");
+    assert!(m.stop());
+    let m = rig.mount("mnt", &[]).unwrap();
+    assert!(read_cold(&m.path.join("a")) == a);
+    assert!(read_cold(&m.path.join("b")) == text(3 << 20, 9));
+    assert!(m.stop());
+    rig.assert_fsck_clean();
+}

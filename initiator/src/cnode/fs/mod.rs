@@ -1400,23 +1400,7 @@ impl FileSystem {
         let mut pos = 0usize;
         let mut dead = Vec::new();
         while pos < data.len() {
-            if st.open.is_none() {
-                let id = st.next_seg;
-                st.next_seg += 1;
-                st.segs.insert(
-                    id,
-                    Segment {
-                        records: vec![],
-                        len: 0,
-                        live: 0,
-                    },
-                );
-                st.open = Some(OpenSegment {
-                    id,
-                    buf: Vec::with_capacity(self.seg_bytes),
-                });
-            }
-            let open = st.open.as_mut().unwrap();
+            let open = st.open_segment(self.seg_bytes);
             let n = (self.seg_bytes - open.buf.len()).min(data.len() - pos);
             let ext = Extent {
                 at: Place::Seg(open.id),
@@ -1425,7 +1409,8 @@ impl FileSystem {
             };
             open.buf.extend_from_slice(&data[pos..pos + n]);
             let full = open.buf.len() == self.seg_bytes;
-            st.segs.get_mut(&open.id).unwrap().live += n as u64;
+            let id = open.id;
+            st.segs.get_mut(&id).unwrap().live += n as u64;
             let i = st.inodes.get_mut(&ino).unwrap();
             if let Content::File(map) = &mut i.content {
                 insert_extent(map, offset + pos as u64, ext, &mut dead);
@@ -2640,6 +2625,27 @@ impl State {
             self.dirty_segs.insert(seg);
             self.changes += 1;
         }
+    }
+
+    /// The open segment, started if there is none.
+    fn open_segment(&mut self, seg_bytes: usize) -> &mut OpenSegment {
+        if self.open.is_none() {
+            let id = self.next_seg;
+            self.next_seg += 1;
+            self.segs.insert(
+                id,
+                Segment {
+                    records: vec![],
+                    len: 0,
+                    live: 0,
+                },
+            );
+            self.open = Some(OpenSegment {
+                id,
+                buf: Vec::with_capacity(seg_bytes),
+            });
+        }
+        self.open.as_mut().unwrap()
     }
 
     /// Moves the open segment (if it has data) to the unwritten ones.

@@ -227,23 +227,7 @@ impl State {
         {
             sealed.extend(self.seal());
         }
-        if self.open.is_none() {
-            let id = self.next_seg;
-            self.next_seg += 1;
-            self.segs.insert(
-                id,
-                Segment {
-                    records: vec![],
-                    len: 0,
-                    live: 0,
-                },
-            );
-            self.open = Some(OpenSegment {
-                id,
-                buf: Vec::with_capacity(seg_bytes),
-            });
-        }
-        let o = self.open.as_ref().unwrap();
+        let o = self.open_segment(seg_bytes);
         (o.id, o.buf.len())
     }
 
