@@ -309,6 +309,14 @@ fn xor_unshuffle(shuffled: &[u8], base: &[u8], out: &mut [u8]) {
     }
 }
 
+fn expect_len(got: usize, want: usize) -> Result<(), CodecError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(CodecError::Length { got, want })
+    }
+}
+
 /// Decodes stored chunks. Keep one per thread ([`decode`]): creating a
 /// zstd context costs more than decoding a small chunk.
 pub struct Decoder {
@@ -374,23 +382,12 @@ impl Decoder {
                 self.dctx
                     .decompress(&mut self.scratch, stored)
                     .map_err(zerr)?;
-                if self.scratch.len() != len {
-                    return Err(CodecError::Length {
-                        got: self.scratch.len(),
-                        want: len,
-                    });
-                }
+                expect_len(self.scratch.len(), len)?;
                 out.resize(len, 0);
                 xor_unshuffle(&self.scratch, base, out);
             }
         }
-        if out.len() != len {
-            return Err(CodecError::Length {
-                got: out.len(),
-                want: len,
-            });
-        }
-        Ok(())
+        expect_len(out.len(), len)
     }
 }
 

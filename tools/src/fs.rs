@@ -232,7 +232,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
                 "dirs": s.dirs,
                 "logical_bytes": s.logical_bytes,
                 "after_dedup_bytes": c.unique_bytes,
-                "after_similarity_bytes": c.unique_bytes - c.delta_in + c.delta_out,
+                "after_similarity_bytes": c.after_similarity(),
                 "after_compression_bytes": c.stored_bytes,
                 "live_bytes": s.live_bytes,
                 "stored_bytes": s.stored_bytes,
@@ -264,7 +264,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         println!("stored (meta)   {}", gib(s.metadata_bytes));
         let c = &s.counts;
         if s.reduce != Reduce::None {
-            let after_sim = c.unique_bytes - c.delta_in + c.delta_out;
+            let after_sim = c.after_similarity();
             let ratio = |b: u64| {
                 if b == 0 {
                     String::new()

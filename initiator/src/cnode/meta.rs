@@ -249,6 +249,26 @@ pub struct Counts {
     pub stored_bytes: u64,
 }
 
+impl Counts {
+    /// Adds (`sign` 1) or takes away (`sign` -1) a stored chunk's share of
+    /// the reduction totals.
+    pub fn count_chunk(&mut self, e: &ChunkEntry, sign: i64) {
+        let add = |v: &mut u64, d: u32| *v = (*v as i64 + sign * d as i64) as u64;
+        add(&mut self.chunks, 1);
+        add(&mut self.unique_bytes, e.len);
+        add(&mut self.stored_bytes, e.stored);
+        if e.enc.is_delta() {
+            add(&mut self.delta_in, e.len);
+            add(&mut self.delta_out, e.stored);
+        }
+    }
+
+    /// Bytes left after dedup and similarity deltas (before compression).
+    pub fn after_similarity(&self) -> u64 {
+        self.unique_bytes - self.delta_in + self.delta_out
+    }
+}
+
 /// The whole file system at one commit: where every page is, and the segments.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Image {

@@ -2807,13 +2807,7 @@ fn check_metadata(
     }
     let mut actual = Counts::default();
     for c in cs.chunks.values() {
-        actual.chunks += 1;
-        actual.unique_bytes += c.len as u64;
-        actual.stored_bytes += c.stored as u64;
-        if c.enc.is_delta() {
-            actual.delta_in += c.len as u64;
-            actual.delta_out += c.stored as u64;
-        }
+        actual.count_chunk(c, 1);
         let name = reduce::hex(&c.fp);
         if let Some(b) = c.base {
             *refs.entry(b).or_default() += 1;

@@ -265,14 +265,7 @@ impl State {
     }
 
     fn insert_chunk(&mut self, e: ChunkEntry) {
-        let c = &mut self.counts;
-        c.chunks += 1;
-        c.unique_bytes += e.len as u64;
-        c.stored_bytes += e.stored as u64;
-        if e.enc.is_delta() {
-            c.delta_in += e.len as u64;
-            c.delta_out += e.stored as u64;
-        }
+        self.counts.count_chunk(&e, 1);
         let p = self.chunk_page(&e.fp);
         self.inodes.page_mut(p).chunks.insert(e.fp, e);
         self.changes += 1;
@@ -283,14 +276,7 @@ impl State {
     fn remove_chunk(&mut self, fp: &Fp) -> Option<Fp> {
         let p = self.chunk_page(fp);
         let e = self.inodes.page_mut(p).chunks.remove(fp)?;
-        let c = &mut self.counts;
-        c.chunks -= 1;
-        c.unique_bytes -= e.len as u64;
-        c.stored_bytes -= e.stored as u64;
-        if e.enc.is_delta() {
-            c.delta_in -= e.len as u64;
-            c.delta_out -= e.stored as u64;
-        }
+        self.counts.count_chunk(&e, -1);
         self.release(e.seg, e.frame_len());
         self.changes += 1;
         e.base
