@@ -2,8 +2,10 @@
 //!
 //! [`host`] is an async NVMe/TCP host: it connects to any NVMe/TCP target
 //! (dase D-nodes, the Linux kernel target, SPDK) and moves data with one copy
-//! at most. The C-node engine (cluster map, stripes, reduction, file system)
-//! will live beside it in `cnode` and depend on it downward only.
+//! at most. The C-node engine (cluster map, stripes, metadata, file system)
+//! lives beside it in [`cnode`] and depends on it downward only; [`reduce`]
+//! is the sans-IO data reduction (chunking, fingerprints, sketches, codecs)
+//! the file system drives.
 
 pub mod cnode;
 pub mod host;
