@@ -94,7 +94,7 @@ pub fn similar_page(sf: u64, buckets: u64) -> u64 {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkEntry {
     pub fp: Fp,
-    /// Where its frame ([`ChunkHeader`] then the stored bytes) is.
+    /// Where its frame ([`chunk_header`] then the stored bytes) is.
     pub seg: u64,
     pub offset: u32,
     /// Stored bytes (after the header).

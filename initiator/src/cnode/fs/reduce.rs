@@ -10,7 +10,7 @@
 //! chunk exists (itself no delta, so a read costs at most two chunks) the
 //! new one is stored as a delta against it, else compressed (or as is when
 //! it looks incompressible). Stored chunks are appended, each behind a
-//! [`meta::ChunkHeader`](meta::chunk_header), to the open segment like raw
+//! chunk header ([`meta::chunk_header`]), to the open segment like raw
 //! writes are; the extent map then names chunks.
 //!
 //! Indexes. Both are linear-hashing tables whose buckets are metadata pages
