@@ -208,6 +208,8 @@ pub enum CodecError {
     Length { got: usize, want: usize },
     #[error("a delta needs its reference chunk")]
     NoBase,
+    #[error("a delta's reference starts like a zstd dictionary")]
+    DictBase,
 }
 
 fn zerr(code: usize) -> CodecError {
@@ -254,6 +256,9 @@ impl<'a> Encoder<'a> {
     /// Encodes `data` as a delta against `base` into `out`: a zstd byte
     /// delta, or for number arrays the XOR delta when it is smaller.
     pub fn delta(&mut self, data: &[u8], base: &'a [u8], out: &mut Vec<u8>) -> Encoding {
+        if !can_reference(base) {
+            return self.compress(data, out);
+        }
         out.clear();
         out.reserve(zstd_safe::compress_bound(data.len()));
         let ok = self.cctx.ref_prefix(base).is_ok() && self.cctx.compress2(out, data).is_ok();
@@ -307,6 +312,17 @@ fn xor_unshuffle(shuffled: &[u8], base: &[u8], out: &mut [u8]) {
     for i in words * 4..out.len() {
         out[i] = shuffled[i] ^ base.get(i).copied().unwrap_or(0);
     }
+}
+
+/// The first bytes of a zstd dictionary. zstd's decoder takes a dictionary
+/// that starts with them for a trained one and parses tables out of it, so
+/// a chunk starting with them (a dictionary file, say) could not be the
+/// reference of a byte delta: the delta would not decode.
+const DICT_MAGIC: [u8; 4] = 0xEC30_A437u32.to_le_bytes();
+
+/// Whether `base` can be the reference of a byte delta.
+pub fn can_reference(base: &[u8]) -> bool {
+    !base.starts_with(&DICT_MAGIC)
 }
 
 fn expect_len(got: usize, want: usize) -> Result<(), CodecError> {
@@ -368,6 +384,9 @@ impl Decoder {
             }
             Encoding::Delta => {
                 let base = base.ok_or(CodecError::NoBase)?;
+                if !can_reference(base) {
+                    return Err(CodecError::DictBase);
+                }
                 out.reserve(len);
                 // A content-only dictionary is what a prefix is to the
                 // decoder, and it is referenced, not copied.
@@ -482,6 +501,24 @@ mod tests {
         assert_eq!(e, Encoding::XorDelta);
         dec.decode(e, &s, Some(&f1), f2.len(), &mut out).unwrap();
         assert_eq!(out, f2);
+        // A reference that looks like a zstd dictionary is not used as one.
+        let mut d = DICT_MAGIC.to_vec();
+        d.extend_from_slice(&t);
+        let mut d2 = d.clone();
+        d2[300] ^= 1;
+        let e = Encoder::new(LEVEL).delta(&d2, &d, &mut s);
+        assert_eq!(e, Encoding::Zstd);
+        dec.decode(e, &s, None, d2.len(), &mut out).unwrap();
+        assert_eq!(out, d2);
+        // Why: zstd's own decoder reads such a reference as a trained
+        // dictionary and cannot decode the delta.
+        let mut cctx = CCtx::create();
+        let mut raw = Vec::with_capacity(zstd_safe::compress_bound(d2.len()));
+        cctx.ref_prefix(&d).unwrap();
+        cctx.compress2(&mut raw, &d2).unwrap();
+        let mut plain = Vec::with_capacity(d2.len());
+        let decoded = DCtx::create().decompress_using_dict(&mut plain, &raw, &d);
+        assert!(decoded.is_err() || plain != d2);
         // Damage and lies are errors, not panics.
         assert!(dec
             .decode(Encoding::Zstd, &s[..s.len() / 2], None, f2.len(), &mut out)
