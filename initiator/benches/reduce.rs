@@ -8,7 +8,9 @@
 //!
 //! The corpus comes from benches/corpus/build.py. Without DASE_CORPUS only
 //! the incompressible-data figures are measured. DASE_SWEEP=1 adds the
-//! average-chunk-size sweep.
+//! average-chunk-size sweep. DASE_FASTCDC=1 chunks with the fastcdc crate
+//! and sketches in a second pass (the pipeline before the fused chunker),
+//! for comparison. DASE_QUICK=1 stops after the incompressible figures.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,11 +18,15 @@ use std::time::Instant;
 
 use dase_initiator::reduce::{self, Decoder, Encoder, Encoding, Fp};
 
+/// The mount's pending buffer per file (`cnode::fs`).
+const PENDING: usize = 4 << 20;
+
 struct Stored {
     enc: Encoding,
     len: usize,
     base: Option<usize>,
-    bytes: Vec<u8>,
+    /// Where its stored bytes are in the log.
+    at: std::ops::Range<usize>,
 }
 
 #[derive(Default, Debug)]
@@ -32,82 +38,145 @@ struct Totals {
     chunks: u64,
     duplicates: u64,
     deltas: u64,
+    /// Time spent, the log's first touch excepted.
+    secs: f64,
 }
 
 /// One pass of the write path's decisions over `files`.
-fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Vec<Stored>, Vec<Fp>) {
+/// The stored chunks and, like a segment, one log of their bytes.
+struct Store {
+    chunks: Vec<Stored>,
+    log: Vec<u8>,
+}
+
+impl Store {
+    fn bytes(&self, i: usize) -> &[u8] {
+        &self.log[self.chunks[i].at.clone()]
+    }
+}
+
+fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
     let mut index: HashMap<Fp, usize> = HashMap::new();
     let mut similar: HashMap<u64, usize> = HashMap::new();
-    let mut store: Vec<Stored> = Vec::new();
+    // The log is written before the clock starts so that the first touch
+    // of its pages (the kernel's cost, not the pipeline's) is not timed.
+    let total: usize = files.iter().map(|f| f.len()).sum();
+    let mut store = Store {
+        chunks: Vec::new(),
+        log: vec![1; total + (1 << 20)],
+    };
+    store.log.clear();
+    let clock = Instant::now();
     let mut fps: Vec<Fp> = Vec::new();
     let mut t = Totals::default();
     let mut enc = Encoder::new(level);
     let mut out = Vec::new();
     let mut decoded: HashMap<usize, Vec<u8>> = HashMap::new();
     let mut dec = Decoder::default();
+    // As the mount does: a file's bytes gather in a pending buffer of
+    // PENDING bytes, which is chunked; the last chunk (cut only because
+    // the buffer ended) waits for the bytes that follow.
+    let mut pending: Vec<u8> = Vec::with_capacity(2 * PENDING);
+    let mut cuts: Vec<reduce::Chunk> = Vec::new();
     for f in files {
-        for (off, len) in reduce::chunks_of_size(f, avg) {
-            let d = &f[off..off + len];
-            t.logical += len as u64;
-            t.chunks += 1;
-            let fp = reduce::fingerprint(d);
-            if index.contains_key(&fp) {
-                t.duplicates += 1;
-                continue;
+        let mut fed = 0;
+        pending.clear();
+        while fed < f.len() || !pending.is_empty() {
+            let take = PENDING.min(f.len() - fed);
+            pending.extend_from_slice(&f[fed..fed + take]);
+            fed += take;
+            let last = fed == f.len();
+            if std::env::var("DASE_FASTCDC").is_ok() {
+                cuts.clear();
+                cuts.extend(
+                    fastcdc::v2020::FastCDC::new(&pending, avg / 4, avg, avg * 4).map(|c| {
+                        reduce::Chunk {
+                            offset: c.offset,
+                            len: c.length,
+                            sketch: None,
+                        }
+                    }),
+                );
+            } else {
+                cuts = reduce::chunks_of_size(&pending, avg);
             }
-            t.unique += len as u64;
-            let incompressible = reduce::looks_incompressible(d);
-            let sketch = reduce::sketch(d);
-            let base = sketch
-                .into_iter()
-                .flatten()
-                .find_map(|sf| similar.get(&sf).copied());
-            let mut chosen = None;
-            if let Some(b) = base {
-                // The reference as the read path sees it: decoded.
-                decoded.entry(b).or_insert_with(|| {
-                    let s = &store[b];
-                    let mut v = Vec::new();
-                    dec.decode(s.enc, &s.bytes, None, s.len, &mut v).unwrap();
-                    v
-                });
-                // The reference must outlive the encoder that refers to it.
-                let e = Encoder::new(level).delta(d, &decoded[&b], &mut out);
-                if e.is_delta() && out.len() < len / 2 {
-                    chosen = Some((e, Some(b)));
-                    t.deltas += 1;
+            if !last && cuts.len() > 1 {
+                cuts.pop();
+            }
+            let done = cuts.last().map_or(0, |c| c.offset + c.len);
+            for c in &cuts {
+                let (off, len) = (c.offset, c.len);
+                let d = &pending[off..off + len];
+                t.logical += len as u64;
+                t.chunks += 1;
+                let fp = reduce::fingerprint(d);
+                if index.contains_key(&fp) {
+                    t.duplicates += 1;
+                    continue;
                 }
-            }
-            let (e, b) = chosen.unwrap_or_else(|| {
-                let e = if incompressible {
-                    Encoding::Raw
+                t.unique += len as u64;
+                let incompressible = reduce::looks_incompressible(d);
+                let sketch = if std::env::var("DASE_FASTCDC").is_ok() {
+                    reduce::sketch(d)
                 } else {
-                    enc.compress(d, &mut out)
+                    c.sketch
                 };
-                if e == Encoding::Raw {
-                    out.clear();
-                    out.extend_from_slice(d);
+                let base = sketch
+                    .into_iter()
+                    .flatten()
+                    .find_map(|sf| similar.get(&sf).copied());
+                let mut chosen = None;
+                if let Some(b) = base {
+                    // The reference as the read path sees it: decoded.
+                    decoded.entry(b).or_insert_with(|| {
+                        let s = &store.chunks[b];
+                        let mut v = Vec::new();
+                        dec.decode(s.enc, store.bytes(b), None, s.len, &mut v)
+                            .unwrap();
+                        v
+                    });
+                    // The reference must outlive the encoder that refers to it.
+                    let e = Encoder::new(level).delta(d, &decoded[&b], &mut out);
+                    if e.is_delta() && out.len() < len / 2 {
+                        chosen = Some((e, Some(b)));
+                        t.deltas += 1;
+                    }
                 }
-                (e, None)
-            });
-            t.stored += out.len() as u64;
-            t.after_similarity += if b.is_some() { out.len() } else { len } as u64;
-            let id = store.len();
-            index.insert(fp, id);
-            if b.is_none() {
-                for sf in sketch.into_iter().flatten() {
-                    similar.entry(sf).or_insert(id);
+                let (e, b) = chosen.unwrap_or_else(|| {
+                    let e = if incompressible {
+                        Encoding::Raw
+                    } else {
+                        enc.compress(d, &mut out)
+                    };
+                    if e == Encoding::Raw {
+                        out.clear();
+                        out.extend_from_slice(d);
+                    }
+                    (e, None)
+                });
+                t.stored += out.len() as u64;
+                t.after_similarity += if b.is_some() { out.len() } else { len } as u64;
+                let id = store.chunks.len();
+                index.insert(fp, id);
+                if b.is_none() {
+                    for sf in sketch.into_iter().flatten() {
+                        similar.entry(sf).or_insert(id);
+                    }
                 }
+                let at = store.log.len();
+                store.log.extend_from_slice(&out);
+                store.chunks.push(Stored {
+                    enc: e,
+                    len,
+                    base: b,
+                    at: at..store.log.len(),
+                });
+                fps.push(fp);
             }
-            store.push(Stored {
-                enc: e,
-                len,
-                base: b,
-                bytes: out.clone(),
-            });
-            fps.push(fp);
+            pending.drain(..done);
         }
     }
+    t.secs = clock.elapsed().as_secs_f64();
     (t, store, fps)
 }
 
@@ -143,44 +212,56 @@ fn main() {
             x.to_le_bytes()
         })
         .collect();
-    let t = Instant::now();
     let (tot, _, _) = ingest(
         std::slice::from_ref(&noise),
         reduce::AVG_CHUNK,
         reduce::LEVEL,
     );
-    let s = t.elapsed().as_secs_f64();
+    let s = tot.secs;
     println!(
         "incompressible 256 MiB: ingest {:.2} GB/s one core (stored {:.3} of logical)",
         gbps(tot.logical, s),
         tot.stored as f64 / tot.logical as f64
     );
     let t = Instant::now();
-    let n = reduce::chunks(&noise).count();
+    let cuts = reduce::chunks(&noise);
     let cdc = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    for (o, l) in reduce::chunks(&noise) {
-        std::hint::black_box(reduce::fingerprint(&noise[o..o + l]));
-    }
-    let fpt = t.elapsed().as_secs_f64() - cdc;
+    let n_old = fastcdc::v2020::FastCDC::new(&noise, 4096, 16384, 65536).count();
+    let crate_cdc = t.elapsed().as_secs_f64();
+    let piece = |c: &reduce::Chunk| &noise[c.offset..c.offset + c.len];
     let t = Instant::now();
-    for (o, l) in reduce::chunks(&noise) {
-        std::hint::black_box(reduce::sketch(&noise[o..o + l]));
+    for c in &cuts {
+        std::hint::black_box(reduce::fingerprint(piece(c)));
     }
-    let skt = t.elapsed().as_secs_f64() - cdc;
+    let fpt = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    for (o, l) in reduce::chunks(&noise) {
-        std::hint::black_box(reduce::looks_incompressible(&noise[o..o + l]));
+    for c in &cuts {
+        std::hint::black_box(reduce::looks_incompressible(piece(c)));
     }
-    let inc = t.elapsed().as_secs_f64() - cdc;
+    let inc = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for c in &cuts {
+        std::hint::black_box(reduce::sketch(piece(c)));
+    }
+    let skt = t.elapsed().as_secs_f64();
+    let n = noise.len() as u64;
     println!(
-        "  stages alone: FastCDC {:.2} GB/s ({n} chunks), BLAKE3 {:.2} GB/s, sketch {:.2} GB/s, entropy check {:.1} GB/s",
-        gbps(noise.len() as u64, cdc),
-        gbps(noise.len() as u64, fpt),
-        gbps(noise.len() as u64, skt),
-        gbps(noise.len() as u64, inc)
+        "  stages alone: chunking with sketches {:.2} GB/s ({} chunks), BLAKE3 {:.2} GB/s, entropy check {:.1} GB/s",
+        gbps(n, cdc),
+        cuts.len(),
+        gbps(n, fpt),
+        gbps(n, inc)
+    );
+    println!(
+        "  for comparison: the fastcdc crate (v2020, cut points only) {:.2} GB/s ({n_old} chunks); a separate sketch pass {:.2} GB/s",
+        gbps(n, crate_cdc),
+        gbps(n, skt)
     );
     drop(noise);
+    if std::env::var("DASE_QUICK").is_ok() {
+        return;
+    }
 
     let Ok(corpus) = std::env::var("DASE_CORPUS") else {
         println!("(set DASE_CORPUS to a corpus from benches/corpus/build.py for the rest)");
@@ -196,21 +277,20 @@ fn main() {
     let mut sweep: Vec<Vec<Vec<u8>>> = Vec::new();
     for part in parts {
         let files = read_files(&Path::new(&corpus).join(part));
-        let t = Instant::now();
         let (tot, store, fps) = ingest(&files, reduce::AVG_CHUNK, reduce::LEVEL);
-        let secs = t.elapsed().as_secs_f64();
+        let secs = tot.secs;
         // Read back every delta chunk as a read does: decode its reference,
         // then the delta, then check the fingerprint.
         let t = Instant::now();
         let mut dec = Decoder::default();
         let (mut base, mut outb) = (Vec::new(), Vec::new());
         let mut delta_bytes = 0u64;
-        for (i, s) in store.iter().enumerate() {
+        for (i, s) in store.chunks.iter().enumerate() {
             let Some(b) = s.base else { continue };
-            let bs = &store[b];
-            dec.decode(bs.enc, &bs.bytes, None, bs.len, &mut base)
+            let bs = &store.chunks[b];
+            dec.decode(bs.enc, store.bytes(b), None, bs.len, &mut base)
                 .unwrap();
-            dec.decode(s.enc, &s.bytes, Some(&base), s.len, &mut outb)
+            dec.decode(s.enc, store.bytes(i), Some(&base), s.len, &mut outb)
                 .unwrap();
             assert_eq!(reduce::fingerprint(&outb), fps[i]);
             delta_bytes += s.len as u64;
@@ -262,9 +342,8 @@ fn main() {
         for level in [1, 3, 6, 9] {
             let (mut row, mut bytes, mut secs) = (Vec::new(), 0u64, 0.0);
             for f in &sweep {
-                let t = Instant::now();
                 let (tot, _, _) = ingest(f, reduce::AVG_CHUNK, level);
-                secs += t.elapsed().as_secs_f64();
+                secs += tot.secs;
                 bytes += tot.logical;
                 row.push(format!("{:.1}", tot.stored as f64 / 1e6));
             }

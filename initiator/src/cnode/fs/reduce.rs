@@ -348,11 +348,11 @@ impl FileSystem {
         if p.buf.is_empty() {
             return Ok(());
         }
-        let mut cuts: Vec<(usize, usize)> = reduce::chunks(&p.buf).collect();
+        let mut cuts = reduce::chunks(&p.buf);
         if !all && cuts.len() > 1 {
             cuts.pop();
         }
-        let done = cuts.last().map(|c| c.0 + c.1).unwrap_or(0);
+        let done = cuts.last().map(|c| c.offset + c.len).unwrap_or(0);
         for batch in cuts.chunks(BATCH_CHUNKS) {
             self.store_chunks(ino, p.start, &p.buf, batch).await?;
         }
@@ -410,20 +410,25 @@ impl FileSystem {
         ino: u64,
         start: u64,
         buf: &[u8],
-        cuts: &[(usize, usize)],
+        cuts: &[reduce::Chunk],
     ) -> Result<(), FsError> {
         let mode = self.reduce();
         let full = mode == Reduce::Full;
-        let mut cands: Vec<Cand> = cuts
+        // Sketches come with the cut points, for every chunk (the chunker's
+        // hash picks the samples), and are used for the new ones, even
+        // incompressible: archives of compressed members (wheels, zips) are
+        // high-entropy yet near-identical between versions, which only a
+        // delta finds.
+        let cands: Vec<Cand> = cuts
             .iter()
-            .map(|&(off, len)| {
-                let d = &buf[off..off + len];
+            .map(|c| {
+                let d = &buf[c.offset..c.offset + c.len];
                 let incompressible = full && reduce::looks_incompressible(d);
                 Cand {
-                    off,
-                    len,
+                    off: c.offset,
+                    len: c.len,
                     fp: reduce::fingerprint(d),
-                    sketch: None,
+                    sketch: if full { c.sketch } else { None },
                     incompressible,
                 }
             })
@@ -431,25 +436,8 @@ impl FileSystem {
         let ing = &self.ingest;
         ing.chunks.fetch_add(cands.len() as u64, Ordering::Relaxed);
         ing.bytes
-            .fetch_add(cuts.iter().map(|c| c.1 as u64).sum(), Ordering::Relaxed);
+            .fetch_add(cuts.iter().map(|c| c.len as u64).sum(), Ordering::Relaxed);
         // Lookups: exact first, then similar for what is new.
-        if full {
-            let known: Vec<bool> = self
-                .with_state(|st| {
-                    st.require_chunks(cands.iter().map(|c| &c.fp))?;
-                    Ok(cands.iter().map(|c| st.chunk(&c.fp).is_some()).collect())
-                })
-                .await?;
-            for (c, known) in cands.iter_mut().zip(known) {
-                if !known {
-                    // Sketched even when incompressible: archives of
-                    // compressed members (wheels, zips) are high-entropy
-                    // yet near-identical between versions, which only a
-                    // delta finds.
-                    c.sketch = reduce::sketch(&buf[c.off..c.off + c.len]);
-                }
-            }
-        }
         let plans = self
             .with_state(|st| {
                 st.require_chunks(cands.iter().map(|c| &c.fp))?;
