@@ -94,6 +94,7 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
                             offset: c.offset,
                             len: c.length,
                             sketch: None,
+                            numbers: false,
                         }
                     }),
                 );
@@ -115,7 +116,6 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
                     continue;
                 }
                 t.unique += len as u64;
-                let incompressible = reduce::looks_incompressible(d);
                 let sketch = if std::env::var("DASE_FASTCDC").is_ok() {
                     reduce::sketch(d)
                 } else {
@@ -125,8 +125,11 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
                     .into_iter()
                     .flatten()
                     .find_map(|sf| similar.get(&sf).copied());
-                let mut chosen = None;
-                if let Some(b) = base {
+                let kind = reduce::Kind {
+                    numbers: c.numbers,
+                    incompressible: reduce::looks_incompressible(d),
+                };
+                let e = if let Some(b) = base {
                     // The reference as the read path sees it: decoded.
                     decoded.entry(b).or_insert_with(|| {
                         let s = &store.chunks[b];
@@ -136,24 +139,16 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
                         v
                     });
                     // The reference must outlive the encoder that refers to it.
-                    let e = Encoder::new(level).delta(d, &decoded[&b], &mut out);
-                    if e.is_delta() && out.len() < len / 2 {
-                        chosen = Some((e, Some(b)));
-                        t.deltas += 1;
-                    }
+                    Encoder::new(level).encode(d, Some(&decoded[&b]), kind, &mut out)
+                } else {
+                    enc.encode(d, None, kind, &mut out)
+                };
+                let b = base.filter(|_| e.is_delta());
+                if e == Encoding::Raw {
+                    out.clear();
+                    out.extend_from_slice(d);
                 }
-                let (e, b) = chosen.unwrap_or_else(|| {
-                    let e = if incompressible {
-                        Encoding::Raw
-                    } else {
-                        enc.compress(d, &mut out)
-                    };
-                    if e == Encoding::Raw {
-                        out.clear();
-                        out.extend_from_slice(d);
-                    }
-                    (e, None)
-                });
+                t.deltas += b.is_some() as u64;
                 t.stored += out.len() as u64;
                 t.after_similarity += if b.is_some() { out.len() } else { len } as u64;
                 let id = store.chunks.len();

@@ -89,7 +89,7 @@ struct Cand {
     len: usize,
     fp: Fp,
     sketch: Option<[u64; reduce::SUPER_FEATURES]>,
-    incompressible: bool,
+    kind: reduce::Kind,
 }
 
 /// What a batch's lookups decided for a chunk.
@@ -423,13 +423,16 @@ impl FileSystem {
             .iter()
             .map(|c| {
                 let d = &buf[c.offset..c.offset + c.len];
-                let incompressible = full && reduce::looks_incompressible(d);
+                let kind = reduce::Kind {
+                    numbers: c.numbers,
+                    incompressible: full && reduce::looks_incompressible(d),
+                };
                 Cand {
                     off: c.offset,
                     len: c.len,
                     fp: reduce::fingerprint(d),
                     sketch: if full { c.sketch } else { None },
-                    incompressible,
+                    kind,
                 }
             })
             .collect();
@@ -519,16 +522,12 @@ impl FileSystem {
                 }
                 Plan::New => None,
             };
-            let r = match (mode, base) {
-                (Reduce::Full, Some((bfp, b))) => {
-                    let e = enc.delta(d, b, &mut scratch);
-                    if e.is_delta() && scratch.len() < d.len() / 2 {
-                        (e, Some(bfp), std::mem::take(&mut scratch))
-                    } else {
-                        plain(&mut enc, d, c.incompressible, &mut scratch)
-                    }
+            let r = match mode {
+                Reduce::Full => {
+                    let e = enc.encode(d, base.map(|b| b.1), c.kind, &mut scratch);
+                    let reference = base.filter(|_| e.is_delta()).map(|b| b.0);
+                    (e, reference, std::mem::take(&mut scratch))
                 }
-                (Reduce::Full, None) => plain(&mut enc, d, c.incompressible, &mut scratch),
                 _ => (Encoding::Raw, None, Vec::new()),
             };
             out.push(r);
@@ -901,21 +900,5 @@ impl FileSystem {
             self.ingest.moved_bytes.fetch_add(mbytes, Ordering::Relaxed);
         }
         Ok(rep)
-    }
-}
-
-/// Plain compression of a chunk (incompressible-looking ones stored as is).
-fn plain(
-    enc: &mut Encoder<'_>,
-    d: &[u8],
-    incompressible: bool,
-    scratch: &mut Vec<u8>,
-) -> (Encoding, Option<Fp>, Vec<u8>) {
-    if incompressible {
-        return (Encoding::Raw, None, Vec::new());
-    }
-    match enc.compress(d, scratch) {
-        Encoding::Raw => (Encoding::Raw, None, Vec::new()),
-        e => (e, None, std::mem::take(scratch)),
     }
 }
