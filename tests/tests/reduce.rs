@@ -291,3 +291,58 @@ fn without_reduction_bytes_are_stored_as_written() {
     assert!(m.stop());
     rig.assert_fsck_clean();
 }
+
+/// The value of `key=N` in the mount's "reduction since mount" log line.
+fn logged(log: &str, key: &str) -> u64 {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("reduction since mount"))
+        .unwrap_or_else(|| panic!("no reduction counters in the log:\n{log}"));
+    let at = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    line[at + key.len() + 1..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn index_pages_changed_faster_than_commits_are_bounded_by_early_commits() {
+    let rig = FsRig::new("bound", 5, "512M", "3+2");
+    // No timer commit during the test: only the bound commits.
+    let m = rig
+        .mount("mnt", &["--cache-pages", "4", "--commit-interval", "600"])
+        .unwrap();
+    let log = m.log.clone();
+    let files: Vec<Vec<u8>> = (0..3).map(|i| text(12 << 20, 100 + i)).collect();
+    for (i, f) in files.iter().enumerate() {
+        write_file(&m.path.join(format!("f{i}")), f);
+    }
+    // Read back through a 4-page cache: index buckets are evicted and loaded.
+    for (i, f) in files.iter().enumerate() {
+        assert!(
+            read_cold(&m.path.join(format!("f{i}"))) == *f,
+            "f{i} differs"
+        );
+    }
+    assert!(m.stop());
+    let log = std::fs::read_to_string(log).unwrap();
+    let s = rig.stats();
+    assert!(
+        num(&s, "chunk_buckets") + num(&s, "similar_buckets") > 4,
+        "the index should outgrow the cache: {s}"
+    );
+    assert!(logged(&log, "early_commits") > 0, "{log}");
+    rig.assert_fsck_clean();
+    let m = rig.mount("mnt", &["--cache-pages", "4"]).unwrap();
+    for (i, f) in files.iter().enumerate() {
+        assert!(
+            read_cold(&m.path.join(format!("f{i}"))) == *f,
+            "f{i} differs after remount"
+        );
+    }
+    assert!(m.stop());
+}

@@ -58,8 +58,11 @@ pub struct MountArgs {
     /// this long (seconds); 0 disables.
     #[arg(long, default_value_t = 600.0)]
     pub rebuild_after: f64,
-    /// Metadata pages (256 inodes each) kept in memory: bounds the mount's
-    /// memory whatever the number of files.
+    /// Metadata pages (256 inodes, or one index bucket, each) kept in
+    /// memory: bounds the mount's memory whatever the number of files or
+    /// the size of the chunk index. Pages changed since the last commit
+    /// count too: past this many a commit comes early, so at most about
+    /// twice this many are resident.
     #[arg(long, default_value_t = 512)]
     pub cache_pages: usize,
 }

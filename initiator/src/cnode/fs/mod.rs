@@ -1995,6 +1995,8 @@ impl FileSystem {
                 index_lookups = n(&i.lookups),
                 index_page_loads = n(&i.index_loads),
                 cleaned_segments = n(&i.cleaned_segments),
+                peak_resident_pages = n(&i.peak_pages),
+                early_commits = n(&i.early_commits),
                 "reduction since mount"
             );
         }
