@@ -59,10 +59,9 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 600.0)]
     pub rebuild_after: f64,
     /// Metadata pages (256 inodes, or one index bucket, each) kept in
-    /// memory: bounds the mount's memory whatever the number of files or
-    /// the size of the chunk index. Pages changed since the last commit
-    /// count too: past this many a commit comes early, so at most about
-    /// twice this many are resident.
+    /// memory once committed: bounds the mount's memory whatever the number
+    /// of files. Pages changed since the last commit stay until it (during
+    /// ingest of new data: the index buckets one commit interval touches).
     #[arg(long, default_value_t = 512)]
     pub cache_pages: usize,
 }

@@ -943,6 +943,9 @@ impl FileSystem {
             }
             // Reading alone must not grow the cache either.
             st.inodes.evict(pinned);
+            self.ingest
+                .peak_pages
+                .fetch_max(st.inodes.pages.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1984,7 +1987,7 @@ impl FileSystem {
         let r = self.sync().await;
         let i = &self.ingest;
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        if n(&i.chunks) > 0 {
+        if n(&i.chunks) > 0 || n(&i.index_loads) > 0 {
             tracing::info!(
                 chunks = n(&i.chunks),
                 bytes = n(&i.bytes),
@@ -1996,7 +1999,6 @@ impl FileSystem {
                 index_page_loads = n(&i.index_loads),
                 cleaned_segments = n(&i.cleaned_segments),
                 peak_resident_pages = n(&i.peak_pages),
-                early_commits = n(&i.early_commits),
                 "reduction since mount"
             );
         }

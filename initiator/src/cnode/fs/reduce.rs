@@ -55,10 +55,9 @@ pub struct Ingest {
     pub lookups: AtomicU64,
     pub cleaned_segments: AtomicU64,
     pub moved_bytes: AtomicU64,
-    /// Most metadata pages (inodes and index buckets) resident at once.
+    /// Most metadata pages (inodes and index buckets) resident at once,
+    /// as seen when a page is loaded.
     pub peak_pages: AtomicU64,
-    /// Commits made early because the changed pages outgrew the cache.
-    pub early_commits: AtomicU64,
 }
 
 /// Bytes of a file written but not yet chunked.
@@ -619,33 +618,7 @@ impl FileSystem {
             .await?;
         self.write_segments(&sealed).await?;
         drop(_guard);
-        self.grow_indexes().await?;
-        self.bound_dirty_pages().await
-    }
-
-    /// Commits early once the pages changed since the last commit outnumber
-    /// the cache: a changed page cannot be evicted before its commit, and
-    /// ingest of new data touches index buckets all over both tables, so
-    /// without this the C-node would hold every bucket one commit interval
-    /// touches. Resident pages thus stay below about twice `--cache-pages`
-    /// (plus one batch's pages), whatever the data size; the price
-    /// is more frequent commits during ingest into a large index.
-    async fn bound_dirty_pages(&self) -> Result<(), FsError> {
-        let over = {
-            let st = self.state.lock().unwrap();
-            self.ingest
-                .peak_pages
-                .fetch_max(st.inodes.pages.len() as u64, Ordering::Relaxed);
-            st.inodes.dirty.len() > st.inodes.limit.max(4)
-        };
-        if over {
-            self.ingest.early_commits.fetch_add(1, Ordering::Relaxed);
-            // Boxed: a commit that flushes pending bytes comes back here.
-            // This one does not flush, and takes the log only after the
-            // caller's writes are in the state, so it cannot wait on them.
-            Box::pin(self.commit(false)).await?;
-        }
-        Ok(())
+        self.grow_indexes().await
     }
 
     /// Splits index buckets until both tables are within their load.
