@@ -1645,6 +1645,11 @@ impl FileSystem {
                 self.write_segment(id).await?;
             }
             let mut st = self.state.lock().unwrap();
+            // The most pages are resident just before a commit lets the
+            // changed ones go.
+            self.ingest
+                .peak_pages
+                .fetch_max(st.inodes.pages.len() as u64, Ordering::Relaxed);
             let dirty = std::mem::take(&mut st.inodes.dirty);
             st.inodes.committing = dirty.clone();
             let pages: Vec<(u64, Option<Vec<u8>>)> = dirty

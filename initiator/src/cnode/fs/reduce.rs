@@ -56,7 +56,7 @@ pub struct Ingest {
     pub cleaned_segments: AtomicU64,
     pub moved_bytes: AtomicU64,
     /// Most metadata pages (inodes and index buckets) resident at once,
-    /// as seen when a page is loaded.
+    /// as seen when a page is loaded and when a commit begins.
     pub peak_pages: AtomicU64,
 }
 
