@@ -1030,4 +1030,52 @@ mod tests {
         assert!(dec.decode(e, &s, None, f2.len(), &mut out).is_err());
         assert!(dec.decode(e, &s, Some(&f1), 7, &mut out).is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Stored bytes read back from a D-node are untrusted: a damaged
+        /// frame of any encoding, a wrong reference or a wrong length
+        /// decodes to an error or to exactly `len` bytes, never a panic.
+        #[test]
+        fn damaged_stored_chunks_never_panic(
+            seed in 0u64..1 << 32,
+            n in 0usize..40_000,
+            flips in proptest::collection::vec((0usize..1 << 16, 0u8..=255), 0..6),
+            cut in 0usize..1 << 16,
+            len_off in -3i64..4,
+            which in 0u8..4,
+        ) {
+            let base = text(n.max(1) + (seed as usize % 97));
+            let mut data = base.clone();
+            for (i, b) in data.iter_mut().enumerate().skip(seed as usize % 500).step_by(997) {
+                *b = (*b).wrapping_add(i as u8);
+            }
+            let mut enc = Encoder::new(LEVEL);
+            let mut stored = Vec::new();
+            let kind = Kind { numbers: which == 3, incompressible: false };
+            let e = match which {
+                0 => { stored = data.clone(); Encoding::Raw }
+                1 => enc.compress(&data, &mut stored),
+                _ => enc.encode(&data, Some(&base), kind, &mut stored),
+            };
+            if e == Encoding::Raw {
+                stored = data.clone();
+            }
+            for (at, x) in &flips {
+                if !stored.is_empty() {
+                    let i = at % stored.len();
+                    stored[i] ^= x;
+                }
+            }
+            stored.truncate(stored.len().saturating_sub(cut % 8));
+            let len = (data.len() as i64 + len_off).max(0) as usize;
+            let mut dec = Decoder::default();
+            let mut out = Vec::new();
+            for b in [Some(&base[..]), Some(&base[..base.len() / 2]), None] {
+                if dec.decode(e, &stored, b, len, &mut out).is_ok() {
+                    proptest::prop_assert_eq!(out.len(), len);
+                }
+            }
+        }
+    }
 }
