@@ -1,0 +1,36 @@
+//! What a C-node reads back from the D-nodes is decoded as untrusted:
+//! stored chunks (every encoding, with a reference), chunk frame headers,
+//! metadata frames, pages and log records. None may panic, hang or
+//! allocate without bound, and a chunk that decodes has exactly the
+//! length its entry claims.
+#![no_main]
+use dase_initiator::cnode::meta::{self, CommitRecord, MetaPart, MetaRecord, PageBlob};
+use dase_initiator::reduce::{Decoder, Encoding};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 4 {
+        return;
+    }
+    let enc = match data[0] % 4 {
+        0 => Encoding::Raw,
+        1 => Encoding::Zstd,
+        2 => Encoding::Delta,
+        _ => Encoding::XorDelta,
+    };
+    // Up to twice the largest chunk.
+    let len = u16::from_le_bytes([data[1], data[2]]) as usize * 2;
+    let rest = &data[4..];
+    let (base, stored) = rest.split_at(data[3] as usize * rest.len() / 256);
+    let mut out = Vec::new();
+    let mut d = Decoder::default();
+    if d.decode(enc, stored, Some(base), len, &mut out).is_ok() {
+        assert_eq!(out.len(), len);
+    }
+    let _ = d.decode(enc, stored, None, len, &mut out);
+    let _ = meta::parse_chunk_header(data);
+    let _ = meta::decode::<PageBlob>(data, "page");
+    let _ = meta::decode::<MetaRecord>(data, "record");
+    let _ = meta::unframe::<MetaPart>(meta::META_MAGIC, data);
+    let _ = meta::unframe::<CommitRecord>(meta::COMMIT_MAGIC, data);
+});
