@@ -7,10 +7,10 @@ lands in both indexes) into a fresh `dase mkfs --reduce full` file
 system on 13 D-nodes through the mount, in files of 1 GiB, sampling the
 mount's resident memory as it goes; then reports, per size reached, the
 mount's RSS, the index bytes on the D-nodes, index lookups and page loads
-per chunk and the early commits (from the counters the mount logs at
-unmount), and extrapolates the index bytes to a TB of logical data.
+per chunk and the peak of resident metadata pages (from the counters the
+mount logs at unmount), and extrapolates the index bytes to a TB of logical data.
 
-Usage: benches/corpus/scale.py WORK_DIR [--gib 1,4] [--cache-pages N] [--dase PATH]
+Usage: benches/corpus/scale.py WORK_DIR [--gib 1,2,4] [--cache-pages N] [--dase PATH]
 Needs root (FUSE). WORK_DIR needs about 1.4x the largest size free.
 """
 import argparse
@@ -101,13 +101,13 @@ def run(a, gib):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("work")
-    ap.add_argument("--gib", default="1,4")
+    ap.add_argument("--gib", default="1,2,4")
     ap.add_argument("--cache-pages", type=int, default=512)
     ap.add_argument("--dase", default=os.path.join(os.path.dirname(__file__),
                                                    "../../build/release/dase"))
     a = ap.parse_args()
     a.dase = os.path.abspath(a.dase)
-    print("| logical GiB | chunks | mount peak RSS MiB | RSS after each GiB (MiB) | index on the D-nodes MiB (all copies) | index bytes per TB logical | lookups per chunk | index page loads per chunk | early commits | MB/s through the mount |")
+    print("| logical GiB | chunks | mount peak RSS MiB | RSS after each GiB (MiB) | index on the D-nodes MiB (all copies) | index bytes per TB logical | lookups per chunk | index page loads per chunk | peak resident metadata pages | MB/s through the mount |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for g in [int(x) for x in a.gib.split(",")]:
         r = run(a, g)
@@ -118,7 +118,7 @@ def main():
         by = ", ".join(f"{x[1] / 2**20:.0f}" for x in r["rss_by_gib"])
         print(f"| {g} | {s['chunks']} | {r['rss_peak'] / 2**20:.0f} | {by} | {idx / 2**20:.1f} | "
               f"{per_tb / 1e9:.1f} GB | {c.get('index_lookups', 0) / chunks:.2f} | "
-              f"{c.get('index_page_loads', 0) / chunks:.3f} | {c.get('early_commits', 0)} | "
+              f"{c.get('index_page_loads', 0) / chunks:.3f} | {c.get('peak_resident_pages', 0)} | "
               f"{s['logical_bytes'] / r['seconds'] / 1e6:.0f} |", flush=True)
 
 
