@@ -587,13 +587,7 @@ pub struct Kind {
 /// their position in a 4-byte word: for floats, the sign/exponent bytes
 /// (nearly all zero after the XOR) together, the noisy low mantissa apart.
 fn xor_shuffle(data: &[u8], base: &[u8], out: &mut Vec<u8>) {
-    let padded;
-    let base = if base.len() < data.len() {
-        padded = padded_to(base, data.len());
-        &padded[..]
-    } else {
-        base
-    };
+    let base = at_least(base, data.len());
     out.clear();
     out.resize(data.len(), 0);
     let words = data.len() / 4;
@@ -614,13 +608,7 @@ fn xor_shuffle(data: &[u8], base: &[u8], out: &mut Vec<u8>) {
 }
 
 fn xor_unshuffle(shuffled: &[u8], base: &[u8], out: &mut [u8]) {
-    let padded;
-    let base = if base.len() < out.len() {
-        padded = padded_to(base, out.len());
-        &padded[..]
-    } else {
-        base
-    };
+    let base = at_least(base, out.len());
     let words = out.len() / 4;
     let (l0, r) = shuffled.split_at(words);
     let (l1, r) = r.split_at(words);
@@ -637,12 +625,16 @@ fn xor_unshuffle(shuffled: &[u8], base: &[u8], out: &mut [u8]) {
     }
 }
 
-/// A reference shorter than the chunk, zero-extended (rare: the XOR
-/// delta's references are usually the same tensor's previous chunk).
-fn padded_to(base: &[u8], len: usize) -> Vec<u8> {
+/// The reference as long as the chunk at least: a shorter one zero-extended
+/// (rare: the XOR delta's references are usually the same tensor's
+/// previous chunk).
+fn at_least(base: &[u8], len: usize) -> std::borrow::Cow<'_, [u8]> {
+    if base.len() >= len {
+        return std::borrow::Cow::Borrowed(base);
+    }
     let mut v = base.to_vec();
     v.resize(len, 0);
-    v
+    std::borrow::Cow::Owned(v)
 }
 
 /// The first bytes of a zstd dictionary. zstd's decoder takes a dictionary
