@@ -1046,7 +1046,7 @@ mod tests {
             let mut stored = Vec::new();
             let kind = Kind { numbers: which == 3, incompressible: false };
             let e = match which {
-                0 => { stored = data.clone(); Encoding::Raw }
+                0 => Encoding::Raw,
                 1 => enc.compress(&data, &mut stored),
                 _ => enc.encode(&data, Some(&base), kind, &mut stored),
             };

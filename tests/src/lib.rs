@@ -471,16 +471,12 @@ impl FsRig {
     }
 
     /// Mounts at `<dir>/<name>` with a short lease (so a crash test does
-    /// not wait long) and a one-second commit interval unless `extra` sets
-    /// one, plus `extra` options.
+    /// not wait long) plus `extra` options.
     pub fn mount(&self, name: &str, extra: &[&str]) -> Result<Mount, String> {
         let mp = self.path(name);
         // Fails harmlessly on a stale mount point (the mount clears it).
         let _ = std::fs::create_dir_all(&mp);
-        let mut args = vec!["--lease-ttl", "2"];
-        if !extra.contains(&"--commit-interval") {
-            args.extend(["--commit-interval", "1"]);
-        }
+        let mut args = vec!["--lease-ttl", "2", "--commit-interval", "1"];
         args.extend_from_slice(extra);
         Mount::start(&self.cluster, &mp, &args)
     }

@@ -368,6 +368,14 @@ impl Inodes {
     }
 }
 
+impl reduce::Ingest {
+    /// Samples the resident pages for the peak ([`reduce::Ingest::peak_pages`]).
+    fn note_resident(&self, inodes: &Inodes) {
+        self.peak_pages
+            .fetch_max(inodes.pages.len() as u64, Ordering::Relaxed);
+    }
+}
+
 impl std::ops::Index<&u64> for Inodes {
     type Output = Inode;
     fn index(&self, ino: &u64) -> &Inode {
@@ -943,9 +951,7 @@ impl FileSystem {
             }
             // Reading alone must not grow the cache either.
             st.inodes.evict(pinned);
-            self.ingest
-                .peak_pages
-                .fetch_max(st.inodes.pages.len() as u64, Ordering::Relaxed);
+            self.ingest.note_resident(&st.inodes);
         }
         Ok(())
     }
@@ -1647,9 +1653,7 @@ impl FileSystem {
             let mut st = self.state.lock().unwrap();
             // The most pages are resident just before a commit lets the
             // changed ones go.
-            self.ingest
-                .peak_pages
-                .fetch_max(st.inodes.pages.len() as u64, Ordering::Relaxed);
+            self.ingest.note_resident(&st.inodes);
             let dirty = std::mem::take(&mut st.inodes.dirty);
             st.inodes.committing = dirty.clone();
             let pages: Vec<(u64, Option<Vec<u8>>)> = dirty
