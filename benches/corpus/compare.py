@@ -60,49 +60,62 @@ def zstd_long(src):
     return len(z.stdout)
 
 
+def proc_status(pid, key):
+    """A byte count from /proc/PID/status (VmRSS, VmHWM: the peak RSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Dase:
-    def __init__(self, binary, work):
+    """13 D-nodes of `size` each under WORK/dase, a mount point WORK/mnt."""
+
+    def __init__(self, binary, work, size="1G"):
         self.bin, self.dir = binary, os.path.join(work, "dase")
         self.cluster = os.path.join(self.dir, "cluster.toml")
         self.mnt = os.path.join(work, "mnt")
         os.makedirs(self.mnt, exist_ok=True)
-        self.nodes = subprocess.Popen([binary, "cluster", "up", "--dir", self.dir, "--dnodes", "13",
-                                       "--size", "1G", "--log", "warn"])
-        for _ in range(100):
-            if os.path.exists(self.cluster):
-                break
-            time.sleep(0.1)
-        time.sleep(1)
+        # `cluster up` returns once every D-node listens; they run detached.
+        sh([binary, "cluster", "up", "--dir", self.dir, "--dnodes", "13", "--size", size,
+            "--log", "warn"], stdout=subprocess.DEVNULL)
 
-    def store(self, src):
+    def mount(self, args=("--log", "warn"), stderr=None):
+        """A fresh `--reduce full` file system, mounted; the mount process."""
         sh([self.bin, "mkfs", "--cluster", self.cluster, "--reduce", "full", "--force"],
            stdout=subprocess.DEVNULL)
-        m = subprocess.Popen([self.bin, "mount", "--cluster", self.cluster, "--log", "warn",
-                              self.mnt])
+        m = subprocess.Popen([self.bin, "mount", "--cluster", self.cluster, *args, self.mnt],
+                             stdout=subprocess.DEVNULL, stderr=stderr)
         for _ in range(100):
             if os.path.ismount(self.mnt):
                 break
             time.sleep(0.1)
-        t = time.time()
-        sh(["cp", "-r", src, os.path.join(self.mnt, "x")])
-        hwm = 0
-        with open(f"/proc/{m.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1]) * 1024
+        return m
+
+    def unmount(self, m):
         sh(["umount", self.mnt])
         m.wait()
-        took = time.time() - t
+
+    def stats(self):
         out = subprocess.run([self.bin, "stats", "--cluster", self.cluster, "--json"],
                              check=True, stdout=subprocess.PIPE).stdout
-        s = json.loads(out)
+        return json.loads(out)
+
+    def store(self, src):
+        m = self.mount()
+        t = time.time()
+        sh(["cp", "-r", src, os.path.join(self.mnt, "x")])
+        hwm = proc_status(m.pid, "VmHWM")
+        self.unmount(m)
+        took = time.time() - t
+        s = self.stats()
         s["seconds"] = took
         s["rss_peak"] = hwm
         return s
 
     def close(self):
-        self.nodes.terminate()
-        self.nodes.wait()
+        sh([self.bin, "cluster", "down", "--dir", self.dir], stdout=subprocess.DEVNULL)
 
 
 def mb(b):
