@@ -32,7 +32,8 @@ def run(a, gib):
     try:
         log_path = os.path.join(work, "mount.log")
         with open(log_path, "w") as log:
-            m = d.mount(["--log", "info", "--cache-pages", str(a.cache_pages)], stderr=log)
+            m = d.mount(["--log", "info", "--cache-pages", str(a.cache_pages),
+                         "--index-buffer", str(a.index_buffer)], stderr=log)
             rss_by_gib = []
             t0 = time.time()
             for i in range(gib):
@@ -58,12 +59,13 @@ def main():
     ap.add_argument("work")
     ap.add_argument("--gib", default="1,2,4")
     ap.add_argument("--cache-pages", type=int, default=512)
+    ap.add_argument("--index-buffer", type=int, default=65536)
     ap.add_argument("--dase", default=os.path.join(os.path.dirname(__file__),
                                                    "../../build/release/dase"))
     a = ap.parse_args()
     a.dase = os.path.abspath(a.dase)
-    print("| logical GiB | chunks | mount peak RSS MiB | RSS after each GiB (MiB) | index on the D-nodes MiB (all copies) | index bytes per TB logical | lookups per chunk | index page loads per chunk | peak resident metadata pages | MB/s through the mount |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| logical GiB | chunks | mount peak RSS MiB | RSS after each GiB (MiB) | index on the D-nodes MiB (all copies) | index bytes per TB logical | lookups per chunk | index page loads per chunk | peak resident metadata pages | peak index entries buffered | buckets merged | metadata log + pages MiB | MB/s through the mount |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for g in [int(x) for x in a.gib.split(",")]:
         r = run(a, g)
         s, c = r["stats"], r["counters"]
@@ -74,6 +76,8 @@ def main():
         print(f"| {g} | {s['chunks']} | {r['rss_peak'] / 2**20:.0f} | {by} | {idx / 2**20:.1f} | "
               f"{per_tb / 1e9:.1f} GB | {c.get('index_lookups', 0) / chunks:.2f} | "
               f"{c.get('index_page_loads', 0) / chunks:.3f} | {c.get('peak_resident_pages', 0)} | "
+              f"{c.get('peak_buffered_entries', 0)} | {c.get('merged_buckets', 0)} | "
+              f"{s['metadata_bytes'] / 2**20:.0f} | "
               f"{s['logical_bytes'] / r['seconds'] / 1e6:.0f} |", flush=True)
 
 

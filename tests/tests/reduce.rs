@@ -345,3 +345,78 @@ fn reads_through_a_tiny_cache_load_index_buckets_and_stay_within_it() {
     assert!(peak <= 12, "{peak} pages resident through a 4-page cache");
     assert_eq!(rig.stats()["chunks"], s["chunks"]);
 }
+
+/// With a buffer far smaller than the index, index changes go through the
+/// journal and are merged into the buckets commit by commit; a crash in the
+/// middle of ingest replays the journal, and nothing is lost or miscounted.
+#[test]
+fn index_changes_are_journalled_merged_in_bulk_and_survive_a_crash() {
+    let rig = FsRig::new("journal", 5, "512M", "3+2");
+    let args = ["--cache-pages", "8", "--index-buffer", "64"];
+    let m = rig.mount("mnt", &args).unwrap();
+    let root = m.path.clone();
+    let mut files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("f{i}"), text(6 << 20, 300 + i)))
+        .collect();
+    // An exact copy and a near copy: their lookups hit buffered entries.
+    files.push(("copy".into(), files[0].1.clone()));
+    let mut near = files[1].1.clone();
+    near[3 << 20..(3 << 20) + 6].copy_from_slice(b"edited");
+    files.push(("near".into(), near));
+    for (n, d) in &files {
+        write_file(&root.join(n), d);
+    }
+    commit(&root);
+    let s = rig.stats();
+    let file = files[0].1.len() as u64;
+    assert!(
+        num(&s, "after_dedup_bytes") <= num(&s, "logical_bytes") - 2 * file + 3 * MAX_CHUNK,
+        "the copy should cost nothing and the near copy a few chunks: {s}"
+    );
+    assert!(num(&s, "delta_chunk_bytes") > 0, "{s}");
+    // Crash while a fourth file is written (not synced): the journal since
+    // the last merge is replayed at the next mount.
+    let more = text(6 << 20, 400);
+    {
+        let mut f = File::create(root.join("late")).unwrap();
+        f.write_all(&more[..4 << 20]).unwrap();
+    }
+    m.crash();
+    let m = rig.mount_when_free("mnt", &args);
+    for (n, d) in &files {
+        assert!(
+            read_cold(&m.path.join(n)) == *d,
+            "{n} differs after the crash"
+        );
+    }
+    let _ = std::fs::remove_file(m.path.join("late"));
+    write_file(&m.path.join("late"), &more);
+    let log = m.log.clone();
+    assert!(m.stop());
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(logged(&log, "merged_buckets") > 0, "{log}");
+    // The buffer's bound (four times its size) plus one batch of chunks,
+    // each with its entry, its super-features and its reference's count.
+    let peak = logged(&log, "peak_buffered_entries");
+    assert!(peak <= 4 * 64 + 64 * 6, "{peak} index entries buffered");
+    rig.assert_fsck_clean();
+    // Every file gone and cleaned: nothing stored, nothing left in the journal.
+    let m = rig.mount("mnt", &args).unwrap();
+    assert!(read_cold(&m.path.join("late")) == more);
+    for e in std::fs::read_dir(&m.path).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    commit(&m.path);
+    let out = rig.dase(&["clean", "--cluster", rig.cluster_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(m.stop());
+    let s = rig.stats();
+    assert_eq!(num(&s, "chunks"), 0, "{s}");
+    assert_eq!(num(&s, "stored_bytes"), 0, "{s}");
+    assert_eq!(num(&s, "index_buffered"), 0, "{s}");
+    rig.assert_fsck_clean();
+}

@@ -241,6 +241,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
                 "delta_chunk_bytes": c.delta_in,
                 "chunk_index_bytes": s.chunk_index_bytes,
                 "similar_index_bytes": s.similar_index_bytes,
+                "index_buffered": s.index_buffered,
                 "chunk_buckets": c.chunk_buckets,
                 "similar_buckets": c.similar_buckets,
                 "similar_entries": c.similar,
@@ -291,6 +292,10 @@ pub fn stats(a: StatsArgs) -> Result<()> {
                 gib(s.similar_index_bytes),
                 c.similar_buckets,
                 c.similar
+            );
+            println!(
+                "  index journal       {} entries not yet merged into buckets",
+                s.index_buffered
             );
         }
         if s.live_bytes > 0 {

@@ -60,10 +60,18 @@ pub struct MountArgs {
     pub rebuild_after: f64,
     /// Metadata pages (256 inodes, or one index bucket, each) kept in
     /// memory once committed: bounds the mount's memory whatever the number
-    /// of files. Pages changed since the last commit stay until it (during
-    /// ingest of new data: the index buckets one commit interval touches).
+    /// of files and of stored chunks. Pages changed since the last commit
+    /// stay until it (index changes go to the journal instead, and a commit
+    /// merges at most a quarter of this many buckets).
     #[arg(long, default_value_t = 512)]
     pub cache_pages: usize,
+    /// Index entries (new chunks, reference and similarity changes) kept
+    /// journalled in the metadata log before commits merge them into the
+    /// index buckets on the D-nodes; ingest waits beyond four times this
+    /// many. Larger: fewer bucket rewrites per byte ingested; smaller: less
+    /// memory (about 150 bytes an entry).
+    #[arg(long, default_value_t = 65536)]
+    pub index_buffer: usize,
 }
 
 /// Where a mount of file system `uuid` takes requests (`dase rebuild`).
@@ -792,6 +800,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
             .then(|| Duration::try_from_secs_f64(a.rebuild_after).ok())
             .flatten(),
         cache_pages: a.cache_pages,
+        index_buffer: a.index_buffer.max(1),
     };
     let fs = rt
         .block_on(FileSystem::open(&file, opts))

@@ -36,7 +36,9 @@ pub const COMMIT_MAGIC: [u8; 8] = *b"DASECOMT";
 pub const META_MAGIC: [u8; 8] = *b"DASEMETA";
 /// 2: inodes in pages of their own, the log holds where each page is.
 /// 3: extents may name chunks; the chunk and similarity indexes in pages.
-pub const VERSION: u32 = 3;
+/// 4: index changes journalled in the log ([`IndexDelta`]) and merged into
+///    the bucket pages in bulk.
+pub const VERSION: u32 = 4;
 
 /// Inodes per metadata page: a page of small inodes fits a strip or two,
 /// and pages are what the C-node caches and evicts.
@@ -283,6 +285,24 @@ pub struct Image {
     pub orphans: Vec<u64>,
     /// Chunk reference changes not yet applied to the chunk index.
     pub ref_changes: Vec<(Fp, i32)>,
+    /// Every index entry not yet merged into its bucket page.
+    pub index: IndexDelta,
+}
+
+/// Index entries newer than their bucket pages' copies. Index changes are
+/// journalled here rather than written into the buckets: fingerprints and
+/// super-features are random, so writing buckets in place would rewrite
+/// every bucket at every commit; instead they are merged in bulk, a few
+/// buckets per commit, when enough have gathered (one level of an LSM tree).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexDelta {
+    /// The newest entry of each chunk (None: removed).
+    pub chunks: Vec<(Fp, Option<ChunkEntry>)>,
+    /// New similarity entries.
+    pub similar: Vec<(u64, Fp)>,
+    /// Bucket pages this commit merged the journalled entries into (after
+    /// this record's own entries are applied, none of theirs is pending).
+    pub merged: Vec<u64>,
 }
 
 /// What changed since the previous commit.
@@ -297,6 +317,8 @@ pub struct Batch {
     pub counts: Counts,
     pub orphans: Vec<u64>,
     pub ref_changes: Vec<(Fp, i32)>,
+    /// Index changes since the previous commit.
+    pub index: IndexDelta,
 }
 
 /// The content of one page, written as metadata parts of its own (not in
@@ -526,6 +548,11 @@ mod tests {
             },
             orphans: vec![5],
             ref_changes: vec![([7; 32], -1)],
+            index: IndexDelta {
+                chunks: vec![([9; 32], None)],
+                similar: vec![(7, [9; 32])],
+                merged: vec![CHUNK_PAGES | 1],
+            },
             segments: vec![
                 (
                     3,
@@ -545,6 +572,8 @@ mod tests {
         assert_eq!(back.pages[0].1.as_ref().unwrap()[0], rec());
         assert_eq!(back.counts.files, 1);
         assert_eq!(back.segments[0].1.as_ref().unwrap().records[0], rec());
+        assert_eq!(back.index.chunks, vec![([9; 32], None)]);
+        assert_eq!(back.index.merged, vec![CHUNK_PAGES | 1]);
         assert!(decode::<MetaRecord>(&b[..b.len() / 2], "record").is_err());
     }
 }

@@ -36,6 +36,7 @@ use super::meta::{
     META_MAGIC, ROOT_INO,
 };
 use crate::reduce::{Fp, Reduce};
+use meta::IndexDelta;
 
 mod reduce;
 use super::superblock::{self, Superblock};
@@ -188,6 +189,10 @@ pub struct Options {
     /// Metadata pages (of `meta::PAGE_INODES` inodes) kept in memory once
     /// committed; dirty pages stay until their commit.
     pub cache_pages: usize,
+    /// Index entries journalled before commits start merging them into
+    /// their buckets; writers wait beyond four times as many (the index
+    /// buffer's share of memory, about 150 bytes an entry).
+    pub index_buffer: usize,
 }
 
 impl Default for Options {
@@ -199,6 +204,7 @@ impl Default for Options {
             read_only: false,
             rebuild_after: None,
             cache_pages: 512,
+            index_buffer: reduce::MERGE_AT,
         }
     }
 }
@@ -246,6 +252,8 @@ struct Snapshot {
     counts: Counts,
     orphans: Vec<u64>,
     ref_changes: Vec<(Fp, i32)>,
+    /// Index changes since the last snapshot (for an image: all of them).
+    index: IndexDelta,
     to_free: Vec<u64>,
     changes: u64,
 }
@@ -370,9 +378,12 @@ impl Inodes {
 
 impl reduce::Ingest {
     /// Samples the resident pages for the peak ([`reduce::Ingest::peak_pages`]).
-    fn note_resident(&self, inodes: &Inodes) {
+    /// And the index buffer's ([`reduce::Ingest::peak_buffered`]).
+    fn note_resident(&self, st: &State) {
         self.peak_pages
-            .fetch_max(inodes.pages.len() as u64, Ordering::Relaxed);
+            .fetch_max(st.inodes.pages.len() as u64, Ordering::Relaxed);
+        self.peak_buffered
+            .fetch_max(st.index.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -412,6 +423,8 @@ struct State {
     /// (extents dropped or split, deltas freed): applied in batches before
     /// each commit, and committed with it if they could not be.
     ref_changes: Vec<(Fp, i32)>,
+    /// Index entries not yet merged into their bucket pages.
+    index: reduce::IndexBuffer,
 }
 
 /// The committed log.
@@ -448,6 +461,9 @@ pub struct FileSystem {
     closing: AtomicBool,
     /// One rebuild at a time: each replaces segment records it read earlier.
     rebuilding: tokio::sync::Mutex<()>,
+    /// Commits merge the whole index buffer, not only beyond its threshold
+    /// (`clean` sets it while it folds the buffer in).
+    merge_all: AtomicBool,
     /// Pending (not yet chunked) bytes of files being written, when reducing.
     writers: Mutex<HashMap<u64, reduce::Writer>>,
     ingest: Ingest,
@@ -490,6 +506,9 @@ pub struct Stats {
     /// copies of their committed pages).
     pub chunk_index_bytes: u64,
     pub similar_index_bytes: u64,
+    /// Index entries journalled in the metadata log but not yet merged
+    /// into the bucket pages.
+    pub index_buffered: u64,
 }
 
 impl FileSystem {
@@ -559,6 +578,7 @@ impl FileSystem {
             },
             orphans: vec![],
             ref_changes: vec![],
+            index: IndexDelta::default(),
         });
         let head = write_parts(
             &meta,
@@ -682,6 +702,7 @@ impl FileSystem {
             shutdown: tokio::sync::Notify::new(),
             closing: AtomicBool::new(false),
             rebuilding: tokio::sync::Mutex::new(()),
+            merge_all: AtomicBool::new(false),
             writers: Mutex::new(HashMap::new()),
             ingest: Ingest::default(),
         };
@@ -777,6 +798,7 @@ impl FileSystem {
                     st.segs = img.segments.into_iter().collect();
                     st.counts = img.counts;
                     st.orphans = img.orphans.into_iter().collect();
+                    st.index.replay(img.index, &st.counts);
                 }
                 MetaRecord::Batch(b) if !first => {
                     journal_bytes += buf.len();
@@ -785,6 +807,7 @@ impl FileSystem {
                     st.next_seg = b.next_seg;
                     st.counts = b.counts;
                     st.orphans = b.orphans.into_iter().collect();
+                    st.index.replay(b.index, &st.counts);
                     for (p, loc) in b.pages {
                         match loc {
                             Some(l) => st.inodes.map.insert(p, l),
@@ -914,6 +937,21 @@ impl FileSystem {
         }
     }
 
+    /// Loads the missing pages among `pages` concurrently (a batch of
+    /// chunks looks up random buckets: one round trip instead of one each).
+    /// Best effort: whoever then `require`s them loads what this did not.
+    async fn prefetch_pages(&self, mut pages: Vec<u64>) {
+        pages.sort_unstable();
+        pages.dedup();
+        {
+            let st = self.state.lock().unwrap();
+            pages.retain(|&p| st.inodes.missing_page(p).is_some());
+        }
+        for group in pages.chunks(32) {
+            join_all(group.iter().map(|&p| self.load_page(p, group))).await;
+        }
+    }
+
     /// Reads page `p` from the D-nodes into the cache.
     async fn load_page(&self, p: u64, pinned: &[u64]) -> Result<(), FsError> {
         let loc = {
@@ -951,7 +989,7 @@ impl FileSystem {
             }
             // Reading alone must not grow the cache either.
             st.inodes.evict(pinned);
-            self.ingest.note_resident(&st.inodes);
+            self.ingest.note_resident(&st);
         }
         Ok(())
     }
@@ -1622,12 +1660,28 @@ impl FileSystem {
         if flush {
             self.flush_all_pending().await?;
         }
+        self.commit_changes().await
+    }
+
+    /// Commits what is already chunked (pending file bytes stay pending).
+    async fn commit_changes(&self) -> Result<(), FsError> {
+        if self.opts.read_only {
+            return Ok(());
+        }
         if let Err(e) = self.apply_ref_changes().await {
             tracing::warn!(error = %e, "chunk reference changes kept queued");
         }
         let target = self.state.lock().unwrap().changes;
         let mut log = self.log.lock().await;
-        if log.committed_changes >= target && self.state.lock().unwrap().unwritten.is_empty() {
+        let merge_due = {
+            let st = self.state.lock().unwrap();
+            let n = st.index.len();
+            n > self.opts.index_buffer || (n > 0 && self.merge_all.load(Ordering::Relaxed))
+        };
+        if !merge_due
+            && log.committed_changes >= target
+            && self.state.lock().unwrap().unwritten.is_empty()
+        {
             return Ok(());
         }
         if let Some(why) = self.stopped.lock().unwrap().as_ref() {
@@ -1639,6 +1693,11 @@ impl FileSystem {
         // segment it references is on the D-nodes first.
         let snap = {
             let _x = self.quiesce.write().await;
+            let to_merge = if merge_due {
+                self.load_merge_pages().await?
+            } else {
+                Vec::new()
+            };
             let sealed = self.state.lock().unwrap().seal();
             let all: Vec<u64> = {
                 let st = self.state.lock().unwrap();
@@ -1653,7 +1712,8 @@ impl FileSystem {
             let mut st = self.state.lock().unwrap();
             // The most pages are resident just before a commit lets the
             // changed ones go.
-            self.ingest.note_resident(&st.inodes);
+            self.ingest.note_resident(&st);
+            st.merge_into(&to_merge, &self.ingest);
             let dirty = std::mem::take(&mut st.inodes.dirty);
             st.inodes.committing = dirty.clone();
             let pages: Vec<(u64, Option<Vec<u8>>)> = dirty
@@ -1700,6 +1760,12 @@ impl FileSystem {
                 counts: st.counts,
                 orphans: st.orphans.iter().copied().collect(),
                 ref_changes: st.ref_changes.clone(),
+                index: if image_due {
+                    st.index.take_delta();
+                    st.index.whole()
+                } else {
+                    st.index.take_delta()
+                },
                 to_free: std::mem::take(&mut st.pending_free),
                 changes: st.changes,
             }
@@ -1712,6 +1778,7 @@ impl FileSystem {
             counts,
             orphans,
             ref_changes,
+            index,
             mut to_free,
             changes,
         } = snap;
@@ -1769,6 +1836,7 @@ impl FileSystem {
                         counts,
                         orphans,
                         ref_changes,
+                        index,
                     })
                 } else {
                     MetaRecord::Batch(Batch {
@@ -1779,6 +1847,7 @@ impl FileSystem {
                         counts,
                         orphans,
                         ref_changes,
+                        index,
                     })
                 }
             };
@@ -1791,6 +1860,15 @@ impl FileSystem {
                 st.free.extend(to_free);
                 st.free.extend(old_chain);
                 st.inodes.evict(&[]);
+                drop(st);
+                // Evicted pages are many small allocations spread over
+                // glibc's per-thread arenas, which keep freed memory: give
+                // it back, or the cache bound holds for pages but not RSS.
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                // SAFETY: malloc_trim only releases free heap memory.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
                 log.committed_changes = changes;
                 log.force_image = false;
                 Ok(())
@@ -2008,6 +2086,8 @@ impl FileSystem {
                 index_page_loads = n(&i.index_loads),
                 cleaned_segments = n(&i.cleaned_segments),
                 peak_resident_pages = n(&i.peak_pages),
+                merged_buckets = n(&i.merged_buckets),
+                peak_buffered_entries = n(&i.peak_buffered),
                 "reduction since mount"
             );
         }
@@ -2053,6 +2133,7 @@ impl FileSystem {
         };
         out.chunk_index_bytes = page_bytes(meta::CHUNK_PAGES, meta::SIMILAR_PAGES);
         out.similar_index_bytes = page_bytes(meta::SIMILAR_PAGES, u64::MAX);
+        out.index_buffered = st.index.len() as u64;
         for seg in st.segs.values() {
             out.live_bytes += seg.live;
             for r in &seg.records {
@@ -2077,7 +2158,7 @@ impl FileSystem {
     pub async fn fsck(&self) -> FsckReport {
         let mut rep = FsckReport::default();
         let chain = self.log.lock().await.chain.clone();
-        let (map, mut inodes, mut chunks, segs, orphans, counts, ref_changes) = {
+        let (map, mut inodes, mut chunks, segs, orphans, counts, ref_changes, buffered) = {
             let st = self.state.lock().unwrap();
             let resident: HashMap<u64, Inode> = st
                 .inodes
@@ -2099,6 +2180,7 @@ impl FileSystem {
                 st.orphans.clone(),
                 st.counts,
                 st.ref_changes.clone(),
+                st.index.whole(),
             )
         };
         // Pages not in memory are read from the D-nodes, one at a time.
@@ -2120,6 +2202,13 @@ impl FileSystem {
                     .push(format!("page {p} holds page {} instead", b.page)),
                 Err(e) => rep.problems.push(format!("page {p}: {e}")),
             }
+        }
+        // Buffered entries are newer than the pages'.
+        for (fp, e) in buffered.chunks {
+            match e {
+                Some(e) => chunks.insert(fp, e),
+                None => chunks.remove(&fp),
+            };
         }
         rep.inodes = inodes.len();
         rep.chunks = chunks.len();

@@ -39,6 +39,80 @@ const REF_BATCH: usize = 256;
 /// The background cleaner rewrites segments at most this full of live
 /// chunks: moving half a segment frees a whole one.
 pub const CLEAN_BELOW: f64 = 0.5;
+/// Index entries journalled but not merged into their buckets: beyond
+/// this many (the default of [`Options::index_buffer`]), every commit
+/// merges some buckets ([`merge_pages`]); beyond four times as many,
+/// writers wait for merges.
+pub const MERGE_AT: usize = 1 << 16;
+
+/// Buckets one commit merges the buffer into: a quarter of the page cache,
+/// so merging never holds more pages than the cache would.
+fn merge_pages(cache_pages: usize) -> usize {
+    (cache_pages / 4).max(8)
+}
+
+/// Index entries newer than their bucket pages (see [`meta::IndexDelta`]):
+/// lookups see these first; commits journal what changed; merges move
+/// them into the buckets, whose pages then stay clean and evictable.
+#[derive(Default)]
+pub(super) struct IndexBuffer {
+    chunks: HashMap<Fp, Option<ChunkEntry>>,
+    similar: HashMap<u64, Fp>,
+    /// Changed since the last commit snapshot.
+    changed: HashSet<Fp>,
+    new_similar: Vec<u64>,
+    /// Buckets merged since the last commit snapshot.
+    merged: Vec<u64>,
+}
+
+impl IndexBuffer {
+    pub(super) fn len(&self) -> usize {
+        self.chunks.len() + self.similar.len()
+    }
+
+    /// What changed since the last snapshot, for the commit's record.
+    pub(super) fn take_delta(&mut self) -> meta::IndexDelta {
+        let changed = std::mem::take(&mut self.changed);
+        let new_similar = std::mem::take(&mut self.new_similar);
+        meta::IndexDelta {
+            chunks: changed
+                .into_iter()
+                .filter_map(|fp| self.chunks.get(&fp).map(|e| (fp, e.clone())))
+                .collect(),
+            similar: new_similar
+                .into_iter()
+                .filter_map(|sf| self.similar.get(&sf).map(|fp| (sf, *fp)))
+                .collect(),
+            merged: std::mem::take(&mut self.merged),
+        }
+    }
+
+    /// Everything buffered, for an image.
+    pub(super) fn whole(&self) -> meta::IndexDelta {
+        meta::IndexDelta {
+            chunks: self.chunks.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            similar: self.similar.iter().map(|(k, v)| (*k, *v)).collect(),
+            merged: Vec::new(),
+        }
+    }
+
+    /// Replays one record's delta (`counts`: the record's, whose bucket
+    /// numbers its merges used).
+    pub(super) fn replay(&mut self, d: meta::IndexDelta, counts: &meta::Counts) {
+        // The merge came first (the record's entries are what the buffer
+        // held after it).
+        if !d.merged.is_empty() {
+            let merged: HashSet<u64> = d.merged.into_iter().collect();
+            let (cb, sb) = (counts.chunk_buckets.max(1), counts.similar_buckets.max(1));
+            self.chunks
+                .retain(|fp, _| !merged.contains(&chunk_page(fp, cb)));
+            self.similar
+                .retain(|sf, _| !merged.contains(&similar_page(*sf, sb)));
+        }
+        self.chunks.extend(d.chunks);
+        self.similar.extend(d.similar);
+    }
+}
 
 /// What the write path did, since mount (for `dase stats` and benchmarks).
 #[derive(Debug, Default)]
@@ -54,6 +128,10 @@ pub struct Ingest {
     /// Index lookups made (one per page consulted per chunk).
     pub lookups: AtomicU64,
     pub cleaned_segments: AtomicU64,
+    /// Bucket pages the index buffer was merged into.
+    pub merged_buckets: AtomicU64,
+    /// Most index entries buffered at once.
+    pub peak_buffered: AtomicU64,
     pub moved_bytes: AtomicU64,
     /// Most metadata pages (inodes and index buckets) resident at once,
     /// as seen when a page is loaded and when a commit begins.
@@ -131,8 +209,21 @@ impl State {
     }
 
     /// Loads the chunk-index buckets of `fps` (see `require_pages`).
+    /// Buffered entries need no page.
     fn require_chunks<'a>(&mut self, fps: impl Iterator<Item = &'a Fp>) -> Result<(), FsError> {
-        let pages: Vec<u64> = fps.map(|f| self.chunk_page(f)).collect();
+        let pages: Vec<u64> = fps
+            .filter(|f| !self.index.chunks.contains_key(*f))
+            .map(|f| self.chunk_page(f))
+            .collect();
+        self.require_pages(pages)
+    }
+
+    /// Loads the similarity buckets of `sfs` not answered by the buffer.
+    fn require_similar(&mut self, sfs: impl Iterator<Item = u64>) -> Result<(), FsError> {
+        let pages: Vec<u64> = sfs
+            .filter(|sf| !self.index.similar.contains_key(sf))
+            .map(|sf| self.similar_page(sf))
+            .collect();
         self.require_pages(pages)
     }
 
@@ -144,26 +235,107 @@ impl State {
         similar_page(sf, self.counts.similar_buckets.max(1))
     }
 
-    /// The chunk's entry (its page must be resident or new).
+    /// The chunk's entry: the buffer's, else its page's (which must then be
+    /// resident or new).
     pub(super) fn chunk(&self, fp: &Fp) -> Option<&ChunkEntry> {
-        self.inodes.pages.get(&self.chunk_page(fp))?.chunks.get(fp)
+        match self.index.chunks.get(fp) {
+            Some(e) => e.as_ref(),
+            None => self.inodes.pages.get(&self.chunk_page(fp))?.chunks.get(fp),
+        }
     }
 
-    fn chunk_mut(&mut self, fp: &Fp) -> Option<&mut ChunkEntry> {
-        let p = self.chunk_page(fp);
-        if !self.inodes.pages.get(&p)?.chunks.contains_key(fp) {
-            return None;
-        }
-        self.inodes.page_mut(p).chunks.get_mut(fp)
+    /// Changes a chunk's entry (through the buffer: its page stays clean);
+    /// false if there is no such chunk.
+    fn update_chunk(&mut self, fp: &Fp, f: impl FnOnce(&mut ChunkEntry)) -> bool {
+        let Some(mut e) = self.chunk(fp).cloned() else {
+            return false;
+        };
+        f(&mut e);
+        self.put_chunk(*fp, Some(e));
+        true
+    }
+
+    fn put_chunk(&mut self, fp: Fp, e: Option<ChunkEntry>) {
+        self.index.chunks.insert(fp, e);
+        self.index.changed.insert(fp);
+        self.changes += 1;
     }
 
     fn similar(&self, sf: u64) -> Option<Fp> {
+        if let Some(fp) = self.index.similar.get(&sf) {
+            return Some(*fp);
+        }
         self.inodes
             .pages
             .get(&self.similar_page(sf))?
             .similar
             .get(&sf)
             .copied()
+    }
+
+    fn add_similar(&mut self, sf: u64, fp: Fp) {
+        self.index.similar.insert(sf, fp);
+        self.index.new_similar.push(sf);
+        self.counts.similar += 1;
+    }
+
+    /// The bucket pages holding the most buffered entries, at most `max`.
+    fn merge_choice(&self, max: usize) -> Vec<u64> {
+        let mut per: HashMap<u64, usize> = HashMap::new();
+        for fp in self.index.chunks.keys() {
+            *per.entry(self.chunk_page(fp)).or_default() += 1;
+        }
+        for sf in self.index.similar.keys() {
+            *per.entry(self.similar_page(*sf)).or_default() += 1;
+        }
+        let mut v: Vec<(usize, u64)> = per.into_iter().map(|(p, n)| (n, p)).collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.into_iter().take(max).map(|(_, p)| p).collect()
+    }
+
+    /// Moves the buffered entries of `pages` (those resident) into them. They are written, and the buffer's entries forgotten in
+    /// the log, by the next commit.
+    pub(super) fn merge_into(&mut self, pages: &[u64], ing: &Ingest) {
+        let pages: Vec<u64> = pages
+            .iter()
+            .copied()
+            .filter(|&p| self.inodes.missing_page(p).is_none())
+            .collect();
+        if pages.is_empty() {
+            return;
+        }
+        ing.merged_buckets
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        let set: HashSet<u64> = pages.iter().copied().collect();
+        let fps: Vec<Fp> = self
+            .index
+            .chunks
+            .keys()
+            .filter(|fp| set.contains(&self.chunk_page(fp)))
+            .copied()
+            .collect();
+        for fp in fps {
+            let e = self.index.chunks.remove(&fp).unwrap();
+            let pg = self.inodes.page_mut(self.chunk_page(&fp));
+            match e {
+                Some(e) => pg.chunks.insert(fp, e),
+                None => pg.chunks.remove(&fp),
+            };
+        }
+        let sfs: Vec<u64> = self
+            .index
+            .similar
+            .keys()
+            .filter(|sf| set.contains(&self.similar_page(**sf)))
+            .copied()
+            .collect();
+        for sf in sfs {
+            let fp = self.index.similar.remove(&sf).unwrap();
+            let p = self.similar_page(sf);
+            self.inodes.page_mut(p).similar.insert(sf, fp);
+        }
+        self.index.merged.extend_from_slice(&pages);
+        self.changes += 1;
     }
 
     /// Where a segment's bytes are.
@@ -200,7 +372,7 @@ impl State {
 
     /// Everything needed to read chunk `fp`, loading pages as needed.
     pub(super) fn locate_chunk(&mut self, fp: &Fp) -> Result<ChunkRead, FsError> {
-        self.require_pages([self.chunk_page(fp)])?;
+        self.require_chunks(std::iter::once(fp))?;
         let entry = self
             .chunk(fp)
             .cloned()
@@ -208,7 +380,7 @@ impl State {
         let base = match entry.base {
             None => None,
             Some(b) => {
-                self.require_pages([self.chunk_page(&b)])?;
+                self.require_chunks(std::iter::once(&b))?;
                 let be = self.chunk(&b).cloned().ok_or_else(|| {
                     FsError::Io(format!("reference chunk {} is missing", hex(&b)))
                 })?;
@@ -269,19 +441,16 @@ impl State {
 
     fn insert_chunk(&mut self, e: ChunkEntry) {
         self.counts.count_chunk(&e, 1);
-        let p = self.chunk_page(&e.fp);
-        self.inodes.page_mut(p).chunks.insert(e.fp, e);
-        self.changes += 1;
+        self.put_chunk(e.fp, Some(e));
     }
 
     /// Removes a chunk nothing references; returns its base, whose
     /// reference it held.
     fn remove_chunk(&mut self, fp: &Fp) -> Option<Fp> {
-        let p = self.chunk_page(fp);
-        let e = self.inodes.page_mut(p).chunks.remove(fp)?;
+        let e = self.chunk(fp).cloned()?;
+        self.put_chunk(*fp, None);
         self.counts.count_chunk(&e, -1);
         self.release(e.seg, e.frame_len());
-        self.changes += 1;
         e.base
     }
 }
@@ -443,7 +612,31 @@ impl FileSystem {
         ing.chunks.fetch_add(cands.len() as u64, Ordering::Relaxed);
         ing.bytes
             .fetch_add(cuts.iter().map(|c| c.len as u64).sum(), Ordering::Relaxed);
-        // Lookups: exact first, then similar for what is new.
+        // Lookups: exact first, then similar for what is new; the buckets
+        // they need are fetched together first.
+        let pages: Vec<u64> = {
+            let st = self.state.lock().unwrap();
+            cands
+                .iter()
+                .filter(|c| !st.index.chunks.contains_key(&c.fp))
+                .map(|c| st.chunk_page(&c.fp))
+                .collect()
+        };
+        self.prefetch_pages(pages).await;
+        let pages: Vec<u64> = {
+            let st = self.state.lock().unwrap();
+            cands
+                .iter()
+                .filter(|c| {
+                    st.inodes.missing_page(st.chunk_page(&c.fp)).is_none()
+                        && st.chunk(&c.fp).is_none()
+                })
+                .flat_map(|c| c.sketch.into_iter().flatten())
+                .filter(|sf| !st.index.similar.contains_key(sf))
+                .map(|sf| st.similar_page(sf))
+                .collect()
+        };
+        self.prefetch_pages(pages).await;
         let plans = self
             .with_state(|st| {
                 st.require_chunks(cands.iter().map(|c| &c.fp))?;
@@ -452,11 +645,7 @@ impl FileSystem {
                     .filter(|c| st.chunk(&c.fp).is_none())
                     .flat_map(|c| c.sketch.into_iter().flatten())
                     .collect();
-                st.require_pages(
-                    sfs.iter()
-                        .map(|&sf| st.similar_page(sf))
-                        .collect::<Vec<_>>(),
-                )?;
+                st.require_similar(sfs.into_iter())?;
                 let mut plans = Vec::with_capacity(cands.len());
                 let mut batch_sf: HashMap<u64, usize> = HashMap::new();
                 let mut seen: HashSet<Fp> = HashSet::new();
@@ -535,21 +724,24 @@ impl FileSystem {
             };
             out.push(r);
         }
+        // The index buffer is the write path's memory: past its bound,
+        // merge before adding more.
+        while self.state.lock().unwrap().index.len() > self.opts.index_buffer.saturating_mul(4) {
+            self.commit_changes().await?;
+        }
         // Insert, holding writers' side of the commit lock.
         let _guard = self.quiesce.read().await;
         let seg_bytes = self.seg_bytes;
         let sealed = self
             .with_state(|st| {
                 st.require(&[ino])?;
-                let mut pages: Vec<u64> = cands.iter().map(|c| st.chunk_page(&c.fp)).collect();
-                pages.extend(out.iter().filter_map(|o| o.1).map(|b| st.chunk_page(&b)));
-                pages.extend(
+                st.require_chunks(
                     cands
                         .iter()
-                        .flat_map(|c| c.sketch.into_iter().flatten())
-                        .map(|sf| st.similar_page(sf)),
-                );
-                st.require_pages(pages)?;
+                        .map(|c| &c.fp)
+                        .chain(out.iter().filter_map(|o| o.1.as_ref())),
+                )?;
+                st.require_similar(cands.iter().flat_map(|c| c.sketch.into_iter().flatten()))?;
                 if !st
                     .inodes
                     .get(&ino)
@@ -561,8 +753,7 @@ impl FileSystem {
                 let mut sealed = Vec::new();
                 let mut dead = Vec::new();
                 for (c, (enc, base, stored)) in cands.iter().zip(&out) {
-                    if let Some(e) = st.chunk_mut(&c.fp) {
-                        e.refs = e.refs.saturating_add(1);
+                    if st.update_chunk(&c.fp, |e| e.refs = e.refs.saturating_add(1)) {
                         ing.duplicates.fetch_add(1, Ordering::Relaxed);
                     } else {
                         // Raw chunks come from the buffer itself (and so do
@@ -577,8 +768,7 @@ impl FileSystem {
                             _ => (*enc, *base, &stored[..]),
                         };
                         if let Some(b) = base {
-                            let be = st.chunk_mut(&b).unwrap();
-                            be.refs = be.refs.saturating_add(1);
+                            st.update_chunk(&b, |be| be.refs = be.refs.saturating_add(1));
                         }
                         let e =
                             st.append_chunk(c.fp, c.len, enc, base, stored, seg_bytes, &mut sealed);
@@ -591,10 +781,8 @@ impl FileSystem {
                         st.insert_chunk(e);
                         if base.is_none() {
                             for sf in c.sketch.into_iter().flatten() {
-                                let p = st.similar_page(sf);
                                 if st.similar(sf).is_none() {
-                                    st.inodes.page_mut(p).similar.insert(sf, c.fp);
-                                    st.counts.similar += 1;
+                                    st.add_similar(sf, c.fp);
                                 }
                             }
                         }
@@ -678,6 +866,43 @@ impl FileSystem {
         }
     }
 
+    /// Chooses the buckets holding the most buffered index entries and
+    /// loads their pages (in parallel); the commit then merges those still
+    /// resident in the same step as its snapshot, so no bucket split or
+    /// index change falls between merge and record.
+    pub(super) async fn load_merge_pages(&self) -> Result<Vec<u64>, FsError> {
+        let pages = self
+            .state
+            .lock()
+            .unwrap()
+            .merge_choice(merge_pages(self.opts.cache_pages));
+        for r in join_all(pages.iter().map(|&p| self.load_page(p, &pages))).await {
+            r?;
+        }
+        Ok(pages)
+    }
+
+    /// Folds the whole index buffer into the buckets, a commit per
+    /// [`merge_pages`] buckets.
+    pub async fn merge_index(&self) -> Result<(), FsError> {
+        self.merge_all.store(true, Ordering::Relaxed);
+        let r = async {
+            // Writers may keep adding entries: stop after a pass's worth.
+            let mut rounds = {
+                let st = self.state.lock().unwrap();
+                st.merge_choice(usize::MAX).len() / merge_pages(self.opts.cache_pages) + 2
+            };
+            while rounds > 0 && self.state.lock().unwrap().index.len() > 0 {
+                self.commit_changes().await?;
+                rounds -= 1;
+            }
+            Ok(())
+        }
+        .await;
+        self.merge_all.store(false, Ordering::Relaxed);
+        r
+    }
+
     /// Applies the queued reference changes to the chunk index, freeing
     /// chunks nothing references any more.
     pub(super) async fn apply_ref_changes(&self) -> Result<(), FsError> {
@@ -695,13 +920,13 @@ impl FileSystem {
                     st.require_chunks(net.keys())?;
                     let mut freed_bases = Vec::new();
                     for (fp, d) in net {
-                        let Some(e) = st.chunk_mut(&fp) else {
+                        let Some(e) = st.chunk(&fp) else {
                             tracing::warn!(chunk = %hex(&fp), "reference change for a chunk not in the index");
                             continue;
                         };
                         let refs = e.refs as i64 + d;
                         if refs > 0 {
-                            e.refs = refs.min(u32::MAX as i64) as u32;
+                            st.update_chunk(&fp, |e| e.refs = refs.min(u32::MAX as i64) as u32);
                         } else if let Some(b) = st.remove_chunk(&fp) {
                             freed_bases.push((b, -1));
                         }
@@ -832,6 +1057,7 @@ impl FileSystem {
         // Rebuilds replace segments' stripes: not while their chunks move.
         let _one = self.rebuilding.lock().await;
         self.apply_ref_changes().await?;
+        self.merge_index().await?;
         let candidates: Vec<(u64, Vec<StripeRecord>, u32)> = {
             let st = self.state.lock().unwrap();
             let open = st.open.as_ref().map(|o| o.id);
@@ -884,9 +1110,10 @@ impl FileSystem {
                         let (nseg, noff) = st.room_for(frame.len(), seg_bytes, &mut sealed);
                         st.open.as_mut().unwrap().buf.extend_from_slice(frame);
                         st.segs.get_mut(&nseg).unwrap().live += frame.len() as u64;
-                        let e = st.chunk_mut(&fp).unwrap();
-                        e.seg = nseg;
-                        e.offset = noff as u32;
+                        st.update_chunk(&fp, |e| {
+                            e.seg = nseg;
+                            e.offset = noff as u32;
+                        });
                         st.release(seg, frame.len() as u64);
                         moved += 1;
                         mbytes += frame.len() as u64;
