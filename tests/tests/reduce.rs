@@ -318,7 +318,15 @@ fn reads_through_a_tiny_cache_load_index_buckets_and_stay_within_it() {
         write_file(&m.path.join(format!("f{i}")), f);
     }
     assert!(m.stop());
+    // Fold the index journal into the buckets, so reads must load them.
+    let out = rig.dase(&["clean", "--cluster", rig.cluster_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = rig.stats();
+    assert_eq!(num(&s, "index_buffered"), 0, "{s}");
     let buckets = num(&s, "chunk_buckets") + num(&s, "similar_buckets");
     assert!(buckets > 4, "the index should outgrow the cache: {s}");
     rig.assert_fsck_clean();

@@ -536,7 +536,11 @@ pub fn clean(a: CleanArgs) -> Result<()> {
             },
         )
         .await?;
-        let r = fs.clean(0.99).await;
+        // Then fold the index journal into the buckets (moves included).
+        let r = match fs.clean(0.99).await {
+            Ok(r) => fs.merge_index().await.map(|()| r),
+            Err(e) => Err(e),
+        };
         let closed = fs.close().await;
         let r = r?;
         closed?;

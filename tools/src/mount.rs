@@ -148,6 +148,7 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                     }
                     ["clean"] => {
                         let r = fs.clean(0.99).await?;
+                        fs.merge_index().await?;
                         fs.sync().await?;
                         let _ = tx.send(format!(
                             "cleaned {} segments, moved {} chunks ({} bytes)",

@@ -884,6 +884,7 @@ impl FileSystem {
 
     /// Folds the whole index buffer into the buckets, a commit per
     /// [`merge_pages`] buckets.
+    /// (`dase clean` does, after cleaning; the background cleaner does not.)
     pub async fn merge_index(&self) -> Result<(), FsError> {
         self.merge_all.store(true, Ordering::Relaxed);
         let r = async {
@@ -1057,7 +1058,6 @@ impl FileSystem {
         // Rebuilds replace segments' stripes: not while their chunks move.
         let _one = self.rebuilding.lock().await;
         self.apply_ref_changes().await?;
-        self.merge_index().await?;
         let candidates: Vec<(u64, Vec<StripeRecord>, u32)> = {
             let st = self.state.lock().unwrap();
             let open = st.open.as_ref().map(|o| o.id);
