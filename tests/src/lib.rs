@@ -437,6 +437,18 @@ impl FsRig {
             .expect("run dase")
     }
 
+    /// Runs `dase clean` (through the mount if there is one) and fails the
+    /// test unless it succeeded; returns what it printed.
+    pub fn clean(&self) -> String {
+        let out = self.dase(&["clean", "--cluster", self.cluster_str()]);
+        assert!(
+            out.status.success(),
+            "dase clean: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `dase fsck` and fails the test unless it found nothing.
     pub fn assert_fsck_clean(&self) {
         let out = self.dase(&["fsck", "--cluster", self.cluster_str()]);

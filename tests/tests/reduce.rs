@@ -127,13 +127,7 @@ fn overwritten_chunks_die_and_the_cleaner_reclaims_their_segments() {
         f.sync_all().unwrap();
     }
     let dirty = rig.stats();
-    let out = rig.dase(&["clean", "--cluster", rig.cluster_str()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cleaned = String::from_utf8_lossy(&out.stdout).to_string();
+    let cleaned = rig.clean();
     assert!(cleaned.contains("cleaned"), "{cleaned}");
     commit(&root);
     let after = rig.stats();
@@ -319,12 +313,7 @@ fn reads_through_a_tiny_cache_load_index_buckets_and_stay_within_it() {
     }
     assert!(m.stop());
     // Fold the index journal into the buckets, so reads must load them.
-    let out = rig.dase(&["clean", "--cluster", rig.cluster_str()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rig.clean();
     let s = rig.stats();
     assert_eq!(num(&s, "index_buffered"), 0, "{s}");
     let buckets = num(&s, "chunk_buckets") + num(&s, "similar_buckets");
@@ -415,12 +404,7 @@ fn index_changes_are_journalled_merged_in_bulk_and_survive_a_crash() {
         std::fs::remove_file(e.unwrap().path()).unwrap();
     }
     commit(&m.path);
-    let out = rig.dase(&["clean", "--cluster", rig.cluster_str()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rig.clean();
     assert!(m.stop());
     let s = rig.stats();
     assert_eq!(num(&s, "chunks"), 0, "{s}");

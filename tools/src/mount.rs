@@ -70,7 +70,7 @@ pub struct MountArgs {
     /// index buckets on the D-nodes; ingest waits beyond four times this
     /// many. Larger: fewer bucket rewrites per byte ingested; smaller: less
     /// memory (about 150 bytes an entry).
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = Options::default().index_buffer)]
     pub index_buffer: usize,
 }
 

@@ -461,8 +461,8 @@ pub struct FileSystem {
     closing: AtomicBool,
     /// One rebuild at a time: each replaces segment records it read earlier.
     rebuilding: tokio::sync::Mutex<()>,
-    /// Commits merge the whole index buffer, not only beyond its threshold
-    /// (`clean` sets it while it folds the buffer in).
+    /// Commits merge the index buffer even below its threshold
+    /// (`merge_index` sets it while it folds the buffer in).
     merge_all: AtomicBool,
     /// Pending (not yet chunked) bytes of files being written, when reducing.
     writers: Mutex<HashMap<u64, reduce::Writer>>,

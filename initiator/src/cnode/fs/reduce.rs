@@ -208,22 +208,30 @@ impl State {
         Ok(())
     }
 
-    /// Loads the chunk-index buckets of `fps` (see `require_pages`).
-    /// Buffered entries need no page.
-    fn require_chunks<'a>(&mut self, fps: impl Iterator<Item = &'a Fp>) -> Result<(), FsError> {
-        let pages: Vec<u64> = fps
-            .filter(|f| !self.index.chunks.contains_key(*f))
+    /// The chunk-index buckets that looking up `fps` needs (buffered
+    /// entries need none).
+    fn chunk_pages<'a>(&self, fps: impl Iterator<Item = &'a Fp>) -> Vec<u64> {
+        fps.filter(|f| !self.index.chunks.contains_key(*f))
             .map(|f| self.chunk_page(f))
-            .collect();
+            .collect()
+    }
+
+    /// The similarity buckets that looking up `sfs` needs.
+    fn similar_pages(&self, sfs: impl Iterator<Item = u64>) -> Vec<u64> {
+        sfs.filter(|sf| !self.index.similar.contains_key(sf))
+            .map(|sf| self.similar_page(sf))
+            .collect()
+    }
+
+    /// Loads the chunk-index buckets of `fps` (see `require_pages`).
+    fn require_chunks<'a>(&mut self, fps: impl Iterator<Item = &'a Fp>) -> Result<(), FsError> {
+        let pages = self.chunk_pages(fps);
         self.require_pages(pages)
     }
 
-    /// Loads the similarity buckets of `sfs` not answered by the buffer.
+    /// Loads the similarity buckets of `sfs`.
     fn require_similar(&mut self, sfs: impl Iterator<Item = u64>) -> Result<(), FsError> {
-        let pages: Vec<u64> = sfs
-            .filter(|sf| !self.index.similar.contains_key(sf))
-            .map(|sf| self.similar_page(sf))
-            .collect();
+        let pages = self.similar_pages(sfs);
         self.require_pages(pages)
     }
 
@@ -293,8 +301,8 @@ impl State {
         v.into_iter().take(max).map(|(_, p)| p).collect()
     }
 
-    /// Moves the buffered entries of `pages` (those resident) into them. They are written, and the buffer's entries forgotten in
-    /// the log, by the next commit.
+    /// Moves the buffered entries of `pages` (those resident) into them.
+    /// The commit this is part of writes them and records the merge.
     pub(super) fn merge_into(&mut self, pages: &[u64], ing: &Ingest) {
         let pages: Vec<u64> = pages
             .iter()
@@ -614,27 +622,25 @@ impl FileSystem {
             .fetch_add(cuts.iter().map(|c| c.len as u64).sum(), Ordering::Relaxed);
         // Lookups: exact first, then similar for what is new; the buckets
         // they need are fetched together first.
-        let pages: Vec<u64> = {
-            let st = self.state.lock().unwrap();
-            cands
-                .iter()
-                .filter(|c| !st.index.chunks.contains_key(&c.fp))
-                .map(|c| st.chunk_page(&c.fp))
-                .collect()
-        };
+        let pages = self
+            .state
+            .lock()
+            .unwrap()
+            .chunk_pages(cands.iter().map(|c| &c.fp));
         self.prefetch_pages(pages).await;
-        let pages: Vec<u64> = {
+        let pages = {
+            // Those known new (their bucket resident, no entry) look for
+            // similar chunks.
             let st = self.state.lock().unwrap();
-            cands
-                .iter()
-                .filter(|c| {
-                    st.inodes.missing_page(st.chunk_page(&c.fp)).is_none()
-                        && st.chunk(&c.fp).is_none()
-                })
-                .flat_map(|c| c.sketch.into_iter().flatten())
-                .filter(|sf| !st.index.similar.contains_key(sf))
-                .map(|sf| st.similar_page(sf))
-                .collect()
+            st.similar_pages(
+                cands
+                    .iter()
+                    .filter(|c| {
+                        st.inodes.missing_page(st.chunk_page(&c.fp)).is_none()
+                            && st.chunk(&c.fp).is_none()
+                    })
+                    .flat_map(|c| c.sketch.into_iter().flatten()),
+            )
         };
         self.prefetch_pages(pages).await;
         let plans = self
