@@ -845,6 +845,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
     use std::io::Write;
     std::io::stdout().flush()?;
     let run = session.run();
+    // Safe at any point: a commit the task had begun finishes in a task of
+    // its own, and the final commit below waits for it.
     bg.abort();
     ctl.abort();
     let _ = std::fs::remove_file(&sock);

@@ -467,6 +467,9 @@ pub struct FileSystem {
     /// Pending (not yet chunked) bytes of files being written, when reducing.
     writers: Mutex<HashMap<u64, reduce::Writer>>,
     ingest: Ingest,
+    /// This file system, for work that must outlive the call that started
+    /// it (a commit: see [`FileSystem::commit_changes`]). Set by `open`.
+    me: std::sync::OnceLock<std::sync::Weak<FileSystem>>,
 }
 
 /// What `fsck` found.
@@ -705,6 +708,7 @@ impl FileSystem {
             merge_all: AtomicBool::new(false),
             writers: Mutex::new(HashMap::new()),
             ingest: Ingest::default(),
+            me: std::sync::OnceLock::new(),
         };
         if let Err(e) = fs.recover().await {
             if let Some(mut l) = fs.lease.lock().await.take() {
@@ -712,7 +716,9 @@ impl FileSystem {
             }
             return Err(e);
         }
-        Ok(Arc::new(fs))
+        let fs = Arc::new(fs);
+        let _ = fs.me.set(Arc::downgrade(&fs));
+        Ok(fs)
     }
 
     /// Finds the newest commit and replays the log from its image.
@@ -1664,10 +1670,27 @@ impl FileSystem {
     }
 
     /// Commits what is already chunked (pending file bytes stay pending).
+    ///
+    /// A commit, once begun, runs to its end in a task of its own even if
+    /// its caller stops waiting (a task aborted at unmount, a timeout): it
+    /// takes the changes out of the dirty sets and index journal before it
+    /// writes them, so one dropped half-way would leave the next commit
+    /// without them, and one dropped while writing commit records would
+    /// leave its sequence number to be used twice.
     async fn commit_changes(&self) -> Result<(), FsError> {
         if self.opts.read_only {
             return Ok(());
         }
+        match self.me.get().and_then(std::sync::Weak::upgrade) {
+            Some(fs) => tokio::spawn(async move { fs.commit_changes_to_end().await })
+                .await
+                .map_err(|e| FsError::Io(format!("commit task: {e}")))?,
+            // Not yet shared (recovery): nothing can drop it half-way.
+            None => self.commit_changes_to_end().await,
+        }
+    }
+
+    async fn commit_changes_to_end(&self) -> Result<(), FsError> {
         if let Err(e) = self.apply_ref_changes().await {
             tracing::warn!(error = %e, "chunk reference changes kept queued");
         }

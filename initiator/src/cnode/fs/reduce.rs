@@ -892,8 +892,17 @@ impl FileSystem {
     /// [`merge_pages`] buckets.
     /// (`dase clean` does, after cleaning; the background cleaner does not.)
     pub async fn merge_index(&self) -> Result<(), FsError> {
+        /// Clears the flag however the fold ends (dropped too: left set,
+        /// every later commit would merge).
+        struct Folding<'a>(&'a AtomicBool);
+        impl Drop for Folding<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
         self.merge_all.store(true, Ordering::Relaxed);
-        let r = async {
+        let _folding = Folding(&self.merge_all);
+        async {
             // Writers may keep adding entries: stop after a pass's worth.
             let mut rounds = {
                 let st = self.state.lock().unwrap();
@@ -905,9 +914,7 @@ impl FileSystem {
             }
             Ok(())
         }
-        .await;
-        self.merge_all.store(false, Ordering::Relaxed);
-        r
+        .await
     }
 
     /// Applies the queued reference changes to the chunk index, freeing
