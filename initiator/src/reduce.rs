@@ -537,6 +537,33 @@ impl<'a> Encoder<'a> {
         self.plain(data, kind, out)
     }
 
+    /// `data` stored again as `enc` says, at this encoder's level (a pass
+    /// recompressing cold chunks harder than the write path can afford);
+    /// None for `Raw` or when `base` cannot be `enc`'s reference.
+    pub fn reencode(
+        &mut self,
+        enc: Encoding,
+        data: &[u8],
+        base: Option<&'a [u8]>,
+        out: &mut Vec<u8>,
+    ) -> Option<()> {
+        out.clear();
+        out.reserve(zstd_safe::compress_bound(data.len()));
+        match enc {
+            Encoding::Raw => return None,
+            Encoding::Zstd => {}
+            Encoding::Delta => {
+                let base = base.filter(|b| can_reference(b))?;
+                self.cctx.ref_prefix(base).ok()?;
+            }
+            Encoding::XorDelta => {
+                xor_shuffle(data, base?, &mut self.scratch);
+                return self.cctx.compress2(out, &self.scratch).ok().map(|_| ());
+            }
+        }
+        self.cctx.compress2(out, data).ok().map(|_| ())
+    }
+
     fn plain(&mut self, data: &[u8], kind: Kind, out: &mut Vec<u8>) -> Encoding {
         if kind.incompressible {
             out.clear();

@@ -132,7 +132,12 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                 };
                 let say = |what: &'static str| {
                     let tx = tx.clone();
-                    crate::fs::progress_steps(what, move |m| {
+                    let unit = if what == "recompress" {
+                        "segments"
+                    } else {
+                        "stripes"
+                    };
+                    crate::fs::progress_steps(what, unit, move |m| {
                         let _ = tx.send(m);
                     })
                 };
@@ -155,6 +160,15 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                             r.segments, r.chunks_moved, r.bytes_moved
                         ));
                         Ok(r.segments)
+                    }
+                    ["recompress", level] => {
+                        let level: i32 = level.parse().context("level")?;
+                        let r = fs.recompress(level, say("recompress")).await?;
+                        let _ = tx.send(format!(
+                            "recompressed {} chunks at zstd level {level}: {} -> {} bytes",
+                            r.chunks, r.before, r.after
+                        ));
+                        Ok(r.before - r.after)
                     }
                     ["evacuate", s] => {
                         let i = slot(s)?;

@@ -120,12 +120,23 @@ impl ChunkEntry {
 /// Before every stored chunk in a segment, so a segment can be walked
 /// without the index (the cleaner does: a chunk is live when the index
 /// entry of its fingerprint points back at it).
-/// `magic "DCHK" | len u32 | stored u32 | encoding u8 | 0 u8 x3 | fp [32]`,
-/// little-endian.
+/// `magic "DCHK" | len u32 | stored u32 | encoding u8 | effort u8 | 0 u8 x2
+/// | fp [32]`, little-endian. *effort* is 0 for a frame the write path made
+/// and the zstd level for one a recompression pass made (so a later pass at
+/// that level passes it by); readers ignore it.
 pub const CHUNK_HEADER: usize = 48;
 pub const CHUNK_MAGIC: [u8; 4] = *b"DCHK";
 
-pub fn chunk_header(e: &ChunkEntry) -> [u8; CHUNK_HEADER] {
+/// The effort byte of the frame header at the start of `b` (0 if none).
+pub fn frame_effort(b: &[u8]) -> u8 {
+    if b.len() >= CHUNK_HEADER && b[..4] == CHUNK_MAGIC {
+        b[13]
+    } else {
+        0
+    }
+}
+
+pub fn chunk_header(e: &ChunkEntry, effort: u8) -> [u8; CHUNK_HEADER] {
     let mut h = [0u8; CHUNK_HEADER];
     h[..4].copy_from_slice(&CHUNK_MAGIC);
     h[4..8].copy_from_slice(&e.len.to_le_bytes());
@@ -136,6 +147,7 @@ pub fn chunk_header(e: &ChunkEntry) -> [u8; CHUNK_HEADER] {
         Encoding::Delta => 2,
         Encoding::XorDelta => 3,
     };
+    h[13] = effort;
     h[16..48].copy_from_slice(&e.fp);
     h
 }
@@ -613,8 +625,11 @@ mod index_tests {
             base: None,
             refs: 1,
         };
-        let h = chunk_header(&e);
+        let h = chunk_header(&e, 19);
         assert_eq!(parse_chunk_header(&h), Some(([3; 32], 77)));
+        assert_eq!(frame_effort(&h), 19);
+        assert_eq!(frame_effort(&chunk_header(&e, 0)), 0);
+        assert_eq!(frame_effort(&h[..40]), 0);
         assert_eq!(parse_chunk_header(&h[..40]), None);
         assert_eq!(parse_chunk_header(&[0u8; 48]), None);
     }

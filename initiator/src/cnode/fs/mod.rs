@@ -42,7 +42,7 @@ mod reduce;
 use super::superblock::{self, Superblock};
 use super::volume::{StripeRecord, Volume, VolumeError};
 use crate::host::{join_all, ControllerOptions};
-pub use reduce::Ingest;
+pub use reduce::{Ingest, RecompressReport, RECOMPRESS_LEVEL};
 
 pub const NAME_MAX: usize = 255;
 

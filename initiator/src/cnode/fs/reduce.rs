@@ -183,6 +183,22 @@ enum Plan {
     New,
 }
 
+/// What a recompression pass did ([`FileSystem::recompress`]).
+#[derive(Debug, Default)]
+pub struct RecompressReport {
+    /// Segments read.
+    pub segments: u64,
+    /// Chunks stored again, smaller.
+    pub chunks: u64,
+    /// Their stored bytes before and after.
+    pub before: u64,
+    pub after: u64,
+}
+
+/// The zstd level `dase clean --recompress` uses unless told: the highest
+/// before zstd's "ultra" levels, whose windows exceed any chunk.
+pub const RECOMPRESS_LEVEL: i32 = 19;
+
 #[derive(Debug, Default)]
 pub struct CleanReport {
     pub segments: u64,
@@ -426,25 +442,41 @@ impl State {
         seg_bytes: usize,
         sealed: &mut Vec<u64>,
     ) -> ChunkEntry {
-        let (seg, offset) = self.room_for(CHUNK_HEADER + stored.len(), seg_bytes, sealed);
-        let e = ChunkEntry {
+        let mut e = ChunkEntry {
             fp,
-            seg,
-            offset: offset as u32,
+            seg: 0,
+            offset: 0,
             stored: stored.len() as u32,
             len: len as u32,
             enc,
             base,
             refs: 1,
         };
+        (e.seg, e.offset) = self.append_frame(&e, 0, stored, seg_bytes, sealed);
+        e
+    }
+
+    /// Appends the frame of `e` (header with `effort`, then `stored`) to
+    /// the open segment and counts it live there; returns where it went.
+    fn append_frame(
+        &mut self,
+        e: &ChunkEntry,
+        effort: u8,
+        stored: &[u8],
+        seg_bytes: usize,
+        sealed: &mut Vec<u64>,
+    ) -> (u64, u32) {
+        debug_assert_eq!(e.stored as usize, stored.len());
+        let (seg, offset) = self.room_for(CHUNK_HEADER + stored.len(), seg_bytes, sealed);
         let o = self.open.as_mut().unwrap();
-        o.buf.extend_from_slice(&meta::chunk_header(&e));
+        o.buf.extend_from_slice(&meta::chunk_header(e, effort));
         o.buf.extend_from_slice(stored);
+        let full = o.buf.len() + CHUNK_HEADER >= seg_bytes;
         self.segs.get_mut(&seg).unwrap().live += e.frame_len();
-        if o.buf.len() + CHUNK_HEADER >= seg_bytes {
+        if full {
             sealed.extend(self.seal());
         }
-        e
+        (seg, offset as u32)
     }
 
     fn insert_chunk(&mut self, e: ChunkEntry) {
@@ -1142,6 +1174,193 @@ impl FileSystem {
             self.ingest.cleaned_segments.fetch_add(1, Ordering::Relaxed);
             self.ingest.moved_bytes.fetch_add(mbytes, Ordering::Relaxed);
         }
+        Ok(rep)
+    }
+
+    /// Stores the compressed chunks (plain and deltas) of every written
+    /// segment again at zstd `level`, where that saves at least 1/32: the
+    /// write path compresses at level 1 to keep up with ingest; cold data
+    /// can afford what the highest levels find. A chunk keeps its encoding
+    /// and reference, so deltas built on it are untouched; its new frame
+    /// goes to the open segment like a cleaner's move (the old bytes die
+    /// and free with their segment after the commit that records the
+    /// move). Frames a pass wrote carry its level, so a later pass at that
+    /// level passes them by; `progress(done, total)` counts segments.
+    pub async fn recompress(
+        &self,
+        level: i32,
+        progress: impl Fn(u64, u64),
+    ) -> Result<RecompressReport, FsError> {
+        self.check_writable()?;
+        if !(1..=22).contains(&level) {
+            return Err(FsError::Invalid(format!(
+                "zstd level {level}: the levels are 1 to 22"
+            )));
+        }
+        let effort = level as u8;
+        // Rebuilds replace segments' stripes: not while their chunks move.
+        let _one = self.rebuilding.lock().await;
+        self.apply_ref_changes().await?;
+        let segs: Vec<(u64, Vec<StripeRecord>, u32)> = {
+            let st = self.state.lock().unwrap();
+            let open = st.open.as_ref().map(|o| o.id);
+            let mut v: Vec<_> = st
+                .segs
+                .iter()
+                .filter(|(id, s)| Some(**id) != open && !s.records.is_empty() && s.live > 0)
+                .map(|(id, s)| (*id, s.records.clone(), s.len))
+                .collect();
+            v.sort_unstable_by_key(|x| x.0);
+            v
+        };
+        let total = segs.len() as u64;
+        let mut rep = RecompressReport::default();
+        for (i, (seg, records, len)) in segs.into_iter().enumerate() {
+            progress(i as u64, total);
+            rep.segments += 1;
+            let bytes = self.read_segment_range(&records, 0, len as usize).await?;
+            let mut frames = Vec::new();
+            let mut off = 0usize;
+            while let Some((fp, stored)) = meta::parse_chunk_header(&bytes[off..]) {
+                let end = off + CHUNK_HEADER + stored as usize;
+                if end > bytes.len() {
+                    break;
+                }
+                if meta::frame_effort(&bytes[off..]) < effort {
+                    frames.push((off, fp));
+                }
+                off = end;
+            }
+            if frames.is_empty() {
+                continue;
+            }
+            // The live compressed ones (their entries point here), and
+            // where the references of the deltas among them are.
+            type Job = (usize, ChunkEntry, Option<(ChunkEntry, Source)>);
+            let jobs: Vec<Job> = self
+                .with_state(|st| {
+                    st.require_chunks(frames.iter().map(|f| &f.1))?;
+                    if !st.segs.get(&seg).is_some_and(|s| s.records == records) {
+                        return Ok(Vec::new()); // moved or freed meanwhile
+                    }
+                    let live: Vec<(usize, ChunkEntry)> = frames
+                        .iter()
+                        .filter_map(|&(o, fp)| {
+                            let e = st.chunk(&fp)?;
+                            (e.seg == seg && e.offset as usize == o && e.enc != Encoding::Raw)
+                                .then(|| (o, e.clone()))
+                        })
+                        .collect();
+                    st.require_chunks(live.iter().filter_map(|(_, e)| e.base.as_ref()))?;
+                    live.into_iter()
+                        .map(|(o, e)| {
+                            let base = match e.base {
+                                None => None,
+                                Some(b) => {
+                                    let be = st.chunk(&b).cloned().ok_or_else(|| {
+                                        FsError::Io(format!(
+                                            "reference chunk {} is missing",
+                                            hex(&b)
+                                        ))
+                                    })?;
+                                    let src = st.chunk_source(&be)?;
+                                    Some((be, src))
+                                }
+                            };
+                            Ok((o, e, base))
+                        })
+                        .collect()
+                })
+                .await?;
+            if jobs.is_empty() {
+                continue;
+            }
+            let mut bases: HashMap<Fp, Arc<Vec<u8>>> = HashMap::new();
+            for (_, _, b) in &jobs {
+                if let Some((be, src)) = b {
+                    if let std::collections::hash_map::Entry::Vacant(v) = bases.entry(be.fp) {
+                        v.insert(Arc::new(self.decode_chunk(be, src, None).await?));
+                    }
+                }
+            }
+            // The compressor's work, off the async threads: level 19 runs
+            // at a few MB/s.
+            type Work = (usize, ChunkEntry, Option<Arc<Vec<u8>>>);
+            let work: Vec<Work> = jobs
+                .into_iter()
+                .map(|(o, e, b)| {
+                    let base = b.map(|(be, _)| bases[&be.fp].clone());
+                    (o, e, base)
+                })
+                .collect();
+            let results = tokio::task::spawn_blocking(move || {
+                let mut enc = Encoder::new(level);
+                let mut out = Vec::new();
+                let mut data = Vec::new();
+                let mut smaller = Vec::new();
+                for (o, e, base) in &work {
+                    let at = o + CHUNK_HEADER;
+                    let stored = &bytes[at..at + e.stored as usize];
+                    let base = base.as_deref().map(Vec::as_slice);
+                    let decoded = reduce::decode(e.enc, stored, base, e.len as usize, &mut data);
+                    if decoded.is_err() || reduce::fingerprint(&data) != e.fp {
+                        // Left as it is: a read reports it (and repairs
+                        // the strip from parity when its CRC fails).
+                        tracing::warn!(chunk = %hex(&e.fp), "recompression: chunk does not decode; left as it is");
+                        continue;
+                    }
+                    if enc.reencode(e.enc, &data, base, &mut out).is_some()
+                        && out.len() < e.stored as usize - e.stored as usize / 32
+                    {
+                        smaller.push((*o, e.clone(), std::mem::take(&mut out)));
+                    }
+                }
+                smaller
+            })
+            .await
+            .map_err(|e| FsError::Io(format!("recompression task: {e}")))?;
+            if results.is_empty() {
+                continue;
+            }
+            let _guard = self.quiesce.read().await;
+            let seg_bytes = self.seg_bytes;
+            let (sealed, n, before, after) = self
+                .with_state(|st| {
+                    st.require_chunks(results.iter().map(|r| &r.1.fp))?;
+                    let mut sealed = Vec::new();
+                    let (mut n, mut before, mut after) = (0u64, 0u64, 0u64);
+                    for (o, old, stored) in &results {
+                        // Unless it moved, died or changed meanwhile.
+                        let Some(cur) = st.chunk(&old.fp).cloned().filter(|e| {
+                            e.seg == seg
+                                && e.offset as usize == *o
+                                && e.stored == old.stored
+                                && e.enc == old.enc
+                        }) else {
+                            continue;
+                        };
+                        let mut e = cur.clone();
+                        e.stored = stored.len() as u32;
+                        (e.seg, e.offset) =
+                            st.append_frame(&e, effort, stored, seg_bytes, &mut sealed);
+                        st.counts.count_chunk(&cur, -1);
+                        st.counts.count_chunk(&e, 1);
+                        st.put_chunk(e.fp, Some(e));
+                        st.release(seg, cur.frame_len());
+                        n += 1;
+                        before += cur.stored as u64;
+                        after += stored.len() as u64;
+                    }
+                    st.changes += 1;
+                    Ok((sealed, n, before, after))
+                })
+                .await?;
+            self.write_segments(&sealed).await?;
+            rep.chunks += n;
+            rep.before += before;
+            rep.after += after;
+        }
+        progress(total, total);
         Ok(rep)
     }
 }
