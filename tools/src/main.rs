@@ -23,7 +23,10 @@ data over every D-node with wide erasure codes and mount the result as a POSIX f
     after_help = "Examples:\n  dase demo\n  dase dnode --listen 127.0.0.1:4420 --nqn nqn.2026-11.io.dase:d0 --namespace /tmp/d0.img --size 1G\n  dase discover nvme-tcp://127.0.0.1:4420\n  dase identify nvme-tcp://127.0.0.1:4420/nqn.2026-11.io.dase:d0/1\n  dase bench --filename nvme-tcp://127.0.0.1:4420/nqn.2026-11.io.dase:d0/1 --rw randread --bs 4k --iodepth 32 --runtime 10 --time_based\n  dase cluster up --dir /tmp/dase --dnodes 13 --size 2G && dase mkfs --cluster /tmp/dase/cluster.toml\n  dase mount --cluster /tmp/dase/cluster.toml /mnt/dase"
 )]
 struct Cli {
-    /// Log filter (tracing env-filter syntax), e.g. info, debug, dase_target=debug.
+    /// Log filter (tracing env-filter syntax), e.g. info, debug, dase_target=debug. The FUSE
+    /// library's own messages are off unless the filter names it (e.g. info,fuser=debug): they
+    /// are unimplemented-xattr notices and, at every unmount, a reply to a connection the kernel
+    /// already closed; mount failures are reported by dase itself.
     #[arg(long, global = true, env = "DASE_LOG", default_value = "info")]
     log: String,
     #[command(subcommand)]
@@ -71,9 +74,15 @@ fn tune_allocator() {
 fn main() {
     tune_allocator();
     let cli = Cli::parse();
+    let filter = if cli.log.contains("fuser") {
+        cli.log.clone()
+    } else {
+        format!("{},fuser=off", cli.log)
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| "info,fuser=off".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
