@@ -535,15 +535,13 @@ pub struct CleanArgs {
 pub fn clean(a: CleanArgs) -> Result<()> {
     let file = ClusterFile::load(&a.cluster)?;
     let rt = runtime()?;
-    if let Some(s) = mount_control(&rt, &file)? {
+    if let Some(mut s) = mount_control(&rt, &file)? {
         println!("the file system is mounted: the mount cleans");
         if a.recompress {
             let saved = crate::mount::control_request(s, &format!("recompress {}", a.level))?;
             println!("recompression saved {}", gib(saved));
-            let s = mount_control(&rt, &file)?.context("the mount went away")?;
-            let n = crate::mount::control_request(s, "clean")?;
-            println!("cleaned {n} segments");
-            return Ok(());
+            // One request per connection.
+            s = mount_control(&rt, &file)?.context("the mount went away")?;
         }
         let n = crate::mount::control_request(s, "clean")?;
         println!("cleaned {n} segments");

@@ -130,13 +130,8 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                     }
                     Ok(i)
                 };
-                let say = |what: &'static str| {
+                let say = |what: &'static str, unit: &'static str| {
                     let tx = tx.clone();
-                    let unit = if what == "recompress" {
-                        "segments"
-                    } else {
-                        "stripes"
-                    };
                     crate::fs::progress_steps(what, unit, move |m| {
                         let _ = tx.send(m);
                     })
@@ -149,7 +144,7 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                             .await
                             .with_context(|| format!("connecting to {addr}"))?;
                         tracing::info!(slot = i, dnode = %addr, "rebuilding onto a replacement D-node");
-                        Ok(fs.repair_node(i, say("rebuild")).await?)
+                        Ok(fs.repair_node(i, say("rebuild", "stripes")).await?)
                     }
                     ["clean"] => {
                         let r = fs.clean(0.99).await?;
@@ -163,7 +158,7 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                     }
                     ["recompress", level] => {
                         let level: i32 = level.parse().context("level")?;
-                        let r = fs.recompress(level, say("recompress")).await?;
+                        let r = fs.recompress(level, say("recompress", "segments")).await?;
                         let _ = tx.send(format!(
                             "recompressed {} chunks at zstd level {level}: {} -> {} bytes",
                             r.chunks, r.before, r.after
@@ -172,7 +167,7 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                     }
                     ["evacuate", s] => {
                         let i = slot(s)?;
-                        let n = fs.evacuate(i, say("evacuate")).await?;
+                        let n = fs.evacuate(i, say("evacuate", "stripes")).await?;
                         Ok(n * fs.geometry().data_bytes() as u64)
                     }
                     _ => Err(anyhow::anyhow!("unknown request '{line}'")),

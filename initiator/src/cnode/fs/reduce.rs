@@ -495,6 +495,39 @@ impl State {
     }
 }
 
+impl State {
+    /// Segments on the D-nodes (not the open one) that `keep` accepts:
+    /// `(id, stripes, length, live bytes)`, the input of the passes that
+    /// walk segments' frames (cleaner, recompression).
+    fn written_segments(
+        &self,
+        keep: impl Fn(&Segment) -> bool,
+    ) -> Vec<(u64, Vec<StripeRecord>, u32, u64)> {
+        let open = self.open.as_ref().map(|o| o.id);
+        self.segs
+            .iter()
+            .filter(|(id, s)| Some(**id) != open && !s.records.is_empty() && keep(s))
+            .map(|(id, s)| (*id, s.records.clone(), s.len, s.live))
+            .collect()
+    }
+}
+
+/// The chunk frames of a segment's bytes, in order: `(offset, fingerprint,
+/// end)`, up to the first that is not one (the unused tail).
+fn segment_frames(bytes: &[u8]) -> Vec<(usize, Fp, usize)> {
+    let mut frames = Vec::new();
+    let mut off = 0usize;
+    while let Some((fp, stored)) = meta::parse_chunk_header(&bytes[off..]) {
+        let end = off + CHUNK_HEADER + stored as usize;
+        if end > bytes.len() {
+            break;
+        }
+        frames.push((off, fp, end));
+        off = end;
+    }
+    frames
+}
+
 pub(super) fn hex(fp: &Fp) -> String {
     fp[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -1103,37 +1136,16 @@ impl FileSystem {
         // Rebuilds replace segments' stripes: not while their chunks move.
         let _one = self.rebuilding.lock().await;
         self.apply_ref_changes().await?;
-        let candidates: Vec<(u64, Vec<StripeRecord>, u32)> = {
-            let st = self.state.lock().unwrap();
-            let open = st.open.as_ref().map(|o| o.id);
-            let mut c: Vec<_> = st
-                .segs
-                .iter()
-                .filter(|(id, s)| {
-                    Some(**id) != open
-                        && !s.records.is_empty()
-                        && s.len > 0
-                        && (s.live as f64) <= max_live * s.len as f64
-                })
-                .map(|(id, s)| (*id, s.records.clone(), s.len, s.live))
-                .collect();
-            c.sort_by_key(|x| x.3);
-            c.into_iter().map(|(id, r, len, _)| (id, r, len)).collect()
-        };
+        let mut candidates = self
+            .state
+            .lock()
+            .unwrap()
+            .written_segments(|s| s.len > 0 && (s.live as f64) <= max_live * s.len as f64);
+        candidates.sort_by_key(|x| x.3);
         let mut rep = CleanReport::default();
-        for (seg, records, len) in candidates {
+        for (seg, records, len, _) in candidates {
             let bytes = self.read_segment_range(&records, 0, len as usize).await?;
-            // Walk the frames.
-            let mut frames = Vec::new();
-            let mut off = 0usize;
-            while let Some((fp, stored)) = meta::parse_chunk_header(&bytes[off..]) {
-                let end = off + CHUNK_HEADER + stored as usize;
-                if end > bytes.len() {
-                    break;
-                }
-                frames.push((off, fp, end));
-                off = end;
-            }
+            let frames = segment_frames(&bytes);
             let _guard = self.quiesce.read().await;
             let seg_bytes = self.seg_bytes;
             let (sealed, moved, mbytes) = self
@@ -1201,36 +1213,19 @@ impl FileSystem {
         // Rebuilds replace segments' stripes: not while their chunks move.
         let _one = self.rebuilding.lock().await;
         self.apply_ref_changes().await?;
-        let segs: Vec<(u64, Vec<StripeRecord>, u32)> = {
-            let st = self.state.lock().unwrap();
-            let open = st.open.as_ref().map(|o| o.id);
-            let mut v: Vec<_> = st
-                .segs
-                .iter()
-                .filter(|(id, s)| Some(**id) != open && !s.records.is_empty() && s.live > 0)
-                .map(|(id, s)| (*id, s.records.clone(), s.len))
-                .collect();
-            v.sort_unstable_by_key(|x| x.0);
-            v
-        };
+        let mut segs = self.state.lock().unwrap().written_segments(|s| s.live > 0);
+        segs.sort_unstable_by_key(|x| x.0);
         let total = segs.len() as u64;
         let mut rep = RecompressReport::default();
-        for (i, (seg, records, len)) in segs.into_iter().enumerate() {
+        for (i, (seg, records, len, _)) in segs.into_iter().enumerate() {
             progress(i as u64, total);
             rep.segments += 1;
             let bytes = self.read_segment_range(&records, 0, len as usize).await?;
-            let mut frames = Vec::new();
-            let mut off = 0usize;
-            while let Some((fp, stored)) = meta::parse_chunk_header(&bytes[off..]) {
-                let end = off + CHUNK_HEADER + stored as usize;
-                if end > bytes.len() {
-                    break;
-                }
-                if meta::frame_effort(&bytes[off..]) < effort {
-                    frames.push((off, fp));
-                }
-                off = end;
-            }
+            let frames: Vec<(usize, Fp)> = segment_frames(&bytes)
+                .into_iter()
+                .filter(|&(o, _, _)| meta::frame_effort(&bytes[o..]) < effort)
+                .map(|(o, fp, _)| (o, fp))
+                .collect();
             if frames.is_empty() {
                 continue;
             }
