@@ -13,6 +13,16 @@ pub fn fingerprint(data: &[u8]) -> Fp {
     *blake3::hash(data).as_bytes()
 }
 
+/// The fingerprint of a compression region's content (its members end to
+/// end). BLAKE3 in key-derivation mode, so it can never be a chunk's own
+/// fingerprint: a region and a chunk of the same bytes are different
+/// entries of the one chunk index.
+pub fn region_fingerprint(content: &[u8]) -> Fp {
+    let mut h = blake3::Hasher::new_derive_key("dase 2026-12 compression region v1");
+    h.update(content);
+    *h.finalize().as_bytes()
+}
+
 /// What a file system does to the data written into it (chosen at mkfs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reduce {
@@ -294,11 +304,26 @@ pub enum Encoding {
     /// word, then zstd: a delta for arrays of numbers (floats of a model
     /// whose low bytes changed) that a byte delta cannot express.
     XorDelta,
+    /// zstd of many chunks' content end to end: a *compression region*,
+    /// which cold plain chunks are moved into so that each is compressed
+    /// with the history of its neighbours (per-chunk zstd has none). Not a
+    /// chunk of any file: its members point into it.
+    Region,
+    /// Bytes `[offset, offset + len)` of the region its `base` names: a
+    /// chunk with no frame of its own.
+    Slice,
 }
 
 impl Encoding {
     pub fn is_delta(self) -> bool {
         matches!(self, Encoding::Delta | Encoding::XorDelta)
+    }
+
+    /// Whether a chunk of this encoding may be a delta's reference: a read
+    /// then costs at most two frames (the delta's and the reference's own,
+    /// or its region's).
+    pub fn can_be_reference(self) -> bool {
+        matches!(self, Encoding::Raw | Encoding::Zstd | Encoding::Slice)
     }
 }
 
@@ -440,6 +465,8 @@ pub enum CodecError {
     NoBase,
     #[error("a delta's reference starts like a zstd dictionary")]
     DictBase,
+    #[error("a region's slice has no frame of its own")]
+    NoFrame,
 }
 
 fn zerr(code: usize) -> CodecError {
@@ -550,8 +577,8 @@ impl<'a> Encoder<'a> {
         out.clear();
         out.reserve(zstd_safe::compress_bound(data.len()));
         match enc {
-            Encoding::Raw => return None,
-            Encoding::Zstd => {}
+            Encoding::Raw | Encoding::Slice => return None,
+            Encoding::Zstd | Encoding::Region => {}
             Encoding::Delta => {
                 let base = base.filter(|b| can_reference(b))?;
                 self.cctx.ref_prefix(base).ok()?;
@@ -728,7 +755,8 @@ impl Decoder {
         out.clear();
         match enc {
             Encoding::Raw => out.extend_from_slice(stored),
-            Encoding::Zstd => {
+            Encoding::Slice => return Err(CodecError::NoFrame),
+            Encoding::Zstd | Encoding::Region => {
                 out.reserve(len);
                 self.dctx.decompress(out, stored).map_err(zerr)?;
             }
@@ -973,6 +1001,36 @@ mod tests {
             4 * xor < 3 * n && xor < plain && xor < bytes,
             "{xor} {bytes} {plain} of {n}"
         );
+    }
+
+    /// A region is its members' content end to end in one zstd frame,
+    /// named by a fingerprint no chunk can have; a slice has no frame.
+    #[test]
+    fn regions_round_trip_and_are_named_apart_from_chunks() {
+        let members: Vec<Vec<u8>> = (0..8).map(|i| text(20000 + i * 100)).collect();
+        let content: Vec<u8> = members.concat();
+        let mut enc = Encoder::new(19);
+        let mut dec = Decoder::default();
+        let (mut s, mut out) = (Vec::new(), Vec::new());
+        enc.reencode(Encoding::Region, &content, None, &mut s)
+            .unwrap();
+        dec.decode(Encoding::Region, &s, None, content.len(), &mut out)
+            .unwrap();
+        assert_eq!(out, content);
+        assert_ne!(region_fingerprint(&content), fingerprint(&content));
+        assert_eq!(region_fingerprint(&content), region_fingerprint(&out));
+        // Bounded like a chunk: a region claiming less than it holds fails.
+        assert!(dec
+            .decode(Encoding::Region, &s, None, content.len() - 1, &mut out)
+            .is_err());
+        assert!(matches!(
+            dec.decode(Encoding::Slice, &s, None, 10, &mut out),
+            Err(CodecError::NoFrame)
+        ));
+        assert!(enc
+            .reencode(Encoding::Slice, &content, None, &mut s)
+            .is_none());
+        assert!(Encoding::Slice.can_be_reference() && !Encoding::Region.can_be_reference());
     }
 
     #[test]

@@ -634,3 +634,187 @@ fn a_crash_during_recompression_loses_nothing() {
     }
     assert!(m.stop());
 }
+
+/// JSON-lines logs: the same keys and a few hundred values line after line,
+/// request ids random — what compression regions are for (each chunk alone
+/// re-learns the keys; a region learns them once).
+fn jsonl(len: usize, seed: u64) -> Vec<u8> {
+    const ROUTES: [&str; 8] = [
+        "/v1/items",
+        "/v1/items/{id}",
+        "/v1/users/{id}/orders",
+        "/v2/search",
+        "/healthz",
+        "/v1/checkout",
+        "/v1/cart/{id}",
+        "/metrics",
+    ];
+    const LEVELS: [&str; 4] = ["INFO", "INFO", "WARN", "DEBUG"];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len + 256);
+    let mut ts = 1_764_000_000_000u64 + seed * 86_400_000;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ts += x % 97;
+        v.extend_from_slice(
+            format!(
+                "{{\"ts\":{ts},\"level\":\"{}\",\"service\":\"api-{}\",\"route\":\"{}\",\
+                 \"status\":{},\"ms\":{},\"request\":\"{:08x}\",\"bytes\":{}}}\n",
+                LEVELS[(x >> 8) as usize & 3],
+                (x >> 12) % 6,
+                ROUTES[(x >> 16) as usize & 7],
+                [200, 200, 200, 201, 204, 404, 500, 503][(x >> 20) as usize & 7],
+                (x >> 24) % 900,
+                (x >> 32) as u32,
+                (x >> 44) % 65536,
+            )
+            .as_bytes(),
+        );
+    }
+    v.truncate(len);
+    v
+}
+
+/// `dase clean --recompress` gathers plain chunks into compression regions:
+/// fewer stored bytes than the same level chunk by chunk, every byte read
+/// back (whole and at random), new writes dedup against region members and
+/// delta against them, deleting the originals keeps what others still
+/// reference, and deleting everything returns stored bytes to zero.
+#[test]
+fn compression_regions_store_less_and_their_chunks_stay_usable() {
+    let rig = FsRig::with_mkfs("regions", 5, "512M", "3+2", &["--reduce", "full"]);
+    let m = rig.mount("mnt", &[]).unwrap();
+    let root = m.path.clone();
+    let a = jsonl(3 << 20, 1);
+    let b = jsonl(3 << 20, 2);
+    write_file(&root.join("a"), &a);
+    write_file(&root.join("b"), &b);
+    commit(&root);
+
+    // Chunk by chunk at level 19 first, then regions: what regions add.
+    let out = rig.dase(&[
+        "clean",
+        "--cluster",
+        rig.cluster_str(),
+        "--recompress",
+        "--region",
+        "0",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let s1 = rig.stats();
+    let out = rig.dase(&["clean", "--cluster", rig.cluster_str(), "--recompress"]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let s2 = rig.stats();
+    let (alone, regions) = (
+        num(&s1, "after_compression_bytes"),
+        num(&s2, "after_compression_bytes"),
+    );
+    eprintln!("level 19 chunk by chunk {alone} bytes, in regions {regions}");
+    assert!(
+        regions < alone - alone / 20,
+        "regions stored {regions} of chunk-by-chunk's {alone}: {said}"
+    );
+    assert_eq!(num(&s2, "chunks"), num(&s1, "chunks"));
+    assert_eq!(num(&s2, "after_dedup_bytes"), num(&s1, "after_dedup_bytes"));
+    for (n, want) in [("a", &a), ("b", &b)] {
+        assert!(read_cold(&root.join(n)) == *want, "{n} differs in regions");
+    }
+    drop_caches();
+    let f = File::open(root.join("b")).unwrap();
+    let mut x = 7u64;
+    for _ in 0..64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let at = (x >> 20) as usize % (b.len() - 70_000);
+        let len = 1 + (x >> 8) as usize % 70_000;
+        let mut got = vec![0u8; len];
+        f.read_exact_at(&mut got, at as u64).unwrap();
+        assert!(got == b[at..at + len], "random read of b at {at}+{len}");
+    }
+    drop(f); // an open file keeps the mount busy
+
+    // A copy dedups against region members; an edited copy is deltas whose
+    // references are members.
+    let mut b2 = b.clone();
+    for i in 0..6 {
+        let at = 300_000 + i * 450_000;
+        b2[at..at + 12].copy_from_slice(b"EDITED-LINE-");
+    }
+    write_file(&root.join("a2"), &a);
+    write_file(&root.join("b2"), &b2);
+    commit(&root);
+    let s3 = rig.stats();
+    assert!(
+        num(&s3, "delta_chunk_bytes") > num(&s2, "delta_chunk_bytes"),
+        "no deltas against region members: {s3}"
+    );
+    assert!(
+        num(&s3, "after_compression_bytes") < regions + (b.len() / 50) as u64,
+        "a copy and an edited copy took {} bytes more: {s3}",
+        num(&s3, "after_compression_bytes") - regions
+    );
+    for (n, want) in [("a2", &a), ("b2", &b2)] {
+        assert!(read_cold(&root.join(n)) == *want, "{n} differs");
+    }
+    let log = m.log.clone();
+    assert!(
+        m.stop(),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    rig.assert_fsck_clean();
+
+    // The originals go: what a2 and b2's deltas reference stays.
+    let m = rig.mount("mnt", &[]).unwrap();
+    std::fs::remove_file(m.path.join("a")).unwrap();
+    std::fs::remove_file(m.path.join("b")).unwrap();
+    let log = m.log.clone();
+    assert!(
+        m.stop(),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    rig.clean();
+    rig.assert_fsck_clean();
+    let m = rig.mount("mnt", &[]).unwrap();
+    for (n, want) in [("a2", &a), ("b2", &b2)] {
+        assert!(
+            read_cold(&m.path.join(n)) == *want,
+            "{n} differs after deletes"
+        );
+    }
+    std::fs::remove_file(m.path.join("a2")).unwrap();
+    std::fs::remove_file(m.path.join("b2")).unwrap();
+    let log = m.log.clone();
+    assert!(
+        m.stop(),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    rig.clean();
+    let s = rig.stats();
+    assert_eq!(num(&s, "chunks"), 0, "{s}");
+    assert_eq!(num(&s, "after_compression_bytes"), 0, "{s}");
+    assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
+    rig.assert_fsck_clean();
+
+    // Bad sizes are clear errors.
+    let out = rig.dase(&[
+        "clean",
+        "--cluster",
+        rig.cluster_str(),
+        "--recompress",
+        "--region",
+        "64M",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at most"),
+        "{out:?}"
+    );
+}

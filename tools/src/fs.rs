@@ -512,13 +512,19 @@ async fn prepare_replacement(
     long_about = "Applies queued chunk reference changes, then rewrites the live chunks of every \
 segment that is partly dead into new segments, so the old ones free at the next commit (the \
 mount's background cleaner does the same for segments at most half live), and folds the index \
-journal into its buckets. With --recompress it first stores every compressed chunk again at a \
-high zstd level (--level, default 19) where that saves at least 1/32: the write path compresses \
-at level 1 to keep up with ingest, and cold data can afford more (about 2 MB/s a core at level 19 \
-on text). Chunks a pass recompressed are marked and passed by next time. If the file system is \
-mounted, the mount does the work; otherwise this command opens it with the lease.",
+journal into its buckets. With --recompress it first stores cold data again at a high zstd \
+level (--level, default 19): the write path compresses each chunk alone at level 1 to keep up \
+with ingest, and cold data can afford more (about 2 MB/s a core at level 19 on text). Plain \
+compressed chunks are gathered in write order into compression regions of --region bytes of \
+content, compressed as one, so each chunk gets its neighbours' history (logs store 8 % less than \
+chunk by chunk); reading one chunk of a region then decodes the whole region (about 1 ms per MiB; \
+a few recently read regions are kept decoded). Deltas are recompressed one by one. Work is kept \
+only where it saves at least 1/32, and a pass's frames are marked and passed by next time. If \
+the file system is mounted, the mount does the work; otherwise this command opens it with the \
+lease.",
     after_help = "Examples:\n  dase clean --cluster /tmp/dase/cluster.toml\n  \
-dase clean --cluster /tmp/dase/cluster.toml --recompress --level 19"
+dase clean --cluster /tmp/dase/cluster.toml --recompress\n  \
+dase clean --cluster /tmp/dase/cluster.toml --recompress --level 22 --region 0   (chunk by chunk)"
 )]
 pub struct CleanArgs {
     #[arg(long)]
@@ -530,15 +536,28 @@ pub struct CleanArgs {
     #[arg(long, default_value_t = dase_initiator::cnode::fs::RECOMPRESS_LEVEL,
           value_parser = clap::value_parser!(i32).range(1..=22), requires = "recompress")]
     level: i32,
+    /// Content per compression region of --recompress (e.g. 4M; 0: none,
+    /// every chunk compressed alone; at most 16M).
+    #[arg(long, default_value = "4M", requires = "recompress")]
+    region: String,
 }
 
 pub fn clean(a: CleanArgs) -> Result<()> {
+    let region = dase_target::parse_size(&a.region).map_err(anyhow::Error::msg)? as usize;
+    if region > dase_initiator::cnode::fs::MAX_REGION {
+        bail!(
+            "--region {}: compression regions hold at most {} bytes",
+            a.region,
+            dase_initiator::cnode::fs::MAX_REGION
+        );
+    }
     let file = ClusterFile::load(&a.cluster)?;
     let rt = runtime()?;
     if let Some(mut s) = mount_control(&rt, &file)? {
         println!("the file system is mounted: the mount cleans");
         if a.recompress {
-            let saved = crate::mount::control_request(s, &format!("recompress {}", a.level))?;
+            let saved =
+                crate::mount::control_request(s, &format!("recompress {} {region}", a.level))?;
             println!("recompression saved {}", gib(saved));
             // One request per connection.
             s = mount_control(&rt, &file)?.context("the mount went away")?;
@@ -558,7 +577,7 @@ pub fn clean(a: CleanArgs) -> Result<()> {
         .await?;
         if a.recompress {
             let r = fs
-                .recompress(a.level, progress_printer("recompress", "segments"))
+                .recompress(a.level, region, progress_printer("recompress", "segments"))
                 .await;
             let r = match r {
                 Ok(r) => r,
@@ -568,8 +587,9 @@ pub fn clean(a: CleanArgs) -> Result<()> {
                 }
             };
             println!(
-                "recompressed {} chunks at zstd level {}: {} -> {}",
+                "recompressed {} chunks ({} compression regions) at zstd level {}: {} -> {}",
                 r.chunks,
+                r.regions,
                 a.level,
                 gib(r.before),
                 gib(r.after)

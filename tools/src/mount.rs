@@ -156,12 +156,15 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                         ));
                         Ok(r.segments)
                     }
-                    ["recompress", level] => {
+                    ["recompress", level, region] => {
                         let level: i32 = level.parse().context("level")?;
-                        let r = fs.recompress(level, say("recompress", "segments")).await?;
+                        let region: usize = region.parse().context("region bytes")?;
+                        let r = fs
+                            .recompress(level, region, say("recompress", "segments"))
+                            .await?;
                         let _ = tx.send(format!(
-                            "recompressed {} chunks at zstd level {level}: {} -> {} bytes",
-                            r.chunks, r.before, r.after
+                            "recompressed {} chunks ({} compression regions) at zstd level {level}: {} -> {} bytes",
+                            r.chunks, r.regions, r.before, r.after
                         ));
                         Ok(r.before - r.after)
                     }

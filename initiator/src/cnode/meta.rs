@@ -38,7 +38,11 @@ pub const META_MAGIC: [u8; 8] = *b"DASEMETA";
 /// 3: extents may name chunks; the chunk and similarity indexes in pages.
 /// 4: index changes journalled in the log ([`IndexDelta`]) and merged into
 ///    the bucket pages in bulk.
-pub const VERSION: u32 = 4;
+/// 5: compression regions (chunk entries of encodings `Region` and `Slice`);
+///    a version 4 file system is a version 5 one without them, so both are
+///    read.
+pub const VERSION: u32 = 5;
+pub const OLDEST_READ: u32 = 4;
 
 /// Inodes per metadata page: a page of small inodes fits a strip or two,
 /// and pages are what the C-node caches and evicts.
@@ -92,7 +96,15 @@ pub fn similar_page(sf: u64, buckets: u64) -> u64 {
     SIMILAR_PAGES | bucket(sf, buckets)
 }
 
-/// One stored chunk, in the chunk index.
+/// The `seg` of a chunk entry with no frame of its own (a region's slice):
+/// no segment has this id, so no segment walk finds the entry live.
+pub const NO_FRAME: u64 = u64::MAX;
+
+/// One stored chunk, in the chunk index. A compression region has an entry
+/// too (encoding `Region`, fingerprint [`crate::reduce::region_fingerprint`],
+/// `refs` its live members); a member's (`Slice`) has `seg` [`NO_FRAME`],
+/// `offset` its place in the region's content, `stored` 0 and `base` the
+/// region.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkEntry {
     pub fp: Fp,
@@ -113,6 +125,9 @@ pub struct ChunkEntry {
 impl ChunkEntry {
     /// Bytes the chunk takes in its segment.
     pub fn frame_len(&self) -> u64 {
+        if self.enc == Encoding::Slice {
+            return 0;
+        }
         CHUNK_HEADER as u64 + self.stored as u64
     }
 }
@@ -120,10 +135,12 @@ impl ChunkEntry {
 /// Before every stored chunk in a segment, so a segment can be walked
 /// without the index (the cleaner does: a chunk is live when the index
 /// entry of its fingerprint points back at it).
-/// `magic "DCHK" | len u32 | stored u32 | encoding u8 | effort u8 | 0 u8 x2
-/// | fp [32]`, little-endian. *effort* is 0 for a frame the write path made
-/// and the zstd level for one a recompression pass made (so a later pass at
-/// that level passes it by); readers ignore it.
+/// `magic "DCHK" | len u32 | stored u32 | encoding u8 | effort u8 | members
+/// u16 | fp [32]`, little-endian. *effort* is 0 for a frame the write path
+/// made and the zstd level for one a recompression pass made (so a later
+/// pass at that level passes it by); readers ignore it. *encoding* 4 is a
+/// compression region (frame version 3), whose *members* field counts the
+/// chunks it was made of (0 in other frames).
 pub const CHUNK_HEADER: usize = 48;
 pub const CHUNK_MAGIC: [u8; 4] = *b"DCHK";
 
@@ -137,6 +154,7 @@ pub fn frame_effort(b: &[u8]) -> u8 {
 }
 
 pub fn chunk_header(e: &ChunkEntry, effort: u8) -> [u8; CHUNK_HEADER] {
+    debug_assert_ne!(e.enc, Encoding::Slice, "a slice has no frame");
     let mut h = [0u8; CHUNK_HEADER];
     h[..4].copy_from_slice(&CHUNK_MAGIC);
     h[4..8].copy_from_slice(&e.len.to_le_bytes());
@@ -146,8 +164,13 @@ pub fn chunk_header(e: &ChunkEntry, effort: u8) -> [u8; CHUNK_HEADER] {
         Encoding::Zstd => 1,
         Encoding::Delta => 2,
         Encoding::XorDelta => 3,
+        Encoding::Region => 4,
+        Encoding::Slice => 5,
     };
     h[13] = effort;
+    if e.enc == Encoding::Region {
+        h[14..16].copy_from_slice(&(e.refs.min(u16::MAX as u32) as u16).to_le_bytes());
+    }
     h[16..48].copy_from_slice(&e.fp);
     h
 }
@@ -268,6 +291,11 @@ impl Counts {
     /// the reduction totals.
     pub fn count_chunk(&mut self, e: &ChunkEntry, sign: i64) {
         let add = |v: &mut u64, d: u32| *v = (*v as i64 + sign * d as i64) as u64;
+        if e.enc == Encoding::Region {
+            // Its members are the chunks; it is only their stored bytes.
+            add(&mut self.stored_bytes, e.stored);
+            return;
+        }
         add(&mut self.chunks, 1);
         add(&mut self.unique_bytes, e.len);
         add(&mut self.stored_bytes, e.stored);
@@ -425,9 +453,9 @@ pub fn unframe<T: for<'de> Deserialize<'de>>(magic: [u8; 8], b: &[u8]) -> Result
         return bad("bad magic");
     }
     let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
-    if version != VERSION {
+    if !(OLDEST_READ..=VERSION).contains(&version) {
         return Err(MetaError::Corrupt(format!(
-            "version {version} is not supported (this dase reads version {VERSION})"
+            "version {version} is not supported (this dase reads versions {OLDEST_READ} to {VERSION})"
         )));
     }
     let len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;

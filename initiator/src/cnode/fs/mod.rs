@@ -35,14 +35,14 @@ use super::meta::{
     MetaPart, MetaRecord, PageBlob, PageLocation, Place, Segment, COMMIT_MAGIC, COMMIT_SLOT,
     META_MAGIC, ROOT_INO,
 };
-use crate::reduce::{Fp, Reduce};
+use crate::reduce::{Encoding, Fp, Reduce};
 use meta::IndexDelta;
 
 mod reduce;
 use super::superblock::{self, Superblock};
 use super::volume::{StripeRecord, Volume, VolumeError};
 use crate::host::{join_all, ControllerOptions};
-pub use reduce::{Ingest, RecompressReport, RECOMPRESS_LEVEL};
+pub use reduce::{Ingest, RecompressReport, MAX_REGION, RECOMPRESS_LEVEL, REGION_BYTES};
 
 pub const NAME_MAX: usize = 255;
 
@@ -467,6 +467,8 @@ pub struct FileSystem {
     /// Pending (not yet chunked) bytes of files being written, when reducing.
     writers: Mutex<HashMap<u64, reduce::Writer>>,
     ingest: Ingest,
+    /// Compression regions recently decoded (for reads of their members).
+    regions: Mutex<reduce::RegionCache>,
     /// This file system, for work that must outlive the call that started
     /// it (a commit: see [`FileSystem::commit_changes`]). Set by `open`.
     me: std::sync::OnceLock<std::sync::Weak<FileSystem>>,
@@ -708,6 +710,7 @@ impl FileSystem {
             merge_all: AtomicBool::new(false),
             writers: Mutex::new(HashMap::new()),
             ingest: Ingest::default(),
+            regions: Mutex::default(),
             me: std::sync::OnceLock::new(),
         };
         if let Err(e) = fs.recover().await {
@@ -2936,16 +2939,31 @@ fn check_metadata(
         let name = reduce::hex(&c.fp);
         if let Some(b) = c.base {
             *refs.entry(b).or_default() += 1;
-            if cs.chunks.get(&b).is_none_or(|be| be.base.is_some()) {
+            let be = cs.chunks.get(&b);
+            if c.enc == Encoding::Slice {
+                match be.filter(|be| be.enc == Encoding::Region) {
+                    None => rep.problems.push(format!(
+                        "chunk {name} is in region {}, which is missing or not a region",
+                        reduce::hex(&b)
+                    )),
+                    Some(be) if c.offset as u64 + c.len as u64 > be.len as u64 => rep
+                        .problems
+                        .push(format!("chunk {name} lies outside its region")),
+                    Some(_) => {}
+                }
+            } else if be.is_none_or(|be| !be.enc.can_be_reference()) {
                 rep.problems.push(format!(
-                    "chunk {name} is a delta of {}, which is missing or itself a delta",
+                    "chunk {name} is a delta of {}, which is missing, a delta or a region",
                     reduce::hex(&b)
                 ));
             }
         }
-        if c.enc.is_delta() != c.base.is_some() {
+        if (c.enc.is_delta() || c.enc == Encoding::Slice) != c.base.is_some() {
             rep.problems
                 .push(format!("chunk {name}: encoding and reference disagree"));
+        }
+        if c.enc == Encoding::Slice {
+            continue; // no frame of its own
         }
         match segs.get(&c.seg) {
             None => rep

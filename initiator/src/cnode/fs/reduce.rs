@@ -156,12 +156,50 @@ enum Source {
     Disk(Vec<StripeRecord>, usize),
 }
 
-/// A chunk to read: its entry and where it (and its base) are.
+/// Where a chunk's stored form is: its own frame, or a slice of its
+/// compression region's content.
+#[derive(Clone)]
+enum Where {
+    Frame(Source),
+    InRegion(ChunkEntry, Source),
+}
+
+/// A chunk to read: its entry and where it (and its delta's reference)
+/// are.
 #[derive(Clone)]
 pub(super) struct ChunkRead {
     entry: ChunkEntry,
-    src: Source,
-    base: Option<(ChunkEntry, Source)>,
+    src: Where,
+    base: Option<(ChunkEntry, Where)>,
+}
+
+/// Decoded compression regions, most recently used first: reading a cold
+/// file decodes each region once, not once per member. A region's content
+/// never changes (its entry is named by the content's fingerprint), so an
+/// entry is right for as long as it is kept.
+#[derive(Default)]
+pub(super) struct RegionCache {
+    slots: Vec<(Fp, RegionSlot)>,
+}
+
+/// A region's decoded content, filled by its first reader.
+type RegionSlot = Arc<tokio::sync::OnceCell<Arc<Vec<u8>>>>;
+
+/// Decoded regions kept: a few readers' worth (a region is at most
+/// [`MAX_REGION`] bytes).
+const REGION_CACHE: usize = 4;
+
+impl RegionCache {
+    /// The slot of region `fp`, made (and the oldest dropped) if absent.
+    fn slot(&mut self, fp: &Fp) -> RegionSlot {
+        let cell = match self.slots.iter().position(|(f, _)| f == fp) {
+            Some(i) => self.slots.remove(i).1,
+            None => Arc::default(),
+        };
+        self.slots.insert(0, (*fp, cell.clone()));
+        self.slots.truncate(REGION_CACHE);
+        cell
+    }
 }
 
 /// One chunk of a batch being stored.
@@ -188,12 +226,34 @@ enum Plan {
 pub struct RecompressReport {
     /// Segments read.
     pub segments: u64,
-    /// Chunks stored again, smaller.
+    /// Chunks stored again, smaller (alone or in a region).
     pub chunks: u64,
+    /// Compression regions made.
+    pub regions: u64,
     /// Their stored bytes before and after.
     pub before: u64,
     pub after: u64,
 }
+
+/// A chunk read for a compression region: where its frame was, its entry
+/// then, its content.
+struct Member {
+    seg: u64,
+    off: usize,
+    entry: ChunkEntry,
+    data: Vec<u8>,
+}
+
+/// Content a compression region gathers unless told (`dase clean
+/// --recompress --region`). Measured on the corpus logs in 48 KiB chunks
+/// at level 19 (BENCHMARKS.md): 9.41 MB alone, 8.75 in regions of 0.75 MiB,
+/// 8.67 of 1.5 MiB, 8.60 of 3 MiB; reading one member at random decodes
+/// its whole region (~1 ms per MiB), so the gain past a few MiB is not
+/// worth it.
+pub const REGION_BYTES: usize = 4 << 20;
+/// The largest region (bounds the C-node's memory: decoded regions are
+/// cached whole).
+pub const MAX_REGION: usize = 16 << 20;
 
 /// The zstd level `dase clean --recompress` uses unless told: the highest
 /// before zstd's "ultra" levels, whose windows exceed any chunk.
@@ -377,6 +437,37 @@ impl State {
         Ok(Source::Disk(s.records.clone(), offset))
     }
 
+    /// Where chunk `e`'s stored form is (its region's entry loaded if it is
+    /// a slice).
+    fn chunk_where(&mut self, e: &ChunkEntry) -> Result<Where, FsError> {
+        if e.enc != Encoding::Slice {
+            return Ok(Where::Frame(self.chunk_source(e)?));
+        }
+        let r = e
+            .base
+            .ok_or_else(|| FsError::Io(format!("chunk {} names no region", hex(&e.fp))))?;
+        self.require_chunks(std::iter::once(&r))?;
+        let re = self
+            .chunk(&r)
+            .filter(|re| re.enc == Encoding::Region)
+            .cloned()
+            .ok_or_else(|| {
+                FsError::Io(format!(
+                    "chunk {}: its region {} is missing",
+                    hex(&e.fp),
+                    hex(&r)
+                ))
+            })?;
+        if e.offset as u64 + e.len as u64 > re.len as u64 {
+            return Err(FsError::Io(format!(
+                "chunk {} lies outside its region",
+                hex(&e.fp)
+            )));
+        }
+        let src = self.chunk_source(&re)?;
+        Ok(Where::InRegion(re, src))
+    }
+
     fn chunk_source(&self, e: &ChunkEntry) -> Result<Source, FsError> {
         let bad = || FsError::Io(format!("chunk entry points outside segment {}", e.seg));
         let off = e.offset as usize + CHUNK_HEADER;
@@ -401,19 +492,23 @@ impl State {
             .chunk(fp)
             .cloned()
             .ok_or_else(|| FsError::Io(format!("chunk {} is missing", hex(fp))))?;
-        let base = match entry.base {
+        let base = match entry.base.filter(|_| entry.enc.is_delta()) {
             None => None,
-            Some(b) => {
-                self.require_chunks(std::iter::once(&b))?;
-                let be = self.chunk(&b).cloned().ok_or_else(|| {
-                    FsError::Io(format!("reference chunk {} is missing", hex(&b)))
-                })?;
-                let src = self.chunk_source(&be)?;
-                Some((be, src))
-            }
+            Some(b) => Some(self.locate_reference(&b)?),
         };
-        let src = self.chunk_source(&entry)?;
+        let src = self.chunk_where(&entry)?;
         Ok(ChunkRead { entry, src, base })
+    }
+
+    /// The entry of a delta's reference chunk and where it is.
+    fn locate_reference(&mut self, b: &Fp) -> Result<(ChunkEntry, Where), FsError> {
+        self.require_chunks(std::iter::once(b))?;
+        let be = self
+            .chunk(b)
+            .cloned()
+            .ok_or_else(|| FsError::Io(format!("reference chunk {} is missing", hex(b))))?;
+        let w = self.chunk_where(&be)?;
+        Ok((be, w))
     }
 
     /// A segment with room for `frame` bytes (sealing the open one if it
@@ -739,7 +834,7 @@ impl FileSystem {
                         }
                         let r = st.locate_chunk(&b);
                         match r {
-                            Ok(r) if r.base.is_none() => {
+                            Ok(r) if r.entry.enc.can_be_reference() => {
                                 plan = Plan::Against(Box::new(r));
                                 break;
                             }
@@ -833,7 +928,9 @@ impl FileSystem {
                         let raw = &buf[c.off..c.off + c.len];
                         let (enc, base, stored): (Encoding, Option<Fp>, &[u8]) = match (enc, base) {
                             (Encoding::Raw, _) => (Encoding::Raw, None, raw),
-                            (_, Some(b)) if st.chunk(b).is_none_or(|e| e.base.is_some()) => {
+                            (_, Some(b))
+                                if st.chunk(b).is_none_or(|e| !e.enc.can_be_reference()) =>
+                            {
                                 (Encoding::Raw, None, raw)
                             }
                             _ => (*enc, *base, &stored[..]),
@@ -1034,16 +1131,76 @@ impl FileSystem {
     async fn decode_chunk(
         &self,
         e: &ChunkEntry,
-        src: &Source,
+        w: &Where,
         base: Option<&[u8]>,
     ) -> Result<Vec<u8>, FsError> {
-        let stored: Arc<[u8]> = match src {
+        let src = match w {
+            Where::Frame(src) => src,
+            Where::InRegion(re, src) => {
+                let content = self.region_content(re, src).await?;
+                let out = content
+                    .get(e.offset as usize..e.offset as usize + e.len as usize)
+                    .ok_or_else(|| {
+                        FsError::Io(format!("chunk {} lies outside its region", hex(&e.fp)))
+                    })?
+                    .to_vec();
+                if reduce::fingerprint(&out) != e.fp {
+                    return Err(FsError::Io(format!(
+                        "chunk {}: content does not match its fingerprint",
+                        hex(&e.fp)
+                    )));
+                }
+                return Ok(out);
+            }
+        };
+        self.decode_frame(e, src, base).await
+    }
+
+    /// A region's content, decoded and verified once for all its readers.
+    async fn region_content(&self, re: &ChunkEntry, src: &Source) -> Result<Arc<Vec<u8>>, FsError> {
+        let cell = self.regions.lock().unwrap().slot(&re.fp);
+        let content = cell
+            .get_or_try_init(|| async {
+                let stored = self.frame_bytes(re, src).await?;
+                let (fp, len) = (re.fp, re.len as usize);
+                // Decoding megabytes is CPU work: off the async threads.
+                tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::new();
+                    reduce::decode(Encoding::Region, &stored, None, len, &mut out)
+                        .map_err(|err| FsError::Io(format!("region {}: {err}", hex(&fp))))?;
+                    if reduce::region_fingerprint(&out) != fp {
+                        return Err(FsError::Io(format!(
+                            "region {}: content does not match its fingerprint",
+                            hex(&fp)
+                        )));
+                    }
+                    Ok(Arc::new(out))
+                })
+                .await
+                .map_err(|e| FsError::Io(format!("region decoding task: {e}")))?
+            })
+            .await?;
+        Ok(content.clone())
+    }
+
+    async fn frame_bytes(&self, e: &ChunkEntry, src: &Source) -> Result<Arc<[u8]>, FsError> {
+        Ok(match src {
             Source::Mem(b) => b.clone(),
             Source::Disk(records, off) => self
                 .read_segment_range(records, *off, e.stored as usize)
                 .await?
                 .into(),
-        };
+        })
+    }
+
+    /// Decodes a chunk's own frame (and verifies it).
+    async fn decode_frame(
+        &self,
+        e: &ChunkEntry,
+        src: &Source,
+        base: Option<&[u8]>,
+    ) -> Result<Vec<u8>, FsError> {
+        let stored = self.frame_bytes(e, src).await?;
         let mut out = Vec::with_capacity(e.len as usize);
         reduce::decode(e.enc, &stored, base, e.len as usize, &mut out)
             .map_err(|err| FsError::Io(format!("chunk {}: {err}", hex(&e.fp))))?;
@@ -1189,24 +1346,36 @@ impl FileSystem {
         Ok(rep)
     }
 
-    /// Stores the compressed chunks (plain and deltas) of every written
-    /// segment again at zstd `level`, where that saves at least 1/32: the
-    /// write path compresses at level 1 to keep up with ingest; cold data
-    /// can afford what the highest levels find. A chunk keeps its encoding
-    /// and reference, so deltas built on it are untouched; its new frame
-    /// goes to the open segment like a cleaner's move (the old bytes die
-    /// and free with their segment after the commit that records the
-    /// move). Frames a pass wrote carry its level, so a later pass at that
+    /// Stores cold data again at zstd `level`: the write path compresses
+    /// each chunk at level 1, alone, to keep up with ingest; cold data can
+    /// afford the highest levels and the history of its neighbours.
+    ///
+    /// Plain compressed chunks are gathered, in segment order (write order),
+    /// into *compression regions* of about `region_bytes` of content
+    /// compressed as one (0: none, each chunk alone); a region that saves
+    /// under 1/32 of its members' stored bytes is not made. Deltas keep
+    /// their encoding and reference and are recompressed one by one (as
+    /// are plain chunks without regions), where that saves 1/32. New
+    /// frames go to the open segment like a cleaner's moves: old bytes die
+    /// and free with their segment after the commit that records the move,
+    /// so a crash at any point leaves the previous commit's chunks in
+    /// force. Frames a pass wrote carry its level, so a later pass at that
     /// level passes them by; `progress(done, total)` counts segments.
     pub async fn recompress(
         &self,
         level: i32,
+        region_bytes: usize,
         progress: impl Fn(u64, u64),
     ) -> Result<RecompressReport, FsError> {
         self.check_writable()?;
         if !(1..=22).contains(&level) {
             return Err(FsError::Invalid(format!(
                 "zstd level {level}: the levels are 1 to 22"
+            )));
+        }
+        if region_bytes > MAX_REGION {
+            return Err(FsError::Invalid(format!(
+                "compression regions of {region_bytes} bytes: at most {MAX_REGION}"
             )));
         }
         let effort = level as u8;
@@ -1217,69 +1386,63 @@ impl FileSystem {
         segs.sort_unstable_by_key(|x| x.0);
         let total = segs.len() as u64;
         let mut rep = RecompressReport::default();
+        let mut group: Vec<Member> = Vec::new();
+        let mut group_bytes = 0usize;
         for (i, (seg, records, len, _)) in segs.into_iter().enumerate() {
             progress(i as u64, total);
             rep.segments += 1;
             let bytes = self.read_segment_range(&records, 0, len as usize).await?;
-            let frames: Vec<(usize, Fp)> = segment_frames(&bytes)
+            let frames: Vec<(usize, Fp, u8)> = segment_frames(&bytes)
                 .into_iter()
-                .filter(|&(o, _, _)| meta::frame_effort(&bytes[o..]) < effort)
-                .map(|(o, fp, _)| (o, fp))
+                .map(|(o, fp, _)| (o, fp, meta::frame_effort(&bytes[o..])))
                 .collect();
-            if frames.is_empty() {
-                continue;
-            }
-            // The live compressed ones (their entries point here), and
-            // where the references of the deltas among them are.
-            type Job = (usize, ChunkEntry, Option<(ChunkEntry, Source)>);
-            let jobs: Vec<Job> = self
+            // The live frames to work on (their entries point here): plain
+            // chunks for a region, compressed ones to redo alone; and where
+            // the references of the deltas among them are.
+            let (members, jobs) = self
                 .with_state(|st| {
                     st.require_chunks(frames.iter().map(|f| &f.1))?;
                     if !st.segs.get(&seg).is_some_and(|s| s.records == records) {
-                        return Ok(Vec::new()); // moved or freed meanwhile
+                        return Ok((Vec::new(), Vec::new())); // moved or freed meanwhile
                     }
-                    let live: Vec<(usize, ChunkEntry)> = frames
-                        .iter()
-                        .filter_map(|&(o, fp)| {
-                            let e = st.chunk(&fp)?;
-                            (e.seg == seg && e.offset as usize == o && e.enc != Encoding::Raw)
-                                .then(|| (o, e.clone()))
-                        })
-                        .collect();
-                    st.require_chunks(live.iter().filter_map(|(_, e)| e.base.as_ref()))?;
-                    live.into_iter()
-                        .map(|(o, e)| {
-                            let base = match e.base {
-                                None => None,
-                                Some(b) => {
-                                    let be = st.chunk(&b).cloned().ok_or_else(|| {
-                                        FsError::Io(format!(
-                                            "reference chunk {} is missing",
-                                            hex(&b)
-                                        ))
-                                    })?;
-                                    let src = st.chunk_source(&be)?;
-                                    Some((be, src))
-                                }
-                            };
-                            Ok((o, e, base))
-                        })
-                        .collect()
+                    let mut members = Vec::new();
+                    let mut alone = Vec::new();
+                    for &(o, fp, eff) in &frames {
+                        let Some(e) = st
+                            .chunk(&fp)
+                            .filter(|e| e.seg == seg && e.offset as usize == o)
+                        else {
+                            continue;
+                        };
+                        match e.enc {
+                            Encoding::Zstd if region_bytes > 0 => members.push((o, e.clone())),
+                            Encoding::Zstd | Encoding::Delta | Encoding::XorDelta
+                                if eff < effort =>
+                            {
+                                alone.push((o, e.clone()))
+                            }
+                            _ => {}
+                        }
+                    }
+                    let mut jobs = Vec::with_capacity(alone.len());
+                    for (o, e) in alone {
+                        let base = match e.base.filter(|_| e.enc.is_delta()) {
+                            None => None,
+                            Some(b) => Some(st.locate_reference(&b)?),
+                        };
+                        jobs.push((o, e, base));
+                    }
+                    Ok((members, jobs))
                 })
                 .await?;
-            if jobs.is_empty() {
-                continue;
-            }
             let mut bases: HashMap<Fp, Arc<Vec<u8>>> = HashMap::new();
             for (_, _, b) in &jobs {
-                if let Some((be, src)) = b {
+                if let Some((be, w)) = b {
                     if let std::collections::hash_map::Entry::Vacant(v) = bases.entry(be.fp) {
-                        v.insert(Arc::new(self.decode_chunk(be, src, None).await?));
+                        v.insert(Arc::new(self.decode_chunk(be, w, None).await?));
                     }
                 }
             }
-            // The compressor's work, off the async threads: level 19 runs
-            // at a few MB/s.
             type Work = (usize, ChunkEntry, Option<Arc<Vec<u8>>>);
             let work: Vec<Work> = jobs
                 .into_iter()
@@ -1288,74 +1451,223 @@ impl FileSystem {
                     (o, e, base)
                 })
                 .collect();
-            let results = tokio::task::spawn_blocking(move || {
+            // The compressor's work, off the async threads: level 19 runs
+            // at a few MB/s.
+            let (smaller, decoded) = tokio::task::spawn_blocking(move || {
                 let mut enc = Encoder::new(level);
                 let mut out = Vec::new();
-                let mut data = Vec::new();
                 let mut smaller = Vec::new();
-                for (o, e, base) in &work {
+                let decode = |e: &ChunkEntry, o: usize, base: Option<&[u8]>| {
                     let at = o + CHUNK_HEADER;
-                    let stored = &bytes[at..at + e.stored as usize];
-                    let base = base.as_deref().map(Vec::as_slice);
-                    let decoded = reduce::decode(e.enc, stored, base, e.len as usize, &mut data);
-                    if decoded.is_err() || reduce::fingerprint(&data) != e.fp {
-                        // Left as it is: a read reports it (and repairs
-                        // the strip from parity when its CRC fails).
+                    let mut data = Vec::new();
+                    let ok = bytes
+                        .get(at..at + e.stored as usize)
+                        .is_some_and(|st| reduce::decode(e.enc, st, base, e.len as usize, &mut data).is_ok())
+                        && reduce::fingerprint(&data) == e.fp;
+                    if !ok {
+                        // Left as it is: a read reports it (and repairs the
+                        // strip from parity when its CRC fails).
                         tracing::warn!(chunk = %hex(&e.fp), "recompression: chunk does not decode; left as it is");
-                        continue;
                     }
+                    ok.then_some(data)
+                };
+                for (o, e, base) in &work {
+                    let base = base.as_deref().map(Vec::as_slice);
+                    let Some(data) = decode(e, *o, base) else { continue };
                     if enc.reencode(e.enc, &data, base, &mut out).is_some()
                         && out.len() < e.stored as usize - e.stored as usize / 32
                     {
                         smaller.push((*o, e.clone(), std::mem::take(&mut out)));
                     }
                 }
-                smaller
+                let decoded: Vec<Member> = members
+                    .into_iter()
+                    .filter_map(|(o, e)| {
+                        let data = decode(&e, o, None)?;
+                        Some(Member { seg, off: o, entry: e, data })
+                    })
+                    .collect();
+                (smaller, decoded)
             })
             .await
             .map_err(|e| FsError::Io(format!("recompression task: {e}")))?;
-            if results.is_empty() {
-                continue;
+            if !smaller.is_empty() {
+                let (n, before, after) = self.store_recompressed(seg, smaller, effort).await?;
+                rep.chunks += n;
+                rep.before += before;
+                rep.after += after;
             }
-            let _guard = self.quiesce.read().await;
-            let seg_bytes = self.seg_bytes;
-            let (sealed, n, before, after) = self
-                .with_state(|st| {
-                    st.require_chunks(results.iter().map(|r| &r.1.fp))?;
-                    let mut sealed = Vec::new();
-                    let (mut n, mut before, mut after) = (0u64, 0u64, 0u64);
-                    for (o, old, stored) in &results {
-                        // Unless it moved, died or changed meanwhile.
-                        let Some(cur) = st.chunk(&old.fp).cloned().filter(|e| {
-                            e.seg == seg
-                                && e.offset as usize == *o
-                                && e.stored == old.stored
-                                && e.enc == old.enc
-                        }) else {
-                            continue;
-                        };
-                        let mut e = cur.clone();
-                        e.stored = stored.len() as u32;
-                        (e.seg, e.offset) =
-                            st.append_frame(&e, effort, stored, seg_bytes, &mut sealed);
-                        st.counts.count_chunk(&cur, -1);
-                        st.counts.count_chunk(&e, 1);
-                        st.put_chunk(e.fp, Some(e));
-                        st.release(seg, cur.frame_len());
-                        n += 1;
-                        before += cur.stored as u64;
-                        after += stored.len() as u64;
-                    }
-                    st.changes += 1;
-                    Ok((sealed, n, before, after))
-                })
-                .await?;
-            self.write_segments(&sealed).await?;
-            rep.chunks += n;
-            rep.before += before;
-            rep.after += after;
+            for m in decoded {
+                group_bytes += m.data.len();
+                group.push(m);
+                if group_bytes >= region_bytes {
+                    self.store_regions(std::mem::take(&mut group), level, &mut rep)
+                        .await?;
+                    group_bytes = 0;
+                }
+            }
+        }
+        if group.len() > 1 {
+            self.store_regions(group, level, &mut rep).await?;
         }
         progress(total, total);
         Ok(rep)
+    }
+
+    /// Records chunks recompressed one by one (`(offset in seg, entry as
+    /// read, new stored bytes)`): `(chunks, stored before, after)`.
+    async fn store_recompressed(
+        &self,
+        seg: u64,
+        results: Vec<(usize, ChunkEntry, Vec<u8>)>,
+        effort: u8,
+    ) -> Result<(u64, u64, u64), FsError> {
+        let _guard = self.quiesce.read().await;
+        let seg_bytes = self.seg_bytes;
+        let (sealed, n, before, after) = self
+            .with_state(|st| {
+                st.require_chunks(results.iter().map(|r| &r.1.fp))?;
+                let mut sealed = Vec::new();
+                let (mut n, mut before, mut after) = (0u64, 0u64, 0u64);
+                for (o, old, stored) in &results {
+                    // Unless it moved, died or changed meanwhile.
+                    let Some(cur) = st.chunk(&old.fp).cloned().filter(|e| {
+                        e.seg == seg
+                            && e.offset as usize == *o
+                            && e.stored == old.stored
+                            && e.enc == old.enc
+                    }) else {
+                        continue;
+                    };
+                    let mut e = cur.clone();
+                    e.stored = stored.len() as u32;
+                    (e.seg, e.offset) = st.append_frame(&e, effort, stored, seg_bytes, &mut sealed);
+                    st.counts.count_chunk(&cur, -1);
+                    st.counts.count_chunk(&e, 1);
+                    st.put_chunk(e.fp, Some(e));
+                    st.release(seg, cur.frame_len());
+                    n += 1;
+                    before += cur.stored as u64;
+                    after += stored.len() as u64;
+                }
+                st.changes += 1;
+                Ok((sealed, n, before, after))
+            })
+            .await?;
+        self.write_segments(&sealed).await?;
+        Ok((n, before, after))
+    }
+
+    /// Compresses `members` (decoded, in order) into regions at `level` —
+    /// one, or halves of it where its frame would take over half a
+    /// segment — and moves them in.
+    async fn store_regions(
+        &self,
+        members: Vec<Member>,
+        level: i32,
+        rep: &mut RecompressReport,
+    ) -> Result<(), FsError> {
+        let max_stored = self.seg_bytes / 2 - CHUNK_HEADER;
+        let (members, regions) = tokio::task::spawn_blocking(move || {
+            let mut enc = Encoder::new(level);
+            let mut regions = Vec::new();
+            // Ranges of members still to compress (a stack: in order).
+            let mut todo: Vec<std::ops::Range<usize>> = Vec::new();
+            todo.push(0..members.len());
+            while let Some(r) = todo.pop() {
+                let content: Vec<u8> = members[r.clone()]
+                    .iter()
+                    .flat_map(|m| m.data.iter().copied())
+                    .collect();
+                let mut out = Vec::new();
+                if enc
+                    .reencode(Encoding::Region, &content, None, &mut out)
+                    .is_none()
+                {
+                    continue;
+                }
+                if out.len() > max_stored && r.len() > 1 {
+                    let mid = r.start + r.len() / 2;
+                    todo.push(mid..r.end);
+                    todo.push(r.start..mid);
+                    continue;
+                }
+                let was: usize = members[r.clone()]
+                    .iter()
+                    .map(|m| m.entry.stored as usize)
+                    .sum();
+                if r.len() > 1 && out.len() <= max_stored && out.len() < was - was / 32 {
+                    regions.push((r, reduce::region_fingerprint(&content), content.len(), out));
+                }
+            }
+            (members, regions)
+        })
+        .await
+        .map_err(|e| FsError::Io(format!("recompression task: {e}")))?;
+        for (r, rfp, len, stored) in regions {
+            let ms = &members[r];
+            let _guard = self.quiesce.read().await;
+            let seg_bytes = self.seg_bytes;
+            let effort = level as u8;
+            let (sealed, before) = self
+                .with_state(|st| {
+                    st.require_chunks(ms.iter().map(|m| &m.entry.fp).chain([&rfp]))?;
+                    // Every member as it was read (not moved, died or
+                    // changed meanwhile), else the region would hold dead
+                    // bytes: then not made at all.
+                    let current = ms.iter().all(|m| {
+                        st.chunk(&m.entry.fp).is_some_and(|e| {
+                            e.seg == m.seg
+                                && e.offset as usize == m.off
+                                && e.stored == m.entry.stored
+                                && e.enc == Encoding::Zstd
+                        })
+                    });
+                    if !current || st.chunk(&rfp).is_some() {
+                        return Ok((Vec::new(), None));
+                    }
+                    let mut sealed = Vec::new();
+                    let mut region = ChunkEntry {
+                        fp: rfp,
+                        seg: 0,
+                        offset: 0,
+                        stored: stored.len() as u32,
+                        len: len as u32,
+                        enc: Encoding::Region,
+                        base: None,
+                        refs: ms.len() as u32,
+                    };
+                    (region.seg, region.offset) =
+                        st.append_frame(&region, effort, &stored, seg_bytes, &mut sealed);
+                    st.insert_chunk(region);
+                    let (mut at, mut before) = (0u32, 0u64);
+                    for m in ms {
+                        let cur = st.chunk(&m.entry.fp).cloned().unwrap();
+                        let mut e = cur.clone();
+                        e.seg = meta::NO_FRAME;
+                        e.offset = at;
+                        e.stored = 0;
+                        e.enc = Encoding::Slice;
+                        e.base = Some(rfp);
+                        at += cur.len;
+                        before += cur.stored as u64;
+                        st.counts.count_chunk(&cur, -1);
+                        st.counts.count_chunk(&e, 1);
+                        st.put_chunk(e.fp, Some(e));
+                        st.release(m.seg, cur.frame_len());
+                    }
+                    st.changes += 1;
+                    Ok((sealed, Some(before)))
+                })
+                .await?;
+            self.write_segments(&sealed).await?;
+            if let Some(before) = before {
+                rep.regions += 1;
+                rep.chunks += ms.len() as u64;
+                rep.before += before;
+                rep.after += stored.len() as u64;
+            }
+        }
+        Ok(())
     }
 }
