@@ -467,6 +467,8 @@ pub enum CodecError {
     DictBase,
     #[error("a region's slice has no frame of its own")]
     NoFrame,
+    #[error("a region's member table is damaged")]
+    Table,
 }
 
 fn zerr(code: usize) -> CodecError {
@@ -577,8 +579,8 @@ impl<'a> Encoder<'a> {
         out.clear();
         out.reserve(zstd_safe::compress_bound(data.len()));
         match enc {
-            Encoding::Raw | Encoding::Slice => return None,
-            Encoding::Zstd | Encoding::Region => {}
+            Encoding::Raw | Encoding::Slice | Encoding::Region => return None,
+            Encoding::Zstd => {}
             Encoding::Delta => {
                 let base = base.filter(|b| can_reference(b))?;
                 self.cctx.ref_prefix(base).ok()?;
@@ -589,6 +591,25 @@ impl<'a> Encoder<'a> {
             }
         }
         self.cctx.compress2(out, data).ok().map(|_| ())
+    }
+
+    /// A compression region's stored form (see [`region_members`]):
+    /// `members` (fingerprint, content) in order, their content end to end
+    /// compressed as one at this encoder's level.
+    pub fn region(&mut self, members: &[(Fp, &[u8])], out: &mut Vec<u8>) -> Option<()> {
+        let n = u32::try_from(members.len()).ok()?;
+        let mut content = Vec::with_capacity(members.iter().map(|m| m.1.len()).sum());
+        out.clear();
+        out.extend_from_slice(&n.to_le_bytes());
+        for (fp, data) in members {
+            out.extend_from_slice(fp);
+            out.extend_from_slice(&u32::try_from(data.len()).ok()?.to_le_bytes());
+            content.extend_from_slice(data);
+        }
+        let mut z = Vec::with_capacity(zstd_safe::compress_bound(content.len()));
+        self.cctx.compress2(&mut z, &content).ok()?;
+        out.extend_from_slice(&z);
+        Some(())
     }
 
     fn plain(&mut self, data: &[u8], kind: Kind, out: &mut Vec<u8>) -> Encoding {
@@ -702,6 +723,32 @@ pub fn can_reference(base: &[u8]) -> bool {
     !base.starts_with(&DICT_MAGIC)
 }
 
+/// Bytes per member in a region's table: fingerprint and length.
+const REGION_MEMBER: usize = 36;
+
+/// The member table at the start of a region's stored bytes — `count u32 |
+/// count × (fingerprint [32], length u32) | zstd of the members' content
+/// end to end` — and the offset of the zstd frame. Bounded: a table that
+/// does not fit the stored bytes is an error. (The table lets a pass find a
+/// partly dead region's live members without the index.)
+pub fn region_members(stored: &[u8]) -> Result<(Vec<(Fp, u32)>, usize), CodecError> {
+    let head = stored.get(..4).ok_or(CodecError::Table)?;
+    let n = u32::from_le_bytes(head.try_into().unwrap()) as usize;
+    let end = n
+        .checked_mul(REGION_MEMBER)
+        .and_then(|t| t.checked_add(4))
+        .filter(|&e| e <= stored.len())
+        .ok_or(CodecError::Table)?;
+    let members = stored[4..end]
+        .chunks_exact(REGION_MEMBER)
+        .map(|m| {
+            let fp: Fp = m[..32].try_into().unwrap();
+            (fp, u32::from_le_bytes(m[32..].try_into().unwrap()))
+        })
+        .collect();
+    Ok((members, end))
+}
+
 fn expect_len(got: usize, want: usize) -> Result<(), CodecError> {
     if got == want {
         Ok(())
@@ -756,7 +803,16 @@ impl Decoder {
         match enc {
             Encoding::Raw => out.extend_from_slice(stored),
             Encoding::Slice => return Err(CodecError::NoFrame),
-            Encoding::Zstd | Encoding::Region => {
+            Encoding::Region => {
+                let (members, at) = region_members(stored)?;
+                let total: u64 = members.iter().map(|m| m.1 as u64).sum();
+                if total != len as u64 {
+                    return Err(CodecError::Table);
+                }
+                out.reserve(len);
+                self.dctx.decompress(out, &stored[at..]).map_err(zerr)?;
+            }
+            Encoding::Zstd => {
                 out.reserve(len);
                 self.dctx.decompress(out, stored).map_err(zerr)?;
             }
@@ -1012,13 +1068,31 @@ mod tests {
         let mut enc = Encoder::new(19);
         let mut dec = Decoder::default();
         let (mut s, mut out) = (Vec::new(), Vec::new());
-        enc.reencode(Encoding::Region, &content, None, &mut s)
-            .unwrap();
+        let named: Vec<(Fp, &[u8])> = members.iter().map(|m| (fingerprint(m), &m[..])).collect();
+        enc.region(&named, &mut s).unwrap();
         dec.decode(Encoding::Region, &s, None, content.len(), &mut out)
             .unwrap();
         assert_eq!(out, content);
+        let (table, _) = region_members(&s).unwrap();
+        assert_eq!(
+            table,
+            named
+                .iter()
+                .map(|(f, m)| (*f, m.len() as u32))
+                .collect::<Vec<_>>()
+        );
+        // A table claiming more members than the bytes hold is an error.
+        let mut t = s.clone();
+        t[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(region_members(&t), Err(CodecError::Table)));
+        assert!(dec
+            .decode(Encoding::Region, &t, None, content.len(), &mut out)
+            .is_err());
         assert_ne!(region_fingerprint(&content), fingerprint(&content));
-        assert_eq!(region_fingerprint(&content), region_fingerprint(&out));
+        assert_eq!(
+            region_fingerprint(&content),
+            region_fingerprint(&members.concat())
+        );
         // Bounded like a chunk: a region claiming less than it holds fails.
         assert!(dec
             .decode(Encoding::Region, &s, None, content.len() - 1, &mut out)
@@ -1029,6 +1103,9 @@ mod tests {
         ));
         assert!(enc
             .reencode(Encoding::Slice, &content, None, &mut s)
+            .is_none());
+        assert!(enc
+            .reencode(Encoding::Region, &content, None, &mut s)
             .is_none());
         assert!(Encoding::Slice.can_be_reference() && !Encoding::Region.can_be_reference());
     }

@@ -689,8 +689,10 @@ fn compression_regions_store_less_and_their_chunks_stay_usable() {
     let root = m.path.clone();
     let a = jsonl(3 << 20, 1);
     let b = jsonl(3 << 20, 2);
+    let mut d = jsonl(2 << 20, 3);
     write_file(&root.join("a"), &a);
     write_file(&root.join("b"), &b);
+    write_file(&root.join("d"), &d);
     commit(&root);
 
     // Chunk by chunk at level 19 first, then regions: what regions add.
@@ -737,6 +739,38 @@ fn compression_regions_store_less_and_their_chunks_stay_usable() {
         assert!(got == b[at..at + len], "random read of b at {at}+{len}");
     }
     drop(f); // an open file keeps the mount busy
+
+    // Most of d overwritten (with incompressible bytes, which recompression
+    // leaves alone): its regions are mostly dead, and the next pass
+    // rewrites their live members into new regions and frees the rest.
+    let f = OpenOptions::new().write(true).open(root.join("d")).unwrap();
+    for at in (0..d.len()).step_by(256 << 10) {
+        let r = at + (32 << 10)..(at + (256 << 10)).min(d.len());
+        let junk = pattern(r.len(), at as u64);
+        f.write_all_at(&junk, r.start as u64).unwrap();
+        d[r].copy_from_slice(&junk);
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    commit(&root);
+    let out = rig.dase(&["clean", "--cluster", rig.cluster_str()]);
+    assert!(out.status.success(), "{out:?}");
+    let dead = num(&rig.stats(), "after_compression_bytes");
+    let out = rig.dase(&["clean", "--cluster", rig.cluster_str(), "--recompress"]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}\nmount: {}", m.log_text());
+    let rewritten = num(&rig.stats(), "after_compression_bytes");
+    eprintln!("d mostly overwritten: {dead} bytes stored, {rewritten} after the pass");
+    assert!(
+        rewritten + 80_000 < dead,
+        "partly dead regions kept their bytes: {dead} -> {rewritten}: {said}"
+    );
+    assert!(
+        read_cold(&root.join("d")) == d,
+        "d differs after its regions were rewritten"
+    );
+    let regions = rewritten; // the baseline of what follows
 
     // A copy dedups against region members; an edited copy is deltas whose
     // references are members.
@@ -788,8 +822,9 @@ fn compression_regions_store_less_and_their_chunks_stay_usable() {
             "{n} differs after deletes"
         );
     }
-    std::fs::remove_file(m.path.join("a2")).unwrap();
-    std::fs::remove_file(m.path.join("b2")).unwrap();
+    for n in ["a2", "b2", "d"] {
+        std::fs::remove_file(m.path.join(n)).unwrap();
+    }
     let log = m.log.clone();
     assert!(
         m.stop(),

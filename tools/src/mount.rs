@@ -166,7 +166,7 @@ async fn serve_control(fs: Arc<FileSystem>, path: PathBuf) {
                             "recompressed {} chunks ({} compression regions) at zstd level {level}: {} -> {} bytes",
                             r.chunks, r.regions, r.before, r.after
                         ));
-                        Ok(r.before - r.after)
+                        Ok(r.before.saturating_sub(r.after))
                     }
                     ["evacuate", s] => {
                         let i = slot(s)?;

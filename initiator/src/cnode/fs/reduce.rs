@@ -238,11 +238,40 @@ pub struct RecompressReport {
 /// A chunk read for a compression region: where its frame was, its entry
 /// then, its content.
 struct Member {
-    seg: u64,
-    off: usize,
+    from: Origin,
     entry: ChunkEntry,
     data: Vec<u8>,
 }
+
+/// Where a region's member was stored when it was read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A frame of its own at this segment and offset.
+    Frame(u64, usize),
+    /// A slice at this offset of a partly dead region.
+    Region(Fp, u32),
+}
+
+impl Origin {
+    /// Whether `e` (the member's entry now) is still stored there.
+    fn holds(&self, e: &ChunkEntry, was: &ChunkEntry) -> bool {
+        match *self {
+            Origin::Frame(seg, off) => {
+                e.seg == seg
+                    && e.offset as usize == off
+                    && e.stored == was.stored
+                    && e.enc == Encoding::Zstd
+            }
+            Origin::Region(r, at) => {
+                e.enc == Encoding::Slice && e.base == Some(r) && e.offset == at
+            }
+        }
+    }
+}
+
+/// A partly dead region is rewritten (its live members into new regions)
+/// once at most this share of its members lives.
+const REGION_REWRITE_BELOW: f64 = 0.5;
 
 /// Content a compression region gathers unless told (`dase clean
 /// --recompress --region`). Measured on the corpus logs in 48 KiB chunks
@@ -1399,14 +1428,16 @@ impl FileSystem {
             // The live frames to work on (their entries point here): plain
             // chunks for a region, compressed ones to redo alone; and where
             // the references of the deltas among them are.
-            let (members, jobs) = self
+            let (members, jobs, partly_dead) = self
                 .with_state(|st| {
                     st.require_chunks(frames.iter().map(|f| &f.1))?;
                     if !st.segs.get(&seg).is_some_and(|s| s.records == records) {
-                        return Ok((Vec::new(), Vec::new())); // moved or freed meanwhile
+                        // Moved or freed meanwhile.
+                        return Ok((Vec::new(), Vec::new(), Vec::new()));
                     }
                     let mut members = Vec::new();
                     let mut alone = Vec::new();
+                    let mut partly_dead = Vec::new();
                     for &(o, fp, eff) in &frames {
                         let Some(e) = st
                             .chunk(&fp)
@@ -1416,6 +1447,33 @@ impl FileSystem {
                         };
                         match e.enc {
                             Encoding::Zstd if region_bytes > 0 => members.push((o, e.clone())),
+                            Encoding::Region if region_bytes > 0 => {
+                                let at = o + CHUNK_HEADER;
+                                let Some(Ok((table, _))) = bytes
+                                    .get(at..at + e.stored as usize)
+                                    .map(reduce::region_members)
+                                else {
+                                    continue; // a read of a member reports it
+                                };
+                                if e.refs as f64 > REGION_REWRITE_BELOW * table.len() as f64 {
+                                    continue;
+                                }
+                                // Its live members: those whose entries
+                                // still point into it where the table says.
+                                let e = e.clone();
+                                st.require_chunks(table.iter().map(|m| &m.0))?;
+                                let mut live = Vec::new();
+                                let mut pos = 0u32;
+                                for (fp, len) in table {
+                                    if let Some(m) = st.chunk(&fp).filter(|m| {
+                                        Origin::Region(e.fp, pos).holds(m, m) && m.len == len
+                                    }) {
+                                        live.push((pos, m.clone()));
+                                    }
+                                    pos = pos.saturating_add(len);
+                                }
+                                partly_dead.push((o, e, live));
+                            }
                             Encoding::Zstd | Encoding::Delta | Encoding::XorDelta
                                 if eff < effort =>
                             {
@@ -1432,7 +1490,7 @@ impl FileSystem {
                         };
                         jobs.push((o, e, base));
                     }
-                    Ok((members, jobs))
+                    Ok((members, jobs, partly_dead))
                 })
                 .await?;
             let mut bases: HashMap<Fp, Arc<Vec<u8>>> = HashMap::new();
@@ -1460,10 +1518,15 @@ impl FileSystem {
                 let decode = |e: &ChunkEntry, o: usize, base: Option<&[u8]>| {
                     let at = o + CHUNK_HEADER;
                     let mut data = Vec::new();
+                    let name = if e.enc == Encoding::Region {
+                        reduce::region_fingerprint
+                    } else {
+                        reduce::fingerprint
+                    };
                     let ok = bytes
                         .get(at..at + e.stored as usize)
                         .is_some_and(|st| reduce::decode(e.enc, st, base, e.len as usize, &mut data).is_ok())
-                        && reduce::fingerprint(&data) == e.fp;
+                        && name(&data) == e.fp;
                     if !ok {
                         // Left as it is: a read reports it (and repairs the
                         // strip from parity when its CRC fails).
@@ -1480,13 +1543,35 @@ impl FileSystem {
                         smaller.push((*o, e.clone(), std::mem::take(&mut out)));
                     }
                 }
-                let decoded: Vec<Member> = members
+                let mut decoded: Vec<Member> = members
                     .into_iter()
                     .filter_map(|(o, e)| {
                         let data = decode(&e, o, None)?;
-                        Some(Member { seg, off: o, entry: e, data })
+                        Some(Member {
+                            from: Origin::Frame(seg, o),
+                            entry: e,
+                            data,
+                        })
                     })
                     .collect();
+                for (o, region, live) in partly_dead {
+                    let Some(content) = decode(&region, o, None) else {
+                        continue;
+                    };
+                    for (at, e) in live {
+                        let Some(data) = content.get(at as usize..at as usize + e.len as usize)
+                        else {
+                            continue;
+                        };
+                        if reduce::fingerprint(data) == e.fp {
+                            decoded.push(Member {
+                                from: Origin::Region(region.fp, at),
+                                data: data.to_vec(),
+                                entry: e,
+                            });
+                        }
+                    }
+                }
                 (smaller, decoded)
             })
             .await
@@ -1507,7 +1592,7 @@ impl FileSystem {
                 }
             }
         }
-        if group.len() > 1 {
+        if group.len() > 1 || group.iter().any(|m| matches!(m.from, Origin::Region(..))) {
             self.store_regions(group, level, &mut rep).await?;
         }
         progress(total, total);
@@ -1575,28 +1660,35 @@ impl FileSystem {
             let mut todo: Vec<std::ops::Range<usize>> = Vec::new();
             todo.push(0..members.len());
             while let Some(r) = todo.pop() {
-                let content: Vec<u8> = members[r.clone()]
+                let named: Vec<(Fp, &[u8])> = members[r.clone()]
                     .iter()
-                    .flat_map(|m| m.data.iter().copied())
+                    .map(|m| (m.entry.fp, &m.data[..]))
                     .collect();
                 let mut out = Vec::new();
-                if enc
-                    .reencode(Encoding::Region, &content, None, &mut out)
-                    .is_none()
-                {
+                if enc.region(&named, &mut out).is_none() {
                     continue;
                 }
+                let content: Vec<u8> = named.iter().flat_map(|m| m.1.iter().copied()).collect();
                 if out.len() > max_stored && r.len() > 1 {
                     let mid = r.start + r.len() / 2;
                     todo.push(mid..r.end);
                     todo.push(r.start..mid);
                     continue;
                 }
+                // Members of partly dead regions move whatever it saves
+                // (their old regions' dead bytes free with them); others
+                // only to save 1/32 of their frames.
+                let rewrite = members[r.clone()]
+                    .iter()
+                    .any(|m| matches!(m.from, Origin::Region(..)));
                 let was: usize = members[r.clone()]
                     .iter()
                     .map(|m| m.entry.stored as usize)
                     .sum();
-                if r.len() > 1 && out.len() <= max_stored && out.len() < was - was / 32 {
+                if (r.len() > 1 || rewrite)
+                    && out.len() <= max_stored
+                    && (rewrite || out.len() < was - was / 32)
+                {
                     regions.push((r, reduce::region_fingerprint(&content), content.len(), out));
                 }
             }
@@ -1611,17 +1703,20 @@ impl FileSystem {
             let effort = level as u8;
             let (sealed, before) = self
                 .with_state(|st| {
-                    st.require_chunks(ms.iter().map(|m| &m.entry.fp).chain([&rfp]))?;
+                    let olds: Vec<Fp> = ms
+                        .iter()
+                        .filter_map(|m| match m.from {
+                            Origin::Region(old, _) => Some(old),
+                            Origin::Frame(..) => None,
+                        })
+                        .collect();
+                    st.require_chunks(ms.iter().map(|m| &m.entry.fp).chain(&olds).chain([&rfp]))?;
                     // Every member as it was read (not moved, died or
                     // changed meanwhile), else the region would hold dead
                     // bytes: then not made at all.
                     let current = ms.iter().all(|m| {
-                        st.chunk(&m.entry.fp).is_some_and(|e| {
-                            e.seg == m.seg
-                                && e.offset as usize == m.off
-                                && e.stored == m.entry.stored
-                                && e.enc == Encoding::Zstd
-                        })
+                        st.chunk(&m.entry.fp)
+                            .is_some_and(|e| m.from.holds(e, &m.entry))
                     });
                     if !current || st.chunk(&rfp).is_some() {
                         return Ok((Vec::new(), None));
@@ -1654,7 +1749,23 @@ impl FileSystem {
                         st.counts.count_chunk(&cur, -1);
                         st.counts.count_chunk(&e, 1);
                         st.put_chunk(e.fp, Some(e));
-                        st.release(m.seg, cur.frame_len());
+                        match m.from {
+                            Origin::Frame(seg, _) => st.release(seg, cur.frame_len()),
+                            // Its old region loses a member (and, with its
+                            // last, its frame).
+                            Origin::Region(old, _) => {
+                                // Its share of the old region's bytes.
+                                before += st.chunk(&old).map_or(0, |r| {
+                                    r.stored as u64 * cur.len as u64 / r.len.max(1) as u64
+                                });
+                                let gone = st.chunk(&old).is_some_and(|r| r.refs <= 1);
+                                if gone {
+                                    st.remove_chunk(&old);
+                                } else {
+                                    st.update_chunk(&old, |r| r.refs -= 1);
+                                }
+                            }
+                        }
                     }
                     st.changes += 1;
                     Ok((sealed, Some(before)))
