@@ -222,8 +222,8 @@ fn a_corrupt_reference_chunk_is_repaired_before_a_delta_on_it_is_served() {
     assert!(m.stop());
     // Garbage over every strip slot of D-node 2: reference chunks (and
     // deltas) with a strip there are corrupt on it.
-    let region = 1u64 << 20..(1u64 << 20) + (16 << 20);
-    rig.corrupt("d2.img", region, 0xAB);
+    let slots = 1u64 << 20..(1u64 << 20) + (16 << 20);
+    rig.corrupt("d2.img", slots.clone(), 0xAB);
     let m = rig.mount("mnt", &[]).unwrap();
     // Only the deltas' file is read: its reference chunks are fetched,
     // found corrupt by their strips' checksums, rebuilt from parity and
@@ -232,6 +232,24 @@ fn a_corrupt_reference_chunk_is_repaired_before_a_delta_on_it_is_served() {
     assert!(read_cold(&m.path.join("c")) == c);
     let log = m.log_text();
     assert!(log.contains("checksum mismatch"), "{log}");
+    assert!(log.contains("corrupt strip repaired"), "{log}");
+    assert!(read_cold(&m.path.join("a")) == a);
+    assert!(m.stop());
+    rig.assert_fsck_clean();
+
+    // The same once the references live in compression regions (and the
+    // deltas are slices' deltas): the region's strips are repaired before
+    // it is decoded.
+    let out = rig.dase(&["clean", "--cluster", rig.cluster_str(), "--recompress"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !said.contains("(0 compression regions)"),
+        "{said}"
+    );
+    rig.corrupt("d2.img", slots.clone(), 0xCD);
+    let m = rig.mount("mnt", &[]).unwrap();
+    assert!(read_cold(&m.path.join("c")) == c);
+    let log = m.log_text();
     assert!(log.contains("corrupt strip repaired"), "{log}");
     assert!(read_cold(&m.path.join("a")) == a);
     assert!(m.stop());

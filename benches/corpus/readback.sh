@@ -1,0 +1,33 @@
+#!/bin/bash
+# Read-back of cold data through the mount before and after `dase clean --recompress`
+# (logs + source parts), plus 4k random reads of one logs file; three runs each.
+# Usage: [DASE=path/to/dase] [CORPUS=/tmp/corpus] bash benches/corpus/readback.sh
+# (root, FUSE; cargo build --release -p dase-tools first)
+set -e
+B=${DASE:-$(cd "$(dirname "$0")/../.." && pwd)/build/release/dase}
+C=${CORPUS:-/tmp/corpus}
+MB=$(du -sb $C/logs $C/source | awk '{s+=$1} END {print s/1e6}')
+W=/tmp/rb; rm -rf $W; mkdir -p $W/mnt
+$B cluster up --dir $W/c --dnodes 13 --size 1G > $W/up.log 2>&1 &
+sleep 4
+$B mkfs --cluster $W/c/cluster.toml > /dev/null
+mnt() { $B mount --cluster $W/c/cluster.toml --log warn $W/mnt > $W/mount.log 2>&1 & sleep 3; }
+cold() {
+  for i in 1 2 3; do
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    s=$(date +%s.%N); cat $W/mnt/logs/* $W/mnt/source/* > /dev/null; e=$(date +%s.%N)
+    echo "$1 seq run $i: $(python3 -c "print(round($MB/($e-$s)))") MB/s"
+  done
+  for i in 1 2 3; do
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    $B bench --filename $W/mnt/logs/service-0.jsonl --rw randread --bs 4k --iodepth 4 --runtime 10 --log warn 2>&1 | grep -iE "iops|read:" | head -2 | sed "s/^/$1 rand run $i: /"
+  done
+}
+mnt
+cp -r $C/logs $C/source $W/mnt/
+sync; umount $W/mnt; sleep 2
+mnt; cold before; umount $W/mnt; sleep 2
+( time $B clean --cluster $W/c/cluster.toml --recompress | tail -2 ) 2>&1 | grep -v "^$"
+mnt; cold after; umount $W/mnt; sleep 2
+$B stats --cluster $W/c/cluster.toml | sed -n '8,16p'
+pkill -f "$W/c/" || true
