@@ -1,22 +1,25 @@
 //! What a C-node reads back from the D-nodes is decoded as untrusted:
-//! stored chunks (every encoding, with a reference), chunk frame headers,
+//! stored chunks (every encoding, with a reference; compression regions
+//! and their member tables), chunk frame headers,
 //! metadata frames, pages and log records. None may panic, hang or
 //! allocate without bound, and a chunk that decodes has exactly the
 //! length its entry claims.
 #![no_main]
 use dase_initiator::cnode::meta::{self, CommitRecord, MetaPart, MetaRecord, PageBlob};
-use dase_initiator::reduce::{Decoder, Encoding};
+use dase_initiator::reduce::{region_members, Decoder, Encoding};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
         return;
     }
-    let enc = match data[0] % 4 {
+    let enc = match data[0] % 6 {
         0 => Encoding::Raw,
         1 => Encoding::Zstd,
         2 => Encoding::Delta,
-        _ => Encoding::XorDelta,
+        3 => Encoding::XorDelta,
+        4 => Encoding::Region,
+        _ => Encoding::Slice,
     };
     // Up to twice the largest chunk.
     let len = u16::from_le_bytes([data[1], data[2]]) as usize * 2;
@@ -28,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(out.len(), len);
     }
     let _ = d.decode(enc, stored, None, len, &mut out);
+    let _ = region_members(stored);
     let _ = meta::parse_chunk_header(data);
     let _ = meta::decode::<PageBlob>(data, "page");
     let _ = meta::decode::<MetaRecord>(data, "record");

@@ -1382,7 +1382,7 @@ mod tests {
             flips in proptest::collection::vec((0usize..1 << 16, 0u8..=255), 0..6),
             cut in 0usize..1 << 16,
             len_off in -3i64..4,
-            which in 0u8..4,
+            which in 0u8..5,
         ) {
             let base = text(n.max(1) + (seed as usize % 97));
             let mut data = base.clone();
@@ -1395,6 +1395,12 @@ mod tests {
             let e = match which {
                 0 => Encoding::Raw,
                 1 => enc.compress(&data, &mut stored),
+                4 => {
+                    // A region of two members: the data in halves.
+                    let (a, b) = data.split_at(data.len() / 2);
+                    enc.region(&[(fingerprint(a), a), (fingerprint(b), b)], &mut stored).unwrap();
+                    Encoding::Region
+                }
                 _ => enc.encode(&data, Some(&base), kind, &mut stored),
             };
             if e == Encoding::Raw {
