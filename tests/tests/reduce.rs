@@ -867,7 +867,20 @@ fn compression_regions_store_less_and_their_chunks_stay_usable() {
     ]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("at most"),
+        String::from_utf8_lossy(&out.stderr).contains("16777216 bytes"),
+        "{out:?}"
+    );
+    let out = rig.dase(&[
+        "clean",
+        "--cluster",
+        rig.cluster_str(),
+        "--recompress",
+        "--region",
+        "4k",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("0: none"),
         "{out:?}"
     );
 }

@@ -536,17 +536,18 @@ pub struct CleanArgs {
     #[arg(long, default_value_t = dase_initiator::cnode::fs::RECOMPRESS_LEVEL,
           value_parser = clap::value_parser!(i32).range(1..=22), requires = "recompress")]
     level: i32,
-    /// Content per compression region of --recompress (e.g. 4M; 0: none,
-    /// every chunk compressed alone; at most 16M).
+    /// Content per compression region of --recompress (128K to 16M; 0:
+    /// none, every chunk compressed alone).
     #[arg(long, default_value = "4M", requires = "recompress")]
     region: String,
 }
 
 pub fn clean(a: CleanArgs) -> Result<()> {
     let region = dase_target::parse_size(&a.region).map_err(anyhow::Error::msg)? as usize;
-    if region > dase_initiator::cnode::fs::MAX_REGION {
+    let least = 2 * dase_initiator::reduce::MAX_CHUNK as usize;
+    if region > dase_initiator::cnode::fs::MAX_REGION || (region > 0 && region < least) {
         bail!(
-            "--region {}: compression regions hold at most {} bytes",
+            "--region {}: compression regions hold {least} to {} bytes (0: none)",
             a.region,
             dase_initiator::cnode::fs::MAX_REGION
         );

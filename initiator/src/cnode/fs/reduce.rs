@@ -1402,9 +1402,10 @@ impl FileSystem {
                 "zstd level {level}: the levels are 1 to 22"
             )));
         }
-        if region_bytes > MAX_REGION {
+        let least = 2 * reduce::MAX_CHUNK as usize;
+        if region_bytes > MAX_REGION || (region_bytes > 0 && region_bytes < least) {
             return Err(FsError::Invalid(format!(
-                "compression regions of {region_bytes} bytes: at most {MAX_REGION}"
+                "compression regions of {region_bytes} bytes: 0 (none) or {least} to {MAX_REGION}"
             )));
         }
         let effort = level as u8;
