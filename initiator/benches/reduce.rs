@@ -334,7 +334,12 @@ fn main() {
             println!("  {:>2} KiB: {}", avg >> 10, row.join(" | "));
         }
         println!("\nzstd level: stored MB per part, and one-core ingest GB/s over the corpus");
-        for level in [1, 3, 6, 9] {
+        // DASE_LEVELS=-5,-1,1 (say) measures others, negative (fast) ones too.
+        let levels: Vec<i32> = std::env::var("DASE_LEVELS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 3, 6, 9]);
+        for level in levels {
             let (mut row, mut bytes, mut secs) = (Vec::new(), 0u64, 0.0);
             for f in &sweep {
                 let (tot, _, _) = ingest(f, reduce::AVG_CHUNK, level);
