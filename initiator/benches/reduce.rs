@@ -69,15 +69,20 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
     let clock = Instant::now();
     let mut fps: Vec<Fp> = Vec::new();
     let mut t = Totals::default();
-    let mut enc = Encoder::new(level);
+    // One encoder for every chunk, as the mount has one per batch of 64
+    // (a zstd context per chunk would cost more than a small chunk's
+    // compression). Its references must outlive it: decoded references are
+    // kept for the whole run anyway, so they are leaked to 'static.
+    let mut enc: Encoder<'static> = Encoder::new(level);
     let mut out = Vec::new();
-    let mut decoded: HashMap<usize, Vec<u8>> = HashMap::new();
+    let mut decoded: HashMap<usize, &'static [u8]> = HashMap::new();
     let mut dec = Decoder::default();
     // As the mount does: a file's bytes gather in a pending buffer of
     // PENDING bytes, which is chunked; the last chunk (cut only because
     // the buffer ended) waits for the bytes that follow.
     let mut pending: Vec<u8> = Vec::with_capacity(2 * PENDING);
     let mut cuts: Vec<reduce::Chunk> = Vec::new();
+    let fastcdc = std::env::var("DASE_FASTCDC").is_ok();
     for f in files {
         let mut fed = 0;
         pending.clear();
@@ -86,7 +91,7 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
             pending.extend_from_slice(&f[fed..fed + take]);
             fed += take;
             let last = fed == f.len();
-            if std::env::var("DASE_FASTCDC").is_ok() {
+            if fastcdc {
                 cuts.clear();
                 cuts.extend(
                     fastcdc::v2020::FastCDC::new(&pending, avg / 4, avg, avg * 4).map(|c| {
@@ -116,11 +121,7 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
                     continue;
                 }
                 t.unique += len as u64;
-                let sketch = if std::env::var("DASE_FASTCDC").is_ok() {
-                    reduce::sketch(d)
-                } else {
-                    c.sketch
-                };
+                let sketch = if fastcdc { reduce::sketch(d) } else { c.sketch };
                 let base = sketch
                     .into_iter()
                     .flatten()
@@ -131,15 +132,14 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
                 };
                 let e = if let Some(b) = base {
                     // The reference as the read path sees it: decoded.
-                    decoded.entry(b).or_insert_with(|| {
+                    let r = *decoded.entry(b).or_insert_with(|| {
                         let s = &store.chunks[b];
                         let mut v = Vec::new();
                         dec.decode(s.enc, store.bytes(b), None, s.len, &mut v)
                             .unwrap();
-                        v
+                        Vec::leak(v)
                     });
-                    // The reference must outlive the encoder that refers to it.
-                    Encoder::new(level).encode(d, Some(&decoded[&b]), kind, &mut out)
+                    enc.encode(d, Some(r), kind, &mut out)
                 } else {
                     enc.encode(d, None, kind, &mut out)
                 };
