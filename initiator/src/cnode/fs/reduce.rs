@@ -1242,6 +1242,40 @@ impl FileSystem {
         Ok(out)
     }
 
+    /// A written segment's first `len` bytes, or None if it was freed or
+    /// moved since `records` were taken (a pass over segments reads them
+    /// without the state lock; a freed segment's stripes may be reused, so
+    /// a failed read of one is not an error).
+    async fn read_written_segment(
+        &self,
+        seg: u64,
+        records: &[StripeRecord],
+        len: u32,
+    ) -> Result<Option<Vec<u8>>, FsError> {
+        let r = self.read_segment_range(records, 0, len as usize).await;
+        let same = self
+            .state
+            .lock()
+            .unwrap()
+            .segs
+            .get(&seg)
+            .is_some_and(|s| s.records == records);
+        match r {
+            Ok(b) => Ok(Some(b)),
+            Err(_) if !same => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether chunk `e` is no longer stored where its entry said (moved,
+    /// recompressed, put in a region, or freed).
+    fn moved_since(&self, e: &ChunkEntry) -> bool {
+        let st = self.state.lock().unwrap();
+        st.chunk(&e.fp).is_none_or(|now| {
+            (now.seg, now.offset, now.stored, now.enc) != (e.seg, e.offset, e.stored, e.enc)
+        })
+    }
+
     /// Bytes `[off, off + len)` of a written segment.
     pub(super) async fn read_segment_range(
         &self,
@@ -1286,14 +1320,42 @@ impl FileSystem {
         jobs: Vec<(usize, usize, usize, ChunkRead)>,
     ) -> Result<(), FsError> {
         let results = join_all(jobs.iter().map(|(_, _, _, r)| self.fetch_chunk(r))).await;
-        for ((at, o, n, _), r) in jobs.iter().zip(results) {
-            let b = r?;
+        for ((at, o, n, job), r) in jobs.iter().zip(results) {
+            let b = match r {
+                Ok(b) => b,
+                Err(e) => self.fetch_again(job, e).await?,
+            };
             let src = b
                 .get(*o..*o + *n)
                 .ok_or_else(|| FsError::Io("extent beyond its chunk".into()))?;
             out[*at..*at + *n].copy_from_slice(src);
         }
         Ok(())
+    }
+
+    /// A chunk whose read failed, read again from where its entry (and
+    /// its reference's) now say, if they moved meanwhile: the cleaner, a
+    /// recompression pass or a region may move a chunk between the lookup
+    /// and the read, and the old stripes may be reused once the move is
+    /// committed. A failure where nothing moved is the error it was.
+    async fn fetch_again(&self, r: &ChunkRead, err: FsError) -> Result<Vec<u8>, FsError> {
+        let mut r = r.clone();
+        let mut err = err;
+        for _ in 0..3 {
+            let moved = self.moved_since(&r.entry)
+                || r.base.as_ref().is_some_and(|(be, _)| self.moved_since(be))
+                || matches!(&r.src, Where::InRegion(re, _) if self.moved_since(re));
+            if !moved {
+                return Err(err);
+            }
+            let fp = r.entry.fp;
+            r = self.with_state(|st| st.locate_chunk(&fp)).await?;
+            match self.fetch_chunk(&r).await {
+                Ok(b) => return Ok(b),
+                Err(e) => err = e,
+            }
+        }
+        Err(err)
     }
 
     /// Pending bytes of `ino` over `[offset, offset + out.len())`, copied
@@ -1330,7 +1392,9 @@ impl FileSystem {
         candidates.sort_by_key(|x| x.3);
         let mut rep = CleanReport::default();
         for (seg, records, len, _) in candidates {
-            let bytes = self.read_segment_range(&records, 0, len as usize).await?;
+            let Some(bytes) = self.read_written_segment(seg, &records, len).await? else {
+                continue; // freed or moved meanwhile
+            };
             let frames = segment_frames(&bytes);
             let _guard = self.quiesce.read().await;
             let seg_bytes = self.seg_bytes;
@@ -1421,7 +1485,9 @@ impl FileSystem {
         for (i, (seg, records, len, _)) in segs.into_iter().enumerate() {
             progress(i as u64, total);
             rep.segments += 1;
-            let bytes = self.read_segment_range(&records, 0, len as usize).await?;
+            let Some(bytes) = self.read_written_segment(seg, &records, len).await? else {
+                continue; // freed or moved meanwhile
+            };
             let frames: Vec<(usize, Fp, u8)> = segment_frames(&bytes)
                 .into_iter()
                 .map(|(o, fp, _)| (o, fp, meta::frame_effort(&bytes[o..])))
@@ -1497,17 +1563,27 @@ impl FileSystem {
             let mut bases: HashMap<Fp, Arc<Vec<u8>>> = HashMap::new();
             for (_, _, b) in &jobs {
                 if let Some((be, w)) = b {
-                    if let std::collections::hash_map::Entry::Vacant(v) = bases.entry(be.fp) {
-                        v.insert(Arc::new(self.decode_chunk(be, w, None).await?));
+                    if bases.contains_key(&be.fp) {
+                        continue;
+                    }
+                    match self.decode_chunk(be, w, None).await {
+                        Ok(d) => {
+                            bases.insert(be.fp, Arc::new(d));
+                        }
+                        // A reference moved or freed since it was located
+                        // (its old stripes may be reused): its deltas wait
+                        // for the next pass.
+                        Err(_) if self.moved_since(be) => {}
+                        Err(e) => return Err(e),
                     }
                 }
             }
             type Work = (usize, ChunkEntry, Option<Arc<Vec<u8>>>);
             let work: Vec<Work> = jobs
                 .into_iter()
-                .map(|(o, e, b)| {
-                    let base = b.map(|(be, _)| bases[&be.fp].clone());
-                    (o, e, base)
+                .filter_map(|(o, e, b)| match b {
+                    None => Some((o, e, None)),
+                    Some((be, _)) => Some((o, e, Some(bases.get(&be.fp)?.clone()))),
                 })
                 .collect();
             // The compressor's work, off the async threads: level 19 runs
