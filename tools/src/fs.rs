@@ -514,11 +514,12 @@ segment that is partly dead into new segments, so the old ones free at the next 
 mount's background cleaner does the same for segments at most half live), and folds the index \
 journal into its buckets. With --recompress it first stores cold data again at a high zstd \
 level (--level, default 19): the write path compresses each chunk alone at level 1 to keep up \
-with ingest, and cold data can afford more (about 2 MB/s a core at level 19 on text). Plain \
+with ingest, and cold data can afford more (1–6 MB/s a core at level 19 on text). Plain \
 compressed chunks are gathered in write order into compression regions of --region bytes of \
 content, compressed as one, so each chunk gets its neighbours' history (logs store 8 % less than \
 chunk by chunk); reading one chunk of a region then decodes the whole region (about 1 ms per MiB; \
-a few recently read regions are kept decoded). Deltas are recompressed one by one. Work is kept \
+a few recently read regions are kept decoded). Regions at most half alive are rewritten into new \
+ones, which frees their dead members' bytes. Deltas are recompressed one by one. Work is kept \
 only where it saves at least 1/32, and a pass's frames are marked and passed by next time. If \
 the file system is mounted, the mount does the work; otherwise this command opens it with the \
 lease.",
@@ -529,7 +530,8 @@ dase clean --cluster /tmp/dase/cluster.toml --recompress --level 22 --region 0  
 pub struct CleanArgs {
     #[arg(long)]
     cluster: PathBuf,
-    /// Store compressed chunks again at --level first (slow: for cold data).
+    /// Store cold data again at --level first, in compression regions
+    /// (slow: for cold data).
     #[arg(long)]
     recompress: bool,
     /// zstd level of --recompress (1 to 22).
