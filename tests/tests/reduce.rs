@@ -857,32 +857,21 @@ fn compression_regions_store_less_and_their_chunks_stay_usable() {
     rig.assert_fsck_clean();
 
     // Bad sizes are clear errors.
-    let out = rig.dase(&[
-        "clean",
-        "--cluster",
-        rig.cluster_str(),
-        "--recompress",
-        "--region",
-        "64M",
-    ]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("16777216 bytes"),
-        "{out:?}"
-    );
-    let out = rig.dase(&[
-        "clean",
-        "--cluster",
-        rig.cluster_str(),
-        "--recompress",
-        "--region",
-        "4k",
-    ]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("0: none"),
-        "{out:?}"
-    );
+    for (size, said) in [("64M", "16777216 bytes"), ("4k", "0: none")] {
+        let out = rig.dase(&[
+            "clean",
+            "--cluster",
+            rig.cluster_str(),
+            "--recompress",
+            "--region",
+            size,
+        ]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(said),
+            "{out:?}"
+        );
+    }
 }
 
 /// Writes, overwrites and deletes while `dase clean --recompress` builds
