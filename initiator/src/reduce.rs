@@ -740,21 +740,23 @@ impl<'a> Encoder<'a> {
         self.cctx.compress2(out, data).ok().map(|_| ())
     }
 
-    /// A compression region's stored form (see [`region_members`]):
-    /// `members` (fingerprint, content) in order, their content end to end
-    /// compressed as one at this encoder's level.
-    pub fn region(&mut self, members: &[(Fp, &[u8])], out: &mut Vec<u8>) -> Option<()> {
-        let n = u32::try_from(members.len()).ok()?;
-        let mut content = Vec::with_capacity(members.iter().map(|m| m.1.len()).sum());
+    /// A compression region's stored form (see [`region_members`]): the
+    /// member table (fingerprint, length in order), then `content` (the
+    /// members end to end; their lengths must sum to it) compressed as one
+    /// at this encoder's level.
+    pub fn region(&mut self, table: &[(Fp, u32)], content: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        let total: u64 = table.iter().map(|m| m.1 as u64).sum();
+        if total != content.len() as u64 {
+            return None;
+        }
         out.clear();
-        out.extend_from_slice(&n.to_le_bytes());
-        for (fp, data) in members {
+        out.extend_from_slice(&u32::try_from(table.len()).ok()?.to_le_bytes());
+        for (fp, len) in table {
             out.extend_from_slice(fp);
-            out.extend_from_slice(&u32::try_from(data.len()).ok()?.to_le_bytes());
-            content.extend_from_slice(data);
+            out.extend_from_slice(&len.to_le_bytes());
         }
         let mut z = Vec::with_capacity(zstd_safe::compress_bound(content.len()));
-        self.cctx.compress2(&mut z, &content).ok()?;
+        self.cctx.compress2(&mut z, content).ok()?;
         out.extend_from_slice(&z);
         Some(())
     }
@@ -1253,19 +1255,16 @@ mod tests {
         let mut enc = Encoder::new(19);
         let mut dec = Decoder::default();
         let (mut s, mut out) = (Vec::new(), Vec::new());
-        let named: Vec<(Fp, &[u8])> = members.iter().map(|m| (fingerprint(m), &m[..])).collect();
-        enc.region(&named, &mut s).unwrap();
+        let named: Vec<(Fp, u32)> = members
+            .iter()
+            .map(|m| (fingerprint(m), m.len() as u32))
+            .collect();
+        enc.region(&named, &content, &mut s).unwrap();
         dec.decode(Encoding::Region, &s, None, content.len(), &mut out)
             .unwrap();
         assert_eq!(out, content);
         let (table, _) = region_members(&s).unwrap();
-        assert_eq!(
-            table,
-            named
-                .iter()
-                .map(|(f, m)| (*f, m.len() as u32))
-                .collect::<Vec<_>>()
-        );
+        assert_eq!(table, named);
         // A table claiming more members than the bytes hold is an error.
         let mut t = s.clone();
         t[..4].copy_from_slice(&u32::MAX.to_le_bytes());
@@ -1398,7 +1397,8 @@ mod tests {
                 4 => {
                     // A region of two members: the data in halves.
                     let (a, b) = data.split_at(data.len() / 2);
-                    enc.region(&[(fingerprint(a), a), (fingerprint(b), b)], &mut stored).unwrap();
+                    let table = [(fingerprint(a), a.len() as u32), (fingerprint(b), b.len() as u32)];
+                    enc.region(&table, &data, &mut stored).unwrap();
                     Encoding::Region
                 }
                 _ => enc.encode(&data, Some(&base), kind, &mut stored),

@@ -546,14 +546,8 @@ pub struct CleanArgs {
 
 pub fn clean(a: CleanArgs) -> Result<()> {
     let region = dase_target::parse_size(&a.region).map_err(anyhow::Error::msg)? as usize;
-    let least = 2 * dase_initiator::reduce::MAX_CHUNK as usize;
-    if region > dase_initiator::cnode::fs::MAX_REGION || (region > 0 && region < least) {
-        bail!(
-            "--region {}: compression regions hold {least} to {} bytes (0: none)",
-            a.region,
-            dase_initiator::cnode::fs::MAX_REGION
-        );
-    }
+    dase_initiator::cnode::fs::check_region_bytes(region)
+        .map_err(|e| anyhow::anyhow!("--region {}: {e}", a.region))?;
     let file = ClusterFile::load(&a.cluster)?;
     let rt = runtime()?;
     if let Some(mut s) = mount_control(&rt, &file)? {

@@ -246,20 +246,21 @@ struct Member {
 /// Where a region's member was stored when it was read.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Origin {
-    /// A frame of its own at this segment and offset.
-    Frame(u64, usize),
+    /// A frame of its own at this segment and offset, of this many stored
+    /// bytes.
+    Frame(u64, usize, u32),
     /// A slice at this offset of a partly dead region.
     Region(Fp, u32),
 }
 
 impl Origin {
     /// Whether `e` (the member's entry now) is still stored there.
-    fn holds(&self, e: &ChunkEntry, was: &ChunkEntry) -> bool {
+    fn holds(&self, e: &ChunkEntry) -> bool {
         match *self {
-            Origin::Frame(seg, off) => {
+            Origin::Frame(seg, off, stored) => {
                 e.seg == seg
                     && e.offset as usize == off
-                    && e.stored == was.stored
+                    && e.stored == stored
                     && e.enc == Encoding::Zstd
             }
             Origin::Region(r, at) => {
@@ -650,6 +651,31 @@ fn segment_frames(bytes: &[u8]) -> Vec<(usize, Fp, usize)> {
         off = end;
     }
     frames
+}
+
+/// Whether decoded content (`got`, its fingerprint) is what `fp` names:
+/// else the read fails rather than return other bytes.
+fn verified(what: &str, fp: &Fp, got: Fp) -> Result<(), FsError> {
+    if got == *fp {
+        return Ok(());
+    }
+    Err(FsError::Io(format!(
+        "{what} {}: content does not match its fingerprint",
+        hex(fp)
+    )))
+}
+
+/// Checks a compression region size (`dase clean --recompress --region`):
+/// 0 (none) or from two of the largest chunks (smaller makes no region)
+/// to [`MAX_REGION`].
+pub fn check_region_bytes(n: usize) -> Result<(), String> {
+    let least = 2 * reduce::MAX_CHUNK as usize;
+    if n == 0 || (least..=MAX_REGION).contains(&n) {
+        return Ok(());
+    }
+    Err(format!(
+        "compression regions hold {least} to {MAX_REGION} bytes (0: none), not {n}"
+    ))
 }
 
 pub(super) fn hex(fp: &Fp) -> String {
@@ -1173,13 +1199,7 @@ impl FileSystem {
                         FsError::Io(format!("chunk {} lies outside its region", hex(&e.fp)))
                     })?
                     .to_vec();
-                if reduce::fingerprint(&out) != e.fp {
-                    return Err(FsError::Io(format!(
-                        "chunk {}: content does not match its fingerprint",
-                        hex(&e.fp)
-                    )));
-                }
-                return Ok(out);
+                return verified("chunk", &e.fp, reduce::fingerprint(&out)).map(|()| out);
             }
         };
         self.decode_frame(e, src, base).await
@@ -1197,13 +1217,8 @@ impl FileSystem {
                     let mut out = Vec::new();
                     reduce::decode(Encoding::Region, &stored, None, len, &mut out)
                         .map_err(|err| FsError::Io(format!("region {}: {err}", hex(&fp))))?;
-                    if reduce::region_fingerprint(&out) != fp {
-                        return Err(FsError::Io(format!(
-                            "region {}: content does not match its fingerprint",
-                            hex(&fp)
-                        )));
-                    }
-                    Ok(Arc::new(out))
+                    verified("region", &fp, reduce::region_fingerprint(&out))?;
+                    Ok::<_, FsError>(Arc::new(out))
                 })
                 .await
                 .map_err(|e| FsError::Io(format!("region decoding task: {e}")))?
@@ -1233,12 +1248,7 @@ impl FileSystem {
         let mut out = Vec::with_capacity(e.len as usize);
         reduce::decode(e.enc, &stored, base, e.len as usize, &mut out)
             .map_err(|err| FsError::Io(format!("chunk {}: {err}", hex(&e.fp))))?;
-        if reduce::fingerprint(&out) != e.fp {
-            return Err(FsError::Io(format!(
-                "chunk {}: content does not match its fingerprint",
-                hex(&e.fp)
-            )));
-        }
+        verified("chunk", &e.fp, reduce::fingerprint(&out))?;
         Ok(out)
     }
 
@@ -1466,12 +1476,7 @@ impl FileSystem {
                 "zstd level {level}: the levels are 1 to 22"
             )));
         }
-        let least = 2 * reduce::MAX_CHUNK as usize;
-        if region_bytes > MAX_REGION || (region_bytes > 0 && region_bytes < least) {
-            return Err(FsError::Invalid(format!(
-                "compression regions of {region_bytes} bytes: 0 (none) or {least} to {MAX_REGION}"
-            )));
-        }
+        check_region_bytes(region_bytes).map_err(FsError::Invalid)?;
         let effort = level as u8;
         // Rebuilds replace segments' stripes: not while their chunks move.
         let _one = self.rebuilding.lock().await;
@@ -1533,7 +1538,7 @@ impl FileSystem {
                                 let mut pos = 0u32;
                                 for (fp, len) in table {
                                     if let Some(m) = st.chunk(&fp).filter(|m| {
-                                        Origin::Region(e.fp, pos).holds(m, m) && m.len == len
+                                        Origin::Region(e.fp, pos).holds(m) && m.len == len
                                     }) {
                                         live.push((pos, m.clone()));
                                     }
@@ -1625,7 +1630,7 @@ impl FileSystem {
                     .filter_map(|(o, e)| {
                         let data = decode(&e, o, None)?;
                         Some(Member {
-                            from: Origin::Frame(seg, o),
+                            from: Origin::Frame(seg, o, e.stored),
                             entry: e,
                             data,
                         })
@@ -1737,15 +1742,13 @@ impl FileSystem {
             let mut todo: Vec<std::ops::Range<usize>> = Vec::new();
             todo.push(0..members.len());
             while let Some(r) = todo.pop() {
-                let named: Vec<(Fp, &[u8])> = members[r.clone()]
-                    .iter()
-                    .map(|m| (m.entry.fp, &m.data[..]))
-                    .collect();
+                let ms = &members[r.clone()];
+                let table: Vec<(Fp, u32)> = ms.iter().map(|m| (m.entry.fp, m.entry.len)).collect();
+                let content = ms.iter().map(|m| &m.data[..]).collect::<Vec<_>>().concat();
                 let mut out = Vec::new();
-                if enc.region(&named, &mut out).is_none() {
+                if enc.region(&table, &content, &mut out).is_none() {
                     continue;
                 }
-                let content: Vec<u8> = named.iter().flat_map(|m| m.1.iter().copied()).collect();
                 if out.len() > max_stored && r.len() > 1 {
                     let mid = r.start + r.len() / 2;
                     todo.push(mid..r.end);
@@ -1755,13 +1758,8 @@ impl FileSystem {
                 // Members of partly dead regions move whatever it saves
                 // (their old regions' dead bytes free with them); others
                 // only to save 1/32 of their frames.
-                let rewrite = members[r.clone()]
-                    .iter()
-                    .any(|m| matches!(m.from, Origin::Region(..)));
-                let was: usize = members[r.clone()]
-                    .iter()
-                    .map(|m| m.entry.stored as usize)
-                    .sum();
+                let rewrite = ms.iter().any(|m| matches!(m.from, Origin::Region(..)));
+                let was: usize = ms.iter().map(|m| m.entry.stored as usize).sum();
                 if (r.len() > 1 || rewrite)
                     && out.len() <= max_stored
                     && (rewrite || out.len() < was - was / 32)
@@ -1791,10 +1789,9 @@ impl FileSystem {
                     // Every member as it was read (not moved, died or
                     // changed meanwhile), else the region would hold dead
                     // bytes: then not made at all.
-                    let current = ms.iter().all(|m| {
-                        st.chunk(&m.entry.fp)
-                            .is_some_and(|e| m.from.holds(e, &m.entry))
-                    });
+                    let current = ms
+                        .iter()
+                        .all(|m| st.chunk(&m.entry.fp).is_some_and(|e| m.from.holds(e)));
                     if !current || st.chunk(&rfp).is_some() {
                         return Ok((Vec::new(), None));
                     }
@@ -1827,7 +1824,7 @@ impl FileSystem {
                         st.counts.count_chunk(&e, 1);
                         st.put_chunk(e.fp, Some(e));
                         match m.from {
-                            Origin::Frame(seg, _) => st.release(seg, cur.frame_len()),
+                            Origin::Frame(seg, ..) => st.release(seg, cur.frame_len()),
                             // Its old region loses a member (and, with its
                             // last, its frame).
                             Origin::Region(old, _) => {
