@@ -89,13 +89,14 @@ pub fn chunks(data: &[u8]) -> Vec<Chunk> {
 /// Gear-hash chunking with FastCDC's normalization (Xia et al. 2016/2020:
 /// no cut before `min`, a harder cut condition before `avg`, an easier one
 /// after, a forced cut at `max`) fused with Odess's content-defined
-/// sampling (Zhang et al. 2021): one rolling hash both samples the sketch
-/// and finds cut points, and every cut point is a sample point. So it
-/// runs in two steps: [`samples`] rolls the hash over every byte (two
-/// independent lanes; the hash depends on the last 64 bytes only) and
-/// keeps the 1 in 128 sample positions; then a walk over the samples
-/// places the cuts and takes each chunk's features from its own samples.
-/// A chunk's sketch thus depends on its bytes and the 63 before it.
+/// sampling (Zhang et al. 2021): cut points are chosen among the sample
+/// points, and one hash per sample both places cuts and makes features.
+/// So it runs in two steps: [`samples`] finds the 1 in 128 positions whose
+/// rolling gear hash has its low bits clear (which depend on the last 7
+/// bytes only) and gives each the hash of the 64 bytes ending there
+/// ([`window_hash`]); then a walk over the samples places the cuts and
+/// takes each chunk's features from its own samples. A chunk's cuts and
+/// sketch thus depend on its bytes and the 63 before it.
 ///
 /// Arrays of little-endian numbers ([`Numbers`]: model weights) are cut
 /// and sketched by the hash of their most significant bytes alone, which a
@@ -109,8 +110,9 @@ pub fn chunks_of_size(data: &[u8], avg: u32) -> Vec<Chunk> {
     // Cut conditions are tested once per number, not per byte.
     let bits = (avg / numbers.map_or(1, |n| n.width)).ilog2();
     // A cut needs `bits ± 1` zero bits: the sample bits and the top bits of
-    // the hash (which depend on the last 64 bytes, where the low ones depend
-    // on the last few only).
+    // the sample's window hash (for numbers, of the rolling hash, whose top
+    // bits depend on the last 64 numbers where its low ones depend on the
+    // last few only).
     let top = |n: u32| !(u64::MAX >> (n - SAMPLE_BITS));
     let (hard, easy) = (top(bits + 1), top(bits - 1));
     let samples = match numbers {
@@ -274,46 +276,83 @@ fn samples_scalar(data: &[u8]) -> Vec<Sample> {
             if h0 & SAMPLE_MASK == 0 {
                 lo.push(Sample {
                     pos: i as u32,
-                    hash: h0,
+                    hash: window_hash(data, i),
                 });
             }
             if h1 & SAMPLE_MASK == 0 {
                 hi.push(Sample {
                     pos: (half + i) as u32,
-                    hash: h1,
+                    hash: window_hash(data, half + i),
                 });
             }
         }
     }
     // An odd length leaves one byte for the second lane.
-    roll(&b[half..], 2 * half, &mut h1, &mut hi);
+    roll(data, 2 * half, &mut h1, &mut hi);
     lo.append(&mut hi);
     lo
 }
 
-fn roll(data: &[u8], at: usize, h: &mut u64, out: &mut Vec<Sample>) {
-    for (i, &b) in data.iter().enumerate() {
+/// Rolls `h` on over `data[from..]`, keeping the samples.
+fn roll(data: &[u8], from: usize, h: &mut u64, out: &mut Vec<Sample>) {
+    for (i, &b) in data.iter().enumerate().skip(from) {
         *h = (*h << 1).wrapping_add(GEAR[b as usize]);
         if *h & SAMPLE_MASK == 0 {
             out.push(Sample {
-                pos: (at + i) as u32,
-                hash: *h,
+                pos: i as u32,
+                hash: window_hash(data, i),
             });
         }
     }
 }
 
+/// The hash a sample at position `i` carries, which places cuts and makes
+/// features: of the 64 bytes ending at `i` (zeros before the data). The
+/// gear hash's full 64 bits would do (they depend on the same 64 bytes),
+/// but where only the samples are wanted ([`simd`]) recomputing them is a
+/// 64-step chain per sample; this is four independent 64×64→128-bit
+/// multiplies (xxh3's pairing of words) and a final mix.
+#[inline(always)]
+fn window_hash(data: &[u8], i: usize) -> u64 {
+    let w: [u8; 64] = match i.checked_sub(63) {
+        Some(s) => data[s..=i].try_into().expect("64 bytes"),
+        None => {
+            let mut w = [0u8; 64];
+            w[63 - i..].copy_from_slice(&data[..=i]);
+            w
+        }
+    };
+    let word = |m: usize| u64::from_le_bytes(w[8 * m..8 * m + 8].try_into().expect("8 bytes"));
+    let mut acc = 0u64;
+    for j in 0..4 {
+        let a = word(2 * j) ^ WINDOW_KEYS[2 * j];
+        let b = word(2 * j + 1) ^ WINDOW_KEYS[2 * j + 1];
+        let p = a as u128 * b as u128;
+        acc = acc.wrapping_add(p as u64 ^ (p >> 64) as u64);
+    }
+    splitmix(acc)
+}
+
+const WINDOW_KEYS: [u64; 8] = {
+    let mut t = [0u64; 8];
+    let mut i = 0;
+    while i < 8 {
+        t[i] = splitmix(0x3d0_0000 + i as u64);
+        i += 1;
+    }
+    t
+};
+
 /// The sampler with AVX-512 VBMI. A sample is a position whose gear hash
 /// has its low [`SAMPLE_BITS`] bits clear, and those bits depend on the
 /// last 7 bytes only: `Σ_{k<7} GEAR[b_{i-k}] << k mod 128`. That window
 /// sum has no dependency chain, so 64 positions are tested at once (the
-/// 256-entry table of the gears' low bits is two `vpermi2b` lookups);
-/// only at the 1 in 128 positions that pass is the full 64-bit hash
-/// computed, from its 64 bytes. The scalar sampler rolls one hash per
-/// lane through every byte instead, a chain of one add per byte.
+/// 256-entry table of the gears' low bits is two `vpermi2b` lookups).
+/// The scalar sampler rolls one hash per lane through every byte instead,
+/// a chain of one add per byte.
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Sample, GEAR, SAMPLE_MASK};
+    use super::{window_hash, Sample, GEAR, SAMPLE_MASK};
     use std::arch::x86_64::*;
 
     /// The low 7 bits of every gear, as bytes.
@@ -331,18 +370,6 @@ mod simd {
         is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vbmi")
-    }
-
-    /// The full hash at position `i`: the gears of the 64 bytes up to it
-    /// (fewer at the start), each shifted by its distance.
-    fn hash_at(data: &[u8], i: usize) -> u64 {
-        // Rolled like the scalar sampler (bytes older than 64 shift out):
-        // a chain per sample, but the samples of a block overlap.
-        let mut h = 0u64;
-        for &b in &data[i.saturating_sub(63)..=i] {
-            h = (h << 1).wrapping_add(GEAR[b as usize]);
-        }
-        h
     }
 
     /// Positions per block: the gears' low bits of a block are looked up
@@ -421,11 +448,9 @@ mod simd {
                 while hits != 0 {
                     let i = base + j + hits.trailing_zeros() as usize;
                     hits &= hits - 1;
-                    let hash = hash_at(data, i);
-                    debug_assert_eq!(hash & SAMPLE_MASK, 0);
                     out.push(Sample {
                         pos: i as u32,
-                        hash,
+                        hash: window_hash(data, i),
                     });
                 }
                 j += 64;
@@ -1027,9 +1052,10 @@ mod tests {
             let len = i + 1 - start;
             let mut cut = len == avg * 4 || i + 1 == data.len();
             if h & SAMPLE_MASK == 0 {
-                f.sample(h);
+                let w = window_hash(data, i);
+                f.sample(w);
                 let mask = if len <= avg { hard } else { easy };
-                cut |= len > avg / 4 && h & mask == 0;
+                cut |= len > avg / 4 && w & mask == 0;
             }
             if cut {
                 out.push(Chunk {
