@@ -13,13 +13,15 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
         return;
     }
-    let enc = match data[0] % 6 {
+    let enc = match data[0] % 8 {
         0 => Encoding::Raw,
         1 => Encoding::Zstd,
         2 => Encoding::Delta,
         3 => Encoding::XorDelta,
         4 => Encoding::Region,
-        _ => Encoding::Slice,
+        5 => Encoding::Slice,
+        6 => Encoding::Planes,
+        _ => Encoding::XorPlanes,
     };
     // Up to twice the largest chunk.
     let len = u16::from_le_bytes([data[1], data[2]]) as usize * 2;

@@ -947,3 +947,106 @@ fn compression_regions_under_concurrent_writes_lose_nothing() {
     check(&m.path, "after a second pass");
     assert!(m.stop());
 }
+
+/// Model weights as little-endian fp32, roughly normal (a sum of four
+/// uniforms) with a spread like a trained layer's.
+fn weights(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut u = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f32 / (1u64 << 53) as f32
+    };
+    (0..n)
+        .flat_map(|_| ((u() + u() + u() + u() - 2.0) * 0.09).to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn model_weights_store_as_byte_planes_and_their_updates_as_xor_deltas() {
+    let rig = FsRig::new("weights", 5, "512M", "3+2");
+    let m = rig.mount("mnt", &[]).unwrap();
+    let root = m.path.clone();
+    // A checkpoint, then the next one: the first quarter frozen, every
+    // other number nudged by a training step (all its low bits move).
+    let a = weights(1 << 20, 3);
+    let frozen = a.len() / 4;
+    let b: Vec<u8> = a
+        .chunks_exact(4)
+        .enumerate()
+        .flat_map(|(i, w)| {
+            let v = f32::from_le_bytes(w.try_into().unwrap());
+            let nudged = if 4 * i < frozen {
+                v
+            } else {
+                v * (1.0 + ((i % 13) as f32 - 6.0) * 3e-6)
+            };
+            nudged.to_le_bytes()
+        })
+        .collect();
+    write_file(&root.join("step0"), &a);
+    commit(&root);
+    let s1 = rig.stats();
+    let stored1 = num(&s1, "after_compression_bytes");
+    // Whole chunks of floats look incompressible; their exponent planes
+    // are not.
+    assert!(
+        stored1 < a.len() as u64 * 9 / 10,
+        "plain weights stored {stored1} of {}",
+        a.len()
+    );
+    write_file(&root.join("step1"), &b);
+    commit(&root);
+    let s2 = rig.stats();
+    let updated = (b.len() - frozen) as u64;
+    assert!(
+        num(&s2, "after_dedup_bytes") - num(&s1, "after_dedup_bytes") <= updated + 2 * MAX_CHUNK,
+        "the frozen quarter did not dedup: {s2}"
+    );
+    assert!(
+        num(&s2, "delta_chunk_bytes") > updated / 2,
+        "few deltas: {s2}"
+    );
+    let grew = num(&s2, "after_compression_bytes") - stored1;
+    assert!(
+        grew < updated * 6 / 10,
+        "the update stored {grew} bytes for {updated} updated"
+    );
+    for (n, want) in [("step0", &a), ("step1", &b)] {
+        assert!(read_cold(&root.join(n)) == *want, "{n} differs");
+    }
+    // Recompressed (planes at level 19), still exact; then from a remount.
+    let out = rig.dase(&["clean", "--cluster", rig.cluster_str(), "--recompress"]);
+    assert!(out.status.success(), "{out:?}");
+    let s3 = rig.stats();
+    assert!(num(&s3, "after_compression_bytes") <= num(&s2, "after_compression_bytes"));
+    assert!(
+        num(&s3, "delta_chunk_bytes") > 0,
+        "deltas lost their encoding: {s3}"
+    );
+    for (n, want) in [("step0", &a), ("step1", &b)] {
+        assert!(
+            read_cold(&root.join(n)) == *want,
+            "{n} differs after recompression"
+        );
+    }
+    assert!(m.stop());
+    rig.assert_fsck_clean();
+    let m = rig.mount("mnt", &[]).unwrap();
+    for (n, want) in [("step0", &a), ("step1", &b)] {
+        assert!(
+            read_cold(&m.path.join(n)) == *want,
+            "{n} differs after remount"
+        );
+    }
+    for n in ["step0", "step1"] {
+        std::fs::remove_file(m.path.join(n)).unwrap();
+    }
+    assert!(m.stop());
+    rig.clean();
+    let s = rig.stats();
+    assert_eq!(num(&s, "chunks"), 0, "{s}");
+    assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
+    rig.assert_fsck_clean();
+}

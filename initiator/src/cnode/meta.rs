@@ -41,7 +41,9 @@ pub const META_MAGIC: [u8; 8] = *b"DASEMETA";
 /// 5: compression regions (chunk entries of encodings `Region` and `Slice`);
 ///    a version 4 file system is a version 5 one without them, so both are
 ///    read.
-pub const VERSION: u32 = 5;
+/// 6: arrays of numbers stored as byte planes (encodings `Planes` and
+///    `XorPlanes`); older versions are version 6 without them.
+pub const VERSION: u32 = 6;
 pub const OLDEST_READ: u32 = 4;
 
 /// Inodes per metadata page: a page of small inodes fits a strip or two,
@@ -140,7 +142,8 @@ impl ChunkEntry {
 /// made and the zstd level for one a recompression pass made (so a later
 /// pass at that level passes it by); readers ignore it. *encoding* 4 is a
 /// compression region (frame version 3), whose *members* field counts the
-/// chunks it was made of (0 in other frames).
+/// chunks it was made of (0 in other frames); 6 and 7 are byte planes of
+/// numbers, plain and XOR delta (frame version 4).
 pub const CHUNK_HEADER: usize = 48;
 pub const CHUNK_MAGIC: [u8; 4] = *b"DCHK";
 
@@ -166,6 +169,8 @@ pub fn chunk_header(e: &ChunkEntry, effort: u8) -> [u8; CHUNK_HEADER] {
         Encoding::XorDelta => 3,
         Encoding::Region => 4,
         Encoding::Slice => 5,
+        Encoding::Planes => 6,
+        Encoding::XorPlanes => 7,
     };
     h[13] = effort;
     if e.enc == Encoding::Region {

@@ -997,7 +997,7 @@ impl FileSystem {
                             st.append_chunk(c.fp, c.len, enc, base, stored, seg_bytes, &mut sealed);
                         match enc {
                             Encoding::Raw => &ing.raw,
-                            Encoding::Zstd => &ing.compressed,
+                            Encoding::Zstd | Encoding::Planes => &ing.compressed,
                             _ => &ing.deltas,
                         }
                         .fetch_add(1, Ordering::Relaxed);
@@ -1546,7 +1546,11 @@ impl FileSystem {
                                 }
                                 partly_dead.push((o, e, live));
                             }
-                            Encoding::Zstd | Encoding::Delta | Encoding::XorDelta
+                            Encoding::Zstd
+                            | Encoding::Delta
+                            | Encoding::XorDelta
+                            | Encoding::Planes
+                            | Encoding::XorPlanes
                                 if eff < effort =>
                             {
                                 alone.push((o, e.clone()))
