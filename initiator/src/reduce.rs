@@ -1717,7 +1717,7 @@ mod tests {
             flips in proptest::collection::vec((0usize..1 << 16, 0u8..=255), 0..6),
             cut in 0usize..1 << 16,
             len_off in -3i64..4,
-            which in 0u8..5,
+            which in 0u8..7,
         ) {
             let base = text(n.max(1) + (seed as usize % 97));
             let mut data = base.clone();
@@ -1726,7 +1726,7 @@ mod tests {
             }
             let mut enc = Encoder::new(LEVEL);
             let mut stored = Vec::new();
-            let kind = Kind { numbers: which == 3, incompressible: false };
+            let kind = Kind { numbers: which == 3 || which == 5, incompressible: false };
             let e = match which {
                 0 => Encoding::Raw,
                 1 => enc.compress(&data, &mut stored),
@@ -1736,6 +1736,13 @@ mod tests {
                     let table = [(fingerprint(a), a.len() as u32), (fingerprint(b), b.len() as u32)];
                     enc.region(&table, &data, &mut stored).unwrap();
                     Encoding::Region
+                }
+                // Planes of the chunk itself (no reference).
+                5 => enc.encode(&data, None, kind, &mut stored),
+                // The XOR delta file systems before version 6 hold.
+                6 => {
+                    enc.reencode(Encoding::XorDelta, &data, Some(&base), &mut stored).unwrap();
+                    Encoding::XorDelta
                 }
                 _ => enc.encode(&data, Some(&base), kind, &mut stored),
             };
