@@ -1,12 +1,14 @@
 #!/bin/bash
 # Read-back of cold data through the mount before and after `dase clean --recompress`
-# (logs + source parts), plus 4k random reads of one logs file; three runs each.
-# Usage: [DASE=path/to/dase] [CORPUS=/tmp/corpus] bash benches/corpus/readback.sh
+# (the logs and source parts, or PARTS), plus 4k random reads of one logs file
+# when the logs are among them; three runs each.
+# Usage: [DASE=path/to/dase] [CORPUS=/tmp/corpus] [PARTS="checkpoints"] bash benches/corpus/readback.sh
 # (root, FUSE; cargo build --release -p dase-tools first)
 set -e
 B=${DASE:-$(cd "$(dirname "$0")/../.." && pwd)/build/release/dase}
 C=${CORPUS:-/tmp/corpus}
-MB=$(du -sb $C/logs $C/source | awk '{s+=$1} END {print s/1e6}')
+PARTS=${PARTS:-logs source}
+MB=$(cd $C && du -sb $PARTS | awk '{s+=$1} END {print s/1e6}')
 W=/tmp/rb; rm -rf $W; mkdir -p $W/mnt
 $B cluster up --dir $W/c --dnodes 13 --size 1G > $W/up.log 2>&1 &
 sleep 4
@@ -15,16 +17,17 @@ mnt() { $B mount --cluster $W/c/cluster.toml --log warn $W/mnt > $W/mount.log 2>
 cold() {
   for i in 1 2 3; do
     sync; echo 3 > /proc/sys/vm/drop_caches
-    s=$(date +%s.%N); cat $W/mnt/logs/* $W/mnt/source/* > /dev/null; e=$(date +%s.%N)
+    s=$(date +%s.%N); for p in $PARTS; do cat $W/mnt/$p/*; done > /dev/null; e=$(date +%s.%N)
     echo "$1 seq run $i: $(python3 -c "print(round($MB/($e-$s)))") MB/s"
   done
+  case " $PARTS " in *" logs "*) ;; *) return ;; esac
   for i in 1 2 3; do
     sync; echo 3 > /proc/sys/vm/drop_caches
     $B bench --filename $W/mnt/logs/service-0.jsonl --rw randread --bs 4k --iodepth 4 --runtime 10 --log warn 2>&1 | grep -iE "iops|read:" | head -2 | sed "s/^/$1 rand run $i: /"
   done
 }
 mnt
-cp -r $C/logs $C/source $W/mnt/
+for p in $PARTS; do cp -r $C/$p $W/mnt/; done
 sync; umount $W/mnt; sleep 2
 mnt; cold before; umount $W/mnt; sleep 2
 ( time $B clean --cluster $W/c/cluster.toml --recompress | tail -2 ) 2>&1 | grep -v "^$"
