@@ -528,6 +528,62 @@ mod tests {
     }
 
     #[test]
+    fn frames_of_older_versions_read_and_newer_ones_are_refused() {
+        let c = CommitRecord {
+            fs_uuid: [3; 16],
+            seq: 42,
+            epoch: 5,
+            head: rec(),
+        };
+        let b = frame(COMMIT_MAGIC, &c, COMMIT_SLOT).unwrap();
+        let as_version = |v: u32| {
+            let mut d = b.clone();
+            d[8..12].copy_from_slice(&v.to_le_bytes());
+            let len = u32::from_le_bytes(d[12..16].try_into().unwrap()) as usize;
+            let crc = crc32c::crc32c(&d[..16 + len]);
+            d[16 + len..20 + len].copy_from_slice(&crc.to_le_bytes());
+            unframe::<CommitRecord>(COMMIT_MAGIC, &d)
+        };
+        for v in OLDEST_READ..=VERSION {
+            assert_eq!(as_version(v).unwrap(), c, "version {v}");
+        }
+        for v in [OLDEST_READ - 1, VERSION + 1] {
+            let e = as_version(v).unwrap_err().to_string();
+            assert!(e.contains(&format!("version {v} is not supported")), "{e}");
+        }
+        // A chunk entry of each encoding a version-6 file system can hold
+        // survives its page's encoding.
+        let encs = [
+            Encoding::Raw,
+            Encoding::Zstd,
+            Encoding::Delta,
+            Encoding::XorDelta,
+            Encoding::Region,
+            Encoding::Slice,
+            Encoding::Planes,
+            Encoding::XorPlanes,
+        ];
+        for (i, enc) in encs.into_iter().enumerate() {
+            let e = ChunkEntry {
+                fp: [i as u8; 32],
+                seg: 3,
+                offset: 64,
+                stored: 100,
+                len: 200,
+                enc,
+                base: enc.is_delta().then_some([9; 32]),
+                refs: 1,
+            };
+            let back: ChunkEntry =
+                postcard::from_bytes(&postcard::to_allocvec(&e).unwrap()).unwrap();
+            assert_eq!(back, e);
+            if enc != Encoding::Slice {
+                assert_eq!(chunk_header(&e, 0)[12] as usize, i, "frame code of {enc:?}");
+            }
+        }
+    }
+
+    #[test]
     fn records_round_trip() {
         let mut ext = BTreeMap::new();
         ext.insert(
