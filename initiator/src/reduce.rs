@@ -333,15 +333,7 @@ fn window_hash(data: &[u8], i: usize) -> u64 {
     splitmix(acc)
 }
 
-const WINDOW_KEYS: [u64; 8] = {
-    let mut t = [0u64; 8];
-    let mut i = 0;
-    while i < 8 {
-        t[i] = splitmix(0x3d0_0000 + i as u64);
-        i += 1;
-    }
-    t
-};
+const WINDOW_KEYS: [u64; 8] = splitmix_table(0x3d0_0000);
 
 /// The sampler with AVX-512 VBMI. A sample is a position whose gear hash
 /// has its low [`SAMPLE_BITS`] bits clear, and those bits depend on the
@@ -533,25 +525,28 @@ const fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-const GEAR: [u64; 256] = {
-    let mut t = [0u64; 256];
+/// `splitmix(seed + i)` for every `i`: the fixed pseudo-random constants
+/// of the hashes here.
+const fn splitmix_table<const N: usize>(seed: u64) -> [u64; N] {
+    let mut t = [0u64; N];
     let mut i = 0;
-    while i < 256 {
-        t[i] = splitmix(0x5eed_0000 + i as u64);
+    while i < N {
+        t[i] = splitmix(seed + i as u64);
         i += 1;
     }
     t
-};
+}
+
+const GEAR: [u64; 256] = splitmix_table(0x5eed_0000);
 
 /// Odd multipliers and offsets of the linear transforms, one per feature.
 const TRANSFORMS: [(u64, u64); FEATURES] = {
+    let (m, a): ([u64; FEATURES], [u64; FEATURES]) =
+        (splitmix_table(0xfea7_0000), splitmix_table(0xadd0_0000));
     let mut t = [(0u64, 0u64); FEATURES];
     let mut i = 0;
     while i < FEATURES {
-        t[i] = (
-            splitmix(0xfea7_0000 + i as u64) | 1,
-            splitmix(0xadd0_0000 + i as u64),
-        );
+        t[i] = (m[i] | 1, a[i]);
         i += 1;
     }
     t
@@ -673,9 +668,8 @@ pub const LEVEL: i32 = 1;
 pub struct Encoder<'a> {
     cctx: CCtx<'a>,
     scratch: Vec<u8>,
-    /// The planes as stored, before their header, and one compressed.
-    packed: Vec<u8>,
-    zbuf: Vec<u8>,
+    /// The planes of a chunk, compressed (those that were tried).
+    zplanes: [Vec<u8>; 4],
     level: i32,
     /// The planes' compressor, made when first needed.
     planes: Option<CCtx<'static>>,
@@ -697,8 +691,7 @@ impl<'a> Encoder<'a> {
         Encoder {
             cctx,
             scratch: Vec::new(),
-            packed: Vec::new(),
-            zbuf: Vec::new(),
+            zplanes: Default::default(),
             level,
             planes: None,
         }
@@ -740,7 +733,7 @@ impl<'a> Encoder<'a> {
     ) -> Encoding {
         if let Some(base) = base {
             let e = if kind.numbers {
-                self.xor_delta(data, base, out)
+                Some(self.xor_delta(data, base, out))
             } else {
                 self.byte_delta(data, base, out)
             };
@@ -793,8 +786,14 @@ impl<'a> Encoder<'a> {
                 xor_shuffle(data, Some(base?), &mut self.scratch);
                 return self.cctx.compress2(out, &self.scratch).ok().map(|_| ());
             }
-            Encoding::Planes => return self.planes(data, None, out),
-            Encoding::XorPlanes => return self.planes(data, Some(base?), out),
+            Encoding::Planes => {
+                self.planes(data, None, out);
+                return Some(());
+            }
+            Encoding::XorPlanes => {
+                self.planes(data, Some(base?), out);
+                return Some(());
+            }
         }
         self.cctx.compress2(out, data).ok().map(|_| ())
     }
@@ -814,9 +813,10 @@ impl<'a> Encoder<'a> {
             out.extend_from_slice(fp);
             out.extend_from_slice(&len.to_le_bytes());
         }
-        let mut z = Vec::with_capacity(zstd_safe::compress_bound(content.len()));
-        self.cctx.compress2(&mut z, content).ok()?;
-        out.extend_from_slice(&z);
+        let at = out.len();
+        out.resize(at + zstd_safe::compress_bound(content.len()), 0);
+        let n = self.cctx.compress2(&mut out[at..], content).ok()?;
+        out.truncate(at + n);
         Some(())
     }
 
@@ -824,13 +824,12 @@ impl<'a> Encoder<'a> {
         if kind.numbers {
             // Per plane: whatever the whole chunk's entropy says, its
             // exponents may compress.
-            return match self.planes(data, None, out) {
-                Some(()) if out.len() < data.len() - data.len() / 32 => Encoding::Planes,
-                _ => {
-                    out.clear();
-                    Encoding::Raw
-                }
-            };
+            self.planes(data, None, out);
+            if out.len() < data.len() - data.len() / 32 {
+                return Encoding::Planes;
+            }
+            out.clear();
+            return Encoding::Raw;
         }
         if kind.incompressible {
             out.clear();
@@ -851,56 +850,57 @@ impl<'a> Encoder<'a> {
         self.cctx.compress2(out, data).ok()?;
         if out.len() > data.len() / 8 {
             let mut alt = Vec::new();
-            if let Some(e) = self.xor_delta(data, base, &mut alt) {
-                if alt.len() < out.len() {
-                    *out = alt;
-                    return Some(e);
-                }
+            let e = self.xor_delta(data, base, &mut alt);
+            if alt.len() < out.len() {
+                *out = alt;
+                return Some(e);
             }
         }
         Some(Encoding::Delta)
     }
 
-    fn xor_delta(&mut self, data: &[u8], base: &[u8], out: &mut Vec<u8>) -> Option<Encoding> {
-        self.planes(data, Some(base), out)?;
-        Some(Encoding::XorPlanes)
+    fn xor_delta(&mut self, data: &[u8], base: &[u8], out: &mut Vec<u8>) -> Encoding {
+        self.planes(data, Some(base), out);
+        Encoding::XorPlanes
     }
 
     /// `data` (XOR `base`) as byte planes into `out` ([`planes_layout`]):
     /// a plane is compressed when the entropy check lets it be tried and
     /// zstd then saves 1/32 of it.
-    fn planes(&mut self, data: &[u8], base: Option<&[u8]>, out: &mut Vec<u8>) -> Option<()> {
+    fn planes(&mut self, data: &[u8], base: Option<&[u8]>, out: &mut Vec<u8>) {
         xor_shuffle(data, base, &mut self.scratch);
         let cctx = planes_cctx(&mut self.planes, self.level);
         let words = data.len() / 4;
+        let plane = |p: usize| p * words..(p + 1) * words;
         let mut flags = 0u8;
-        let mut lens = [0u32; 4];
-        self.packed.clear();
-        for (p, len) in lens.iter_mut().enumerate() {
-            let plane = &self.scratch[p * words..(p + 1) * words];
-            if words > 0 && !looks_incompressible(plane) {
-                self.zbuf.clear();
-                self.zbuf.reserve(zstd_safe::compress_bound(words));
-                let n = cctx.compress2(&mut self.zbuf, plane).ok();
-                if n.is_some_and(|n| n < words - words / 32) {
-                    flags |= 1 << p;
-                    *len = self.zbuf.len() as u32;
-                    self.packed.extend_from_slice(&self.zbuf);
-                    continue;
-                }
+        for (p, z) in self.zplanes.iter_mut().enumerate() {
+            let src = &self.scratch[plane(p)];
+            if words == 0 || looks_incompressible(src) {
+                continue;
             }
-            self.packed.extend_from_slice(plane);
+            z.clear();
+            z.reserve(zstd_safe::compress_bound(words));
+            if cctx.compress2(z, src).is_ok_and(|n| n < words - words / 32) {
+                flags |= 1 << p;
+            }
         }
+        // Assembled once: the header, then each plane from where it is.
+        let compressed = |p: usize| flags & (1 << p) != 0;
         out.clear();
         out.push(flags);
-        for (p, len) in lens.iter().enumerate() {
-            if flags & (1 << p) != 0 {
-                out.extend_from_slice(&len.to_le_bytes());
+        for (p, z) in self.zplanes.iter().enumerate() {
+            if compressed(p) {
+                out.extend_from_slice(&(z.len() as u32).to_le_bytes());
             }
         }
-        out.extend_from_slice(&self.packed);
+        for (p, z) in self.zplanes.iter().enumerate() {
+            out.extend_from_slice(if compressed(p) {
+                z
+            } else {
+                &self.scratch[plane(p)]
+            });
+        }
         out.extend_from_slice(&self.scratch[4 * words..]);
-        Some(())
     }
 }
 
