@@ -31,6 +31,22 @@ fn commit(root: &Path) {
     File::open(root).unwrap().sync_all().unwrap();
 }
 
+/// Every named file under `dir` reads back, cold, as it was written.
+fn assert_files(dir: &Path, files: &[(&str, &Vec<u8>)], when: &str) {
+    for (n, want) in files {
+        assert!(read_cold(&dir.join(n)) == **want, "{n} differs{when}");
+    }
+}
+
+/// What a file system whose files are all gone stores: no chunks, no data
+/// stripes. Its stats, for more checks.
+fn assert_stores_nothing(rig: &FsRig) -> serde_json::Value {
+    let s = rig.stats();
+    assert_eq!(num(&s, "chunks"), 0, "{s}");
+    assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
+    s
+}
+
 const MAX_CHUNK: u64 = dase_initiator::reduce::MAX_CHUNK as u64;
 
 #[test]
@@ -81,17 +97,14 @@ fn duplicates_and_near_duplicates_store_once_plus_small_deltas() {
     assert!(num(&s4, "after_compression_bytes") - num(&s3, "after_compression_bytes") < 8 * 1024);
 
     // Bit-exact, from the page cache's absence and after a remount.
-    for (n, want) in [("a", &a), ("b", &a), ("c", &c), ("d", &d)] {
-        assert!(read_cold(&root.join(n)) == *want, "{n} differs");
-    }
+    assert_files(&root, &[("a", &a), ("b", &a), ("c", &c), ("d", &d)], "");
     assert!(m.stop());
     let m = rig.mount("mnt", &[]).unwrap();
-    for (n, want) in [("a", &a), ("b", &a), ("c", &c), ("d", &d)] {
-        assert!(
-            read_cold(&m.path.join(n)) == *want,
-            "{n} differs after remount"
-        );
-    }
+    assert_files(
+        &m.path,
+        &[("a", &a), ("b", &a), ("c", &c), ("d", &d)],
+        " after remount",
+    );
     rig.assert_fsck_clean();
 
     // Deleting every file returns the stored bytes to an empty file system's.
@@ -99,10 +112,8 @@ fn duplicates_and_near_duplicates_store_once_plus_small_deltas() {
         std::fs::remove_file(m.path.join(n)).unwrap();
     }
     assert!(m.stop());
-    let s = rig.stats();
-    assert_eq!(num(&s, "chunks"), 0, "{s}");
+    let s = assert_stores_nothing(&rig);
     assert_eq!(num(&s, "after_compression_bytes"), 0);
-    assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
     rig.assert_fsck_clean();
 }
 
@@ -200,9 +211,7 @@ fn a_crash_during_reclamation_loses_nothing() {
         std::fs::remove_file(e.unwrap().path()).unwrap();
     }
     assert!(m.stop());
-    let s = rig.stats();
-    assert_eq!(num(&s, "chunks"), 0, "{s}");
-    assert_eq!(num(&s, "stored_bytes"), 0, "{s}");
+    assert_stores_nothing(&rig);
 }
 
 #[test]
@@ -424,9 +433,7 @@ fn index_changes_are_journalled_merged_in_bulk_and_survive_a_crash() {
     commit(&m.path);
     rig.clean();
     assert!(m.stop());
-    let s = rig.stats();
-    assert_eq!(num(&s, "chunks"), 0, "{s}");
-    assert_eq!(num(&s, "stored_bytes"), 0, "{s}");
+    let s = assert_stores_nothing(&rig);
     assert_eq!(num(&s, "index_buffered"), 0, "{s}");
     rig.assert_fsck_clean();
 }
@@ -541,12 +548,7 @@ fn recompression_stores_cold_chunks_smaller_and_reads_back_exact() {
         num(&s2, "delta_chunk_bytes") > 0,
         "deltas lost their encoding: {s2}"
     );
-    for (n, want) in [("a", &a), ("c", &c)] {
-        assert!(
-            read_cold(&root.join(n)) == *want,
-            "{n} differs after recompression"
-        );
-    }
+    assert_files(&root, &[("a", &a), ("c", &c)], " after recompression");
 
     // Again through the mount: every frame carries level 19 now.
     let out = rig.dase(&["clean", "--cluster", rig.cluster_str(), "--recompress"]);
@@ -577,20 +579,13 @@ fn recompression_stores_cold_chunks_smaller_and_reads_back_exact() {
     );
 
     let m = rig.mount("mnt", &[]).unwrap();
-    for (n, want) in [("a", &a), ("c", &c)] {
-        assert!(
-            read_cold(&m.path.join(n)) == *want,
-            "{n} differs after remount"
-        );
-    }
+    assert_files(&m.path, &[("a", &a), ("c", &c)], " after remount");
     for n in ["a", "c"] {
         std::fs::remove_file(m.path.join(n)).unwrap();
     }
     assert!(m.stop());
     rig.clean();
-    let s = rig.stats();
-    assert_eq!(num(&s, "chunks"), 0, "{s}");
-    assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
+    assert_stores_nothing(&rig);
     rig.assert_fsck_clean();
 }
 
@@ -740,9 +735,7 @@ fn compression_regions_store_less_and_their_chunks_stay_usable() {
     );
     assert_eq!(num(&s2, "chunks"), num(&s1, "chunks"));
     assert_eq!(num(&s2, "after_dedup_bytes"), num(&s1, "after_dedup_bytes"));
-    for (n, want) in [("a", &a), ("b", &b)] {
-        assert!(read_cold(&root.join(n)) == *want, "{n} differs in regions");
-    }
+    assert_files(&root, &[("a", &a), ("b", &b)], " in regions");
     drop_caches();
     let f = File::open(root.join("b")).unwrap();
     let mut x = 7u64;
@@ -810,9 +803,7 @@ fn compression_regions_store_less_and_their_chunks_stay_usable() {
         "a copy and an edited copy took {} bytes more: {s3}",
         num(&s3, "after_compression_bytes") - regions
     );
-    for (n, want) in [("a2", &a), ("b2", &b2)] {
-        assert!(read_cold(&root.join(n)) == *want, "{n} differs");
-    }
+    assert_files(&root, &[("a2", &a), ("b2", &b2)], "");
     let log = m.log.clone();
     assert!(
         m.stop(),
@@ -834,12 +825,7 @@ fn compression_regions_store_less_and_their_chunks_stay_usable() {
     rig.clean();
     rig.assert_fsck_clean();
     let m = rig.mount("mnt", &[]).unwrap();
-    for (n, want) in [("a2", &a), ("b2", &b2)] {
-        assert!(
-            read_cold(&m.path.join(n)) == *want,
-            "{n} differs after deletes"
-        );
-    }
+    assert_files(&m.path, &[("a2", &a), ("b2", &b2)], " after deletes");
     for n in ["a2", "b2", "d"] {
         std::fs::remove_file(m.path.join(n)).unwrap();
     }
@@ -850,10 +836,8 @@ fn compression_regions_store_less_and_their_chunks_stay_usable() {
         std::fs::read_to_string(log).unwrap_or_default()
     );
     rig.clean();
-    let s = rig.stats();
-    assert_eq!(num(&s, "chunks"), 0, "{s}");
+    let s = assert_stores_nothing(&rig);
     assert_eq!(num(&s, "after_compression_bytes"), 0, "{s}");
-    assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
     rig.assert_fsck_clean();
 
     // Bad sizes are clear errors.
@@ -1013,9 +997,7 @@ fn model_weights_store_as_byte_planes_and_their_updates_as_xor_deltas() {
         grew < updated * 6 / 10,
         "the update stored {grew} bytes for {updated} updated"
     );
-    for (n, want) in [("step0", &a), ("step1", &b)] {
-        assert!(read_cold(&root.join(n)) == *want, "{n} differs");
-    }
+    assert_files(&root, &[("step0", &a), ("step1", &b)], "");
     // Recompressed (planes at level 19), still exact; then from a remount.
     let out = rig.dase(&["clean", "--cluster", rig.cluster_str(), "--recompress"]);
     assert!(out.status.success(), "{out:?}");
@@ -1025,28 +1007,20 @@ fn model_weights_store_as_byte_planes_and_their_updates_as_xor_deltas() {
         num(&s3, "delta_chunk_bytes") > 0,
         "deltas lost their encoding: {s3}"
     );
-    for (n, want) in [("step0", &a), ("step1", &b)] {
-        assert!(
-            read_cold(&root.join(n)) == *want,
-            "{n} differs after recompression"
-        );
-    }
+    assert_files(
+        &root,
+        &[("step0", &a), ("step1", &b)],
+        " after recompression",
+    );
     assert!(m.stop());
     rig.assert_fsck_clean();
     let m = rig.mount("mnt", &[]).unwrap();
-    for (n, want) in [("step0", &a), ("step1", &b)] {
-        assert!(
-            read_cold(&m.path.join(n)) == *want,
-            "{n} differs after remount"
-        );
-    }
+    assert_files(&m.path, &[("step0", &a), ("step1", &b)], " after remount");
     for n in ["step0", "step1"] {
         std::fs::remove_file(m.path.join(n)).unwrap();
     }
     assert!(m.stop());
     rig.clean();
-    let s = rig.stats();
-    assert_eq!(num(&s, "chunks"), 0, "{s}");
-    assert_eq!(num(&s, "stored_bytes"), 0, "data stripes left: {s}");
+    assert_stores_nothing(&rig);
     rig.assert_fsck_clean();
 }

@@ -499,14 +499,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn frames_round_trip_and_reject_damage() {
-        let c = CommitRecord {
+    fn commit() -> CommitRecord {
+        CommitRecord {
             fs_uuid: [3; 16],
             seq: 42,
             epoch: 5,
             head: rec(),
-        };
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_reject_damage() {
+        let c = commit();
         let b = frame(COMMIT_MAGIC, &c, COMMIT_SLOT).unwrap();
         assert_eq!(b.len(), COMMIT_SLOT);
         assert_eq!(unframe::<CommitRecord>(COMMIT_MAGIC, &b).unwrap(), c);
@@ -529,12 +533,7 @@ mod tests {
 
     #[test]
     fn frames_of_older_versions_read_and_newer_ones_are_refused() {
-        let c = CommitRecord {
-            fs_uuid: [3; 16],
-            seq: 42,
-            epoch: 5,
-            head: rec(),
-        };
+        let c = commit();
         let b = frame(COMMIT_MAGIC, &c, COMMIT_SLOT).unwrap();
         let as_version = |v: u32| {
             let mut d = b.clone();
