@@ -42,9 +42,7 @@ mod reduce;
 use super::superblock::{self, Superblock};
 use super::volume::{StripeRecord, Volume, VolumeError};
 use crate::host::{join_all, ControllerOptions};
-pub use reduce::{
-    check_region_bytes, Ingest, RecompressReport, MAX_REGION, RECOMPRESS_LEVEL, REGION_BYTES,
-};
+pub use reduce::{check_region_bytes, Ingest, RecompressReport, RECOMPRESS_LEVEL, REGION_BYTES};
 
 pub const NAME_MAX: usize = 255;
 
