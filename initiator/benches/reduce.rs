@@ -296,7 +296,8 @@ fn main() {
         let (tot, store, fps) = ingest(&files, reduce::AVG_CHUNK, reduce::LEVEL);
         let secs = tot.secs;
         // Read back every delta chunk as a read does: decode its reference,
-        // then the delta, then check the fingerprint.
+        // then the delta, then check the delta's fingerprint (which vouches
+        // for the reference too: a read hashes that only if this fails).
         let t = Instant::now();
         let mut dec = Decoder::default();
         let (mut base, mut outb) = (Vec::new(), Vec::new());
