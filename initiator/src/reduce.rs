@@ -356,10 +356,13 @@ const WINDOW_KEYS: [u64; 8] = splitmix_table(0x3d0_0000);
 /// The sampler with AVX-512 VBMI. A sample is a position whose gear hash
 /// has its low [`SAMPLE_BITS`] bits clear, and those bits depend on the
 /// last 7 bytes only: `Σ_{k<7} GEAR[b_{i-k}] << k mod 128`. That window
-/// sum has no dependency chain, so 64 positions are tested at once (the
-/// 256-entry table of the gears' low bits is two `vpermi2b` lookups).
-/// The scalar sampler rolls one hash per lane through every byte instead,
-/// a chain of one add per byte.
+/// sum has no dependency chain, so 64 positions are tested at once: the
+/// 256-entry table of the gears' low bits is two `vpermi2b` lookups, and
+/// the sum is built by doubling (a window of 2, then 4, then 8 — the 8th
+/// term is `<< 7`, nothing mod 128), each step adding the last step's sums
+/// shifted along by 1, 2 or 4 positions (a `vpermt2b` that brings in the
+/// previous 64's tail). The scalar sampler rolls one hash per lane through
+/// every byte instead, a chain of one add per byte.
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::{window_hash, Sample, GEAR, SAMPLE_MASK};
@@ -382,10 +385,15 @@ mod simd {
             && is_x86_feature_detected!("avx512vbmi")
     }
 
-    /// Positions per block: the gears' low bits of a block are looked up
-    /// into a buffer that keeps the previous block's last 8 in front.
+    /// Indexes for `vpermt2b(previous, idx, current)` that move every byte
+    /// `k` positions on: position `j` takes `current[j - k]`, or for
+    /// `j < k` the previous vector's `previous[64 + j - k]`.
+    /// Positions whose hits are found before their samples are taken.
     const BLOCK: usize = 4096;
-    const LEAD: usize = 64;
+
+    fn along(k: u8) -> [u8; 64] {
+        std::array::from_fn(|j| j as u8 + 64 - k)
+    }
 
     /// # Safety
     /// The CPU must have AVX-512 F, BW and VBMI ([`available`]).
@@ -396,8 +404,8 @@ mod simd {
             "chunk buffers are far smaller"
         );
         let mut out = Vec::with_capacity(data.len() / 100 + 1);
-        // SAFETY (every load and store below): in bounds of `data`,
-        // `GEAR_LO` or `g`, as each comment on a range says.
+        // SAFETY (every load below): of `GEAR_LO`, or of `data` within
+        // its length (the last 64 with a mask).
         let t = GEAR_LO.as_ptr();
         let (t0, t1, t2, t3) = (
             _mm512_loadu_si512(t.cast()),
@@ -405,69 +413,64 @@ mod simd {
             _mm512_loadu_si512(t.add(128).cast()),
             _mm512_loadu_si512(t.add(192).cast()),
         );
-        // Per shift k, the bits of a byte that survive `<< k` within 7.
-        let keep: [__m512i; 7] = std::array::from_fn(|k| _mm512_set1_epi8((0x7f >> k) as i8));
+        let (by1, by2, by4) = (along(1), along(2), along(4));
+        let (by1, by2, by4) = (
+            _mm512_loadu_si512(by1.as_ptr().cast()),
+            _mm512_loadu_si512(by2.as_ptr().cast()),
+            _mm512_loadu_si512(by4.as_ptr().cast()),
+        );
+        // Masked before a 16-bit shift so no bit crosses into the next
+        // byte (only the low 7 bits of a sum matter).
+        let (low6, low4) = (_mm512_set1_epi8(0x3f), _mm512_set1_epi8(0x0f));
         let low7 = _mm512_set1_epi8(0x7f);
-        // g[LEAD + j] = GEAR_LO[data[base + j]]; g[LEAD - 8..LEAD] the 8
-        // before the block (0 before the data: the hash starts at 0).
-        let mut g = [0u8; LEAD + BLOCK];
+        // The previous 64 positions' gears and window sums of 2 and 4
+        // (zero before the data: the hash starts at 0).
+        let zero = _mm512_setzero_si512();
+        let (mut g0, mut s1, mut s2) = (zero, zero, zero);
+        // The vector work for a block first, leaving one mask of hits per
+        // 64 positions; then the samples' hashes. Apart, the loop over the
+        // bytes has no branch that depends on them.
+        let mut masks = [0u64; BLOCK / 64];
         let mut base = 0;
         while base < data.len() {
-            let n = BLOCK.min(data.len() - base);
-            let whole = n / 64 * 64;
-            let mut j = 0;
-            while j < whole {
-                // data[base + j .. base + j + 64], g[LEAD + j ..][..64]
-                let x = _mm512_loadu_si512(data.as_ptr().add(base + j).cast());
+            let len = BLOCK.min(data.len() - base);
+            for (m, mask) in masks[..len.div_ceil(64)].iter_mut().enumerate() {
+                let (j, n) = (base + 64 * m, len - 64 * m);
+                let x = if n >= 64 {
+                    _mm512_loadu_si512(data.as_ptr().add(j).cast())
+                } else {
+                    _mm512_maskz_loadu_epi8((1u64 << n) - 1, data.as_ptr().add(j).cast())
+                };
                 let lo = _mm512_permutex2var_epi8(t0, x, t1);
                 let hi = _mm512_permutex2var_epi8(t2, x, t3);
-                let v = _mm512_mask_blend_epi8(_mm512_movepi8_mask(x), lo, hi);
-                _mm512_storeu_si512(g.as_mut_ptr().add(LEAD + j).cast(), v);
-                j += 64;
-            }
-            for j in whole..n {
-                g[LEAD + j] = GEAR_LO[data[base + j] as usize];
-            }
-            // Zero the tail of the last 64 (positions past the data).
-            let padded = n.div_ceil(64) * 64;
-            g[LEAD + n..LEAD + padded].fill(0);
-            let mut j = 0;
-            while j < padded {
-                // g[LEAD + j - k ..][..64] for k < 7: within g.
-                let mut sum = _mm512_setzero_si512();
-                for (k, keep) in keep.iter().enumerate() {
-                    let v = _mm512_loadu_si512(g.as_ptr().add(LEAD + j - k).cast());
-                    // Masked first, so a 16-bit shift moves no bit across
-                    // bytes; the sum wraps per byte.
-                    let v = _mm512_and_si512(v, *keep);
-                    let v = match k {
-                        0 => v,
-                        1 => _mm512_slli_epi16::<1>(v),
-                        2 => _mm512_slli_epi16::<2>(v),
-                        3 => _mm512_slli_epi16::<3>(v),
-                        4 => _mm512_slli_epi16::<4>(v),
-                        5 => _mm512_slli_epi16::<5>(v),
-                        _ => _mm512_slli_epi16::<6>(v),
-                    };
-                    sum = _mm512_add_epi8(sum, v);
+                let g = _mm512_mask_blend_epi8(_mm512_movepi8_mask(x), lo, hi);
+                // Window of 2: g[i] + 2 g[i-1].
+                let v = _mm512_permutex2var_epi8(g0, by1, g);
+                let w1 = _mm512_add_epi8(g, _mm512_add_epi8(v, v));
+                // Window of 4: w1[i] + 4 w1[i-2].
+                let v = _mm512_permutex2var_epi8(s1, by2, w1);
+                let w2 = _mm512_add_epi8(w1, _mm512_slli_epi16::<2>(_mm512_and_si512(v, low6)));
+                // Window of 8: w2[i] + 16 w2[i-4].
+                let v = _mm512_permutex2var_epi8(s2, by4, w2);
+                let w3 = _mm512_add_epi8(w2, _mm512_slli_epi16::<4>(_mm512_and_si512(v, low4)));
+                (g0, s1, s2) = (g, w1, w2);
+                *mask = _mm512_testn_epi8_mask(w3, low7);
+                if n < 64 {
+                    *mask &= (1u64 << n) - 1;
                 }
-                let mut hits = _mm512_testn_epi8_mask(sum, low7);
-                if j + 64 > n {
-                    hits &= (1u64 << (n - j)) - 1;
-                }
+            }
+            for (m, &mask) in masks[..len.div_ceil(64)].iter().enumerate() {
+                let mut hits = mask;
                 while hits != 0 {
-                    let i = base + j + hits.trailing_zeros() as usize;
+                    let i = base + 64 * m + hits.trailing_zeros() as usize;
                     hits &= hits - 1;
                     out.push(Sample {
                         pos: i as u32,
                         hash: window_hash(data, i),
                     });
                 }
-                j += 64;
             }
-            // The last 8 gears of this block lead the next.
-            g.copy_within(LEAD + n - 8..LEAD + n, LEAD - 8);
-            base += n;
+            base += len;
         }
         out
     }
