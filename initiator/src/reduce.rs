@@ -385,12 +385,12 @@ mod simd {
             && is_x86_feature_detected!("avx512vbmi")
     }
 
-    /// Indexes for `vpermt2b(previous, idx, current)` that move every byte
-    /// `k` positions on: position `j` takes `current[j - k]`, or for
-    /// `j < k` the previous vector's `previous[64 + j - k]`.
     /// Positions whose hits are found before their samples are taken.
     const BLOCK: usize = 4096;
 
+    /// Indexes for `vpermt2b(previous, idx, current)` that move every byte
+    /// `k` positions on: position `j` takes `current[j - k]`, or for
+    /// `j < k` the previous vector's `previous[64 + j - k]`.
     fn along(k: u8) -> [u8; 64] {
         std::array::from_fn(|j| j as u8 + 64 - k)
     }
