@@ -57,6 +57,10 @@ fn kernel_target() -> KernelTarget {
         .local_addr()
         .unwrap()
         .port();
+    // One boot at a time: on a fresh machine the first one runs the
+    // kernel peer's setup (apt, a kernel build), which two at once break.
+    static BOOTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BOOTING.lock().unwrap_or_else(|e| e.into_inner());
     let mut cmd = Command::new("bash");
     cmd.arg(&script)
         .arg(port.to_string())

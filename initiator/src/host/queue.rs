@@ -8,6 +8,7 @@
 //! command beyond the data itself.
 
 use std::future::Future;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,15 @@ use super::HostError;
 const MAX_C2H_DATA: u32 = 16 << 20;
 // Large: each re-allocation copies the partial PDU at the tail along.
 const READ_CHUNK: usize = 2 << 20;
+/// Send buffer capacity: headers and small payloads (larger ones are
+/// spliced in, not copied), so it seldom grows past this.
+const SEND_BUF: usize = 256 << 10;
+/// Payloads of H2CData PDUs at least this long are sent from the caller's
+/// buffer by a vectored write; shorter ones are copied (an iovec entry and
+/// a reference cost more than copying them).
+const SPLICE_MIN: usize = 4096;
+/// Iovec entries per `writev` (Linux takes up to 1024).
+const IOV_BATCH: usize = 64;
 
 /// A completed command.
 #[derive(Clone, Debug)]
@@ -72,7 +82,7 @@ struct Slot {
 }
 
 struct State {
-    out: BytesMut,
+    out: Outgoing,
     slots: Vec<Slot>,
     free: Vec<u16>,
     failed: Option<HostError>,
@@ -201,7 +211,7 @@ impl QueuePair {
         let depth = p.depth.max(2);
         let shared = Arc::new(Shared {
             st: Mutex::new(State {
-                out: BytesMut::with_capacity(READ_CHUNK),
+                out: Outgoing::default(),
                 slots: (0..depth).map(|_| Slot::default()).collect(),
                 free: (0..depth).rev().collect(),
                 failed: None,
@@ -338,6 +348,7 @@ impl QueuePair {
                     SglDescriptor::transport(*data_in_len)
                 };
                 let State { out, slots, .. } = &mut *st;
+                let out = &mut out.bytes;
                 let slot = &mut slots[cid as usize];
                 *slot = Slot {
                     busy: true,
@@ -455,8 +466,78 @@ fn fail(sh: &Shared, e: HostError) {
     sh.wake_writer.notify_one();
 }
 
+/// What the writer sends next: `bytes`, with payloads spliced in at the
+/// offsets `spliced` names (each goes on the wire after `bytes[..at]`, in
+/// order), so a write's data goes from the caller's buffer to the socket.
+struct Outgoing {
+    bytes: BytesMut,
+    spliced: Vec<(usize, Bytes)>,
+}
+
+impl Default for Outgoing {
+    fn default() -> Self {
+        Self {
+            bytes: BytesMut::with_capacity(SEND_BUF),
+            spliced: Vec::new(),
+        }
+    }
+}
+
+impl Outgoing {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.spliced.clear();
+    }
+
+    /// Fills `iov` with the wire's pieces from byte `skip` on; returns how
+    /// many it filled (0: all sent).
+    fn pieces<'a>(&'a self, mut skip: usize, iov: &mut [IoSlice<'a>]) -> usize {
+        let mut from = 0;
+        let last = self.spliced.last().map_or(0, |&(at, _)| at);
+        let wire = self
+            .spliced
+            .iter()
+            .flat_map(|(at, payload)| {
+                let framing = &self.bytes[from..*at];
+                from = *at;
+                [framing, &payload[..]]
+            })
+            .chain(std::iter::once(&self.bytes[last..]));
+        let mut n = 0;
+        for piece in wire {
+            if n == iov.len() {
+                break;
+            }
+            if skip >= piece.len() {
+                skip -= piece.len();
+            } else {
+                iov[n] = IoSlice::new(&piece[skip..]);
+                skip = 0;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Sends everything with as few `writev` calls as the socket allows.
+    async fn send(&self, wr: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        let mut sent = 0;
+        let mut iov = [IoSlice::new(&[]); IOV_BATCH];
+        loop {
+            let n = self.pieces(sent, &mut iov);
+            if n == 0 {
+                return Ok(());
+            }
+            match wr.write_vectored(&iov[..n]).await? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                k => sent += k,
+            }
+        }
+    }
+}
+
 async fn writer(sh: Arc<Shared>, mut wr: OwnedWriteHalf) {
-    let mut sending = BytesMut::with_capacity(READ_CHUNK);
+    let mut sending = Outgoing::default();
     loop {
         sh.wake_writer.notified().await;
         loop {
@@ -464,10 +545,10 @@ async fn writer(sh: Arc<Shared>, mut wr: OwnedWriteHalf) {
                 let mut st = sh.st.lock().unwrap();
                 std::mem::swap(&mut st.out, &mut sending);
             }
-            if sending.is_empty() {
+            if sending.bytes.is_empty() {
                 break;
             }
-            if let Err(e) = wr.write_all(&sending).await {
+            if let Err(e) = sending.send(&mut wr).await {
                 fail(&sh, HostError::Disconnected(format!("write: {e}")));
                 return;
             }
@@ -505,8 +586,8 @@ async fn reader(
             if let Err((f, offending)) = r {
                 {
                     let mut st = sh.st.lock().unwrap();
-                    let State { out, .. } = &mut *st;
-                    sh.enc.term_req(out, PduType::H2CTermReq, f, &offending);
+                    sh.enc
+                        .term_req(&mut st.out.bytes, PduType::H2CTermReq, f, &offending);
                 }
                 fail(&sh, HostError::Protocol(f));
                 return;
@@ -662,14 +743,18 @@ fn on_pdu(sh: &Shared, pdu: Pdu) -> PduResult {
             while pos < o + l {
                 let n = (o + l - pos).min(max);
                 let last = pos + n == o + l;
-                sh.enc.h2c_data(
-                    out,
-                    cid,
-                    r.ttag.get(),
-                    pos as u32,
-                    &slot.data_out[pos..pos + n],
-                    last,
-                );
+                let (ttag, data) = (r.ttag.get(), &slot.data_out[pos..pos + n]);
+                if n >= SPLICE_MIN {
+                    let m = sh
+                        .enc
+                        .begin_h2c_data(&mut out.bytes, cid, ttag, pos as u32, n, last);
+                    out.spliced
+                        .push((out.bytes.len(), slot.data_out.slice(pos..pos + n)));
+                    sh.enc.end_spliced_data(&mut out.bytes, m, data);
+                } else {
+                    sh.enc
+                        .h2c_data(&mut out.bytes, cid, ttag, pos as u32, data, last);
+                }
                 pos += n;
             }
             drop(st);
@@ -715,5 +800,56 @@ fn complete_from(cqe: &Cqe, data: Bytes) -> Completion {
         dw0: cqe.dw0.get(),
         dw1: cqe.dw1.get(),
         data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However a short `writev` leaves it, the writer resumes at the next
+    /// unsent byte: from every offset, with iovec batches of every size,
+    /// the pieces are the rest of the wire in order.
+    #[test]
+    fn outgoing_pieces_resume_anywhere() {
+        let mut o = Outgoing::default();
+        let mut wire = Vec::new();
+        for (i, len) in [5000usize, 4096, 9000].into_iter().enumerate() {
+            let framing = vec![i as u8; 24 + i];
+            o.bytes.extend_from_slice(&framing);
+            wire.extend_from_slice(&framing);
+            let payload: Bytes = (0..len).map(|j| (j * 31 + i) as u8).collect();
+            o.spliced.push((o.bytes.len(), payload.clone()));
+            wire.extend_from_slice(&payload);
+            // A data digest after the payload, on the second only.
+            if i == 1 {
+                o.bytes.extend_from_slice(&[0xdd; 4]);
+                wire.extend_from_slice(&[0xdd; 4]);
+            }
+        }
+        o.bytes.extend_from_slice(b"capsule after");
+        wire.extend_from_slice(b"capsule after");
+        for batch in [1, 2, 3, IOV_BATCH] {
+            for skip in (0..=wire.len())
+                .step_by(97)
+                .chain([wire.len() - 1, wire.len()])
+            {
+                let mut got = Vec::new();
+                let mut at = skip;
+                loop {
+                    let mut iov = [IoSlice::new(&[]); IOV_BATCH];
+                    let n = o.pieces(at, &mut iov[..batch]);
+                    if n == 0 {
+                        break;
+                    }
+                    assert!(iov[..n].iter().all(|s| !s.is_empty()));
+                    for s in &iov[..n] {
+                        got.extend_from_slice(s);
+                        at += s.len();
+                    }
+                }
+                assert_eq!(got, &wire[skip..], "skip {skip}, batch {batch}");
+            }
+        }
     }
 }
