@@ -219,7 +219,6 @@ impl PduEncoder {
         len: usize,
         last: bool,
     ) -> DataMark {
-        debug_assert!(len > 0);
         let fl = if last { flags::LAST_PDU } else { 0 };
         let h = self.data_header(PduType::H2CData, fl, cccid, ttag, datao, len);
         self.begin(out, h.as_bytes(), len)
@@ -246,9 +245,9 @@ impl PduEncoder {
         data: &[u8],
         last: bool,
     ) {
-        let fl = if last { flags::LAST_PDU } else { 0 };
-        let h = self.data_header(PduType::H2CData, fl, cccid, ttag, datao, data.len());
-        self.whole(out, h.as_bytes(), data);
+        let m = self.begin_h2c_data(out, cccid, ttag, datao, data.len(), last);
+        out.extend_from_slice(data);
+        self.end_data(out, m);
     }
 
     /// Opens a C2HData PDU of `len` data bytes; the caller appends exactly
