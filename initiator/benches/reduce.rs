@@ -82,6 +82,8 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
     // the buffer ended) waits for the bytes that follow.
     let mut pending: Vec<u8> = Vec::with_capacity(2 * PENDING);
     let mut cuts: Vec<reduce::Chunk> = Vec::new();
+    let mut fpr = reduce::Fingerprinter::default();
+    let mut batch_fps: Vec<Fp> = Vec::new();
     let fastcdc = std::env::var("DASE_FASTCDC").is_ok();
     for f in files {
         let mut fed = 0;
@@ -110,12 +112,18 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
                 cuts.pop();
             }
             let done = cuts.last().map_or(0, |c| c.offset + c.len);
-            for c in &cuts {
+            // The whole buffer's fingerprints at once, as the mount takes them.
+            batch_fps.clear();
+            fpr.fingerprints(
+                &pending,
+                cuts.iter().map(|c| (c.offset, c.len)),
+                &mut batch_fps,
+            );
+            for (c, &fp) in cuts.iter().zip(&batch_fps) {
                 let (off, len) = (c.offset, c.len);
                 let d = &pending[off..off + len];
                 t.logical += len as u64;
                 t.chunks += 1;
-                let fp = reduce::fingerprint(d);
                 if index.contains_key(&fp) {
                     t.duplicates += 1;
                     continue;
@@ -242,6 +250,24 @@ fn main() {
     }
     let fpt = t.elapsed().as_secs_f64();
     let t = Instant::now();
+    let mut fpr = reduce::Fingerprinter::default();
+    let mut fps = Vec::new();
+    let mut first = 0;
+    for (p, piece) in noise.chunks(PENDING).enumerate() {
+        let n = cuts[first..].partition_point(|c| c.offset < (p + 1) * PENDING);
+        fps.clear();
+        fpr.fingerprints(
+            piece,
+            cuts[first..first + n]
+                .iter()
+                .map(|c| (c.offset - p * PENDING, c.len)),
+            &mut fps,
+        );
+        std::hint::black_box(&fps);
+        first += n;
+    }
+    let fpb = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     for c in &cuts {
         std::hint::black_box(reduce::looks_incompressible(piece(c)));
     }
@@ -253,10 +279,11 @@ fn main() {
     let skt = t.elapsed().as_secs_f64();
     let n = noise.len() as u64;
     println!(
-        "  stages alone: chunking with sketches {:.2} GB/s ({} chunks), BLAKE3 {:.2} GB/s, entropy check {:.1} GB/s",
+        "  stages alone: chunking with sketches {:.2} GB/s ({} chunks), BLAKE3 {:.2} GB/s a chunk at a time, {:.2} GB/s batched, entropy check {:.1} GB/s",
         gbps(n, cdc),
         cuts.len(),
         gbps(n, fpt),
+        gbps(n, fpb),
         gbps(n, inc)
     );
     println!(

@@ -6,11 +6,29 @@
 use serde::{Deserialize, Serialize};
 use zstd::zstd_safe::{self, CCtx, CParameter, DCtx};
 
+mod fingerprints;
+pub use fingerprints::Fingerprinter;
+
 /// A chunk's strong fingerprint (BLAKE3): the key of the chunk index.
 pub type Fp = [u8; 32];
 
 pub fn fingerprint(data: &[u8]) -> Fp {
     *blake3::hash(data).as_bytes()
+}
+
+/// The fingerprints of the `(offset, len)` ranges of `data`, in order:
+/// `fingerprint` of each, computed together ([`Fingerprinter`]: 1.35×
+/// faster on the chunker's chunks, BENCHMARKS.md) with this thread's
+/// scratch, so a write path calling it allocates nothing once warm.
+pub fn fingerprints(
+    data: &[u8],
+    ranges: impl Iterator<Item = (usize, usize)> + Clone,
+    out: &mut Vec<Fp>,
+) {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Fingerprinter> = std::cell::RefCell::default();
+    }
+    SCRATCH.with_borrow_mut(|f| f.fingerprints(data, ranges, out));
 }
 
 /// The fingerprint of a compression region's content (its members end to
