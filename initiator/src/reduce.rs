@@ -534,6 +534,7 @@ mod simd {
                     *mask &= (1u64 << n) - 1;
                 }
             }
+            let block_first = out.len();
             for (m, &mask) in masks[..len.div_ceil(64)].iter().enumerate() {
                 let mut hits = mask;
                 while hits != 0 {
@@ -541,13 +542,24 @@ mod simd {
                     hits &= hits - 1;
                     out.push(Sample {
                         pos: i as u32,
-                        hash: window_hash(data, i),
+                        hash: 0,
                     });
                 }
             }
+            hash_samples(data, &mut out[block_first..]);
             base += len;
         }
         out
+    }
+
+    /// Fills in the samples' window hashes, apart from the vector loop:
+    /// alone, the hashes' independent multiplies overlap and nothing of
+    /// the vector loop's state is spilled around them.
+    #[inline(never)]
+    fn hash_samples(data: &[u8], out: &mut [Sample]) {
+        for s in out {
+            s.hash = window_hash(data, s.pos as usize);
+        }
     }
 }
 
