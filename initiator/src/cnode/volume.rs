@@ -82,6 +82,9 @@ pub struct Volume {
     /// Write repaired strips back (only a holder of the file system's lease
     /// may: to anyone else a stripe may have been freed and reused).
     repair: bool,
+    /// A codec per data width `k` once used: building one inverts its
+    /// matrix, 0.4 % of the mount's CPU when it was built per stripe.
+    codecs: std::sync::Mutex<Vec<Option<Arc<Codec>>>>,
 }
 
 impl Volume {
@@ -111,6 +114,7 @@ impl Volume {
             cluster,
             geo,
             repair: true,
+            codecs: std::sync::Mutex::new(vec![None; geo.k() + 1]),
         })
     }
 
@@ -142,13 +146,20 @@ impl Volume {
             .unwrap_or(0)
     }
 
-    fn codec(&self, k: usize) -> Result<Codec, VolumeError> {
+    fn codec(&self, k: usize) -> Result<Arc<Codec>, VolumeError> {
+        if let Some(c) = self.codecs.lock().unwrap().get(k).and_then(Option::clone) {
+            return Ok(c);
+        }
         let g = if k == self.geo.k() {
             self.geo
         } else {
             self.geo.narrowed(k)?
         };
-        Ok(Codec::new(g)?)
+        let c = Arc::new(Codec::new(g)?);
+        if let Some(slot) = self.codecs.lock().unwrap().get_mut(k) {
+            *slot = Some(c.clone());
+        }
+        Ok(c)
     }
 
     /// Writes stripe `stripe` holding `data` (at most `k * strip_size` bytes;
@@ -229,8 +240,11 @@ impl Volume {
                 )));
             }
             let codec = self.codec(k)?;
-            let mut buf = vec![0u8; (k + m) * s];
-            buf[..data.len()].copy_from_slice(data);
+            // Copied in, then zeroed only past it (the rest of the data
+            // strips, and the parity, which encoding overwrites).
+            let mut buf = Vec::with_capacity((k + m) * s);
+            buf.extend_from_slice(data);
+            buf.resize((k + m) * s, 0);
             {
                 let (d, p) = buf.split_at_mut(k * s);
                 let dv: Vec<&[u8]> = d.chunks(s).collect();
