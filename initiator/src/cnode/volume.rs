@@ -171,7 +171,9 @@ impl Volume {
         stripe: u64,
         data: &[u8],
     ) -> Result<StripeRecord, VolumeError> {
-        let (rec, n) = self.write_placed(stripe, data, self.geo, false).await?;
+        let (rec, n) = self
+            .write_placed(stripe, Bytes::copy_from_slice(data), self.geo, false)
+            .await?;
         debug_assert_eq!(n, data.len());
         Ok(rec)
     }
@@ -186,7 +188,7 @@ impl Volume {
     pub async fn write_prefix(
         &self,
         stripe: u64,
-        data: &[u8],
+        data: Bytes,
     ) -> Result<(StripeRecord, usize), VolumeError> {
         let s = self.geo.strip_size();
         let want = data.len().div_ceil(s).clamp(1, self.geo.k());
@@ -201,7 +203,7 @@ impl Volume {
     async fn write_placed(
         &self,
         stripe: u64,
-        data: &[u8],
+        data: Bytes,
         shape: Geometry,
         prefix: bool,
     ) -> Result<(StripeRecord, usize), VolumeError> {
@@ -225,9 +227,9 @@ impl Volume {
             let p = place(&shape, &self.cluster.slots(), stripe)?;
             let (k, m) = (p.geometry.k(), p.geometry.m());
             let data = if prefix && data.len() > k * s {
-                &data[..k * s]
+                data.slice(..k * s)
             } else {
-                data
+                data.clone()
             };
             // Narrower stripes carry less data: what does not fit is an error
             // the caller sees (it splits its writes across more stripes).
@@ -240,22 +242,34 @@ impl Volume {
                 )));
             }
             let codec = self.codec(k)?;
-            // Copied in, then zeroed only past it (the rest of the data
-            // strips, and the parity, which encoding overwrites).
-            let mut buf = Vec::with_capacity((k + m) * s);
-            buf.extend_from_slice(data);
-            buf.resize((k + m) * s, 0);
+            // Whole data strips go out as slices of the caller's bytes (a
+            // segment: no copy); a short last one and any empty ones are
+            // zero-padded copies, the parity a buffer of its own.
+            let whole = data.len() / s;
+            let mut strips: Vec<Bytes> =
+                (0..whole).map(|j| data.slice(j * s..(j + 1) * s)).collect();
+            if whole < k {
+                let mut pad = Vec::with_capacity((k - whole) * s);
+                pad.extend_from_slice(&data[whole * s..]);
+                pad.resize((k - whole) * s, 0);
+                let pad = Bytes::from(pad);
+                strips.extend((0..k - whole).map(|j| pad.slice(j * s..(j + 1) * s)));
+            }
+            let mut parity = vec![0u8; m * s];
             {
-                let (d, p) = buf.split_at_mut(k * s);
-                let dv: Vec<&[u8]> = d.chunks(s).collect();
-                let mut pv: Vec<&mut [u8]> = p.chunks_mut(s).collect();
+                let dv: Vec<&[u8]> = strips.iter().map(|b| &b[..]).collect();
+                let mut pv: Vec<&mut [u8]> = parity.chunks_mut(s).collect();
                 codec.encode(&dv, &mut pv)?;
             }
-            let all = Bytes::from(buf);
-            let crcs: Vec<u32> = all.chunks(check_unit(s)).map(strip_checksum).collect();
+            let parity = Bytes::from(parity);
+            strips.extend((0..m).map(|j| parity.slice(j * s..(j + 1) * s)));
+            let crcs: Vec<u32> = strips
+                .iter()
+                .flat_map(|b| b.chunks(check_unit(s)).map(strip_checksum))
+                .collect();
             let offset = self.slot(stripe);
-            let writes = p.nodes.iter().enumerate().map(|(j, &n)| {
-                let strip = all.slice(j * s..(j + 1) * s);
+            let writes = p.nodes.iter().zip(&strips).map(|(&n, strip)| {
+                let strip = strip.clone();
                 async move { (n, self.cluster.write(n, offset, strip).await) }
             });
             let results = join_all(writes).await;

@@ -21,6 +21,7 @@
 //! yet committed; any other C-node that mounts after it rebuilds the same
 //! state from the D-nodes.
 
+use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -407,7 +408,7 @@ struct State {
     open: Option<OpenSegment>,
     /// Sealed segments not yet written (or whose write failed: the next
     /// commit retries them). Reads are served from here meanwhile.
-    unwritten: BTreeMap<u64, Arc<Vec<u8>>>,
+    unwritten: BTreeMap<u64, Bytes>,
     /// Stripes below `high` that are free; `high` and above are free too.
     free: BTreeSet<u64>,
     high: u64,
@@ -1526,7 +1527,7 @@ impl FileSystem {
 
     /// Writes `bytes` as one or more data stripes (narrower ones when
     /// D-nodes are down), in order. On failure nothing stays allocated.
-    async fn write_as_stripes(&self, bytes: &[u8]) -> Result<Vec<StripeRecord>, FsError> {
+    async fn write_as_stripes(&self, bytes: &Bytes) -> Result<Vec<StripeRecord>, FsError> {
         let mut records: Vec<StripeRecord> = Vec::new();
         let mut off = 0;
         while off < bytes.len() {
@@ -1534,7 +1535,7 @@ impl FileSystem {
             let r = match allocated {
                 Ok(stripe) => self
                     .data
-                    .write_prefix(stripe, &bytes[off..])
+                    .write_prefix(stripe, bytes.slice(off..))
                     .await
                     .map_err(|e| (Some(stripe), e.into())),
                 Err(e) => Err((None, e)),
@@ -2423,7 +2424,7 @@ impl FileSystem {
                 }
                 let copied = async {
                     let strips = self.data.read_stripe(r).await?;
-                    self.write_as_stripes(&strips[..r.k as usize].concat())
+                    self.write_as_stripes(&Bytes::from(strips[..r.k as usize].concat()))
                         .await
                 }
                 .await;
@@ -2787,7 +2788,7 @@ impl State {
             self.segs.remove(&o.id);
             return None;
         }
-        self.unwritten.insert(o.id, Arc::new(o.buf));
+        self.unwritten.insert(o.id, Bytes::from(o.buf));
         Some(o.id)
     }
 
