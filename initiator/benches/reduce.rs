@@ -82,7 +82,6 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
     // the buffer ended) waits for the bytes that follow.
     let mut pending: Vec<u8> = Vec::with_capacity(2 * PENDING);
     let mut cuts: Vec<reduce::Chunk> = Vec::new();
-    let mut fpr = reduce::Fingerprinter::default();
     let mut batch_fps: Vec<Fp> = Vec::new();
     let fastcdc = std::env::var("DASE_FASTCDC").is_ok();
     for f in files {
@@ -114,7 +113,7 @@ fn ingest(files: &[Vec<u8>], avg: u32, level: i32) -> (Totals, Store, Vec<Fp>) {
             let done = cuts.last().map_or(0, |c| c.offset + c.len);
             // The whole buffer's fingerprints at once, as the mount takes them.
             batch_fps.clear();
-            fpr.fingerprints(
+            reduce::fingerprints(
                 &pending,
                 cuts.iter().map(|c| (c.offset, c.len)),
                 &mut batch_fps,
@@ -250,13 +249,12 @@ fn main() {
     }
     let fpt = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let mut fpr = reduce::Fingerprinter::default();
     let mut fps = Vec::new();
     let mut first = 0;
     for (p, piece) in noise.chunks(PENDING).enumerate() {
         let n = cuts[first..].partition_point(|c| c.offset < (p + 1) * PENDING);
         fps.clear();
-        fpr.fingerprints(
+        reduce::fingerprints(
             piece,
             cuts[first..first + n]
                 .iter()

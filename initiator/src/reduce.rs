@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use zstd::zstd_safe::{self, CCtx, CParameter, DCtx};
 
 mod fingerprints;
-pub use fingerprints::Fingerprinter;
+use fingerprints::Fingerprinter;
 
 /// A chunk's strong fingerprint (BLAKE3): the key of the chunk index.
 pub type Fp = [u8; 32];
@@ -1397,7 +1397,7 @@ impl Decoder {
 mod tests {
     use super::*;
 
-    fn noise(seed: u64, n: usize) -> Vec<u8> {
+    pub(super) fn noise(seed: u64, n: usize) -> Vec<u8> {
         (0..n as u64)
             .map(|i| splitmix(seed.wrapping_mul(0x1_0000_0001) ^ i) as u8)
             .collect()

@@ -230,20 +230,9 @@ fn scatter(group: &[(usize, usize)], out: &[u8], cvs: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::noise;
     use super::*;
     use proptest::prelude::*;
-
-    fn bytes(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     fn check(data: &[u8], ranges: &[(usize, usize)]) {
         let mut f = Fingerprinter::default();
@@ -265,7 +254,7 @@ mod tests {
         // Lengths around every chunk boundary up to 70 KiB: full and short
         // last chunks, odd and even counts at every level, in one batch
         // (more than one SIMD group) and one at a time.
-        let data = bytes(80 << 10, 1);
+        let data = noise(1, 80 << 10);
         let mut ranges = vec![(0, 0), (5, 1), (0, 64), (3, 1023), (0, 1024), (1, 1025)];
         for n in 2..=70usize {
             for d in [-1isize, 0, 1, 512] {
@@ -282,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_reused_fingerprinter_forgets_the_last_batch() {
-        let data = bytes(300 << 10, 2);
+        let data = noise(2, 300 << 10);
         let mut f = Fingerprinter::default();
         let mut fps = Vec::new();
         f.fingerprints(&data, [(0, 200 << 10), (1, 9000)].into_iter(), &mut fps);
@@ -297,7 +286,7 @@ mod tests {
             seed in any::<u64>(),
             ranges in prop::collection::vec((0usize..4096, 0usize..(66 << 10)), 0..150),
         ) {
-            let data = bytes(72 << 10, seed);
+            let data = noise(seed, 72 << 10);
             check(&data, &ranges);
         }
     }
