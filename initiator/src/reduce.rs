@@ -1393,6 +1393,76 @@ impl Decoder {
     }
 }
 
+/// Decoded reference chunks, the most recently used kept within a byte
+/// budget. A delta costs its reference's fetch and decode on top of its
+/// own, and on versioned data most of them name the same few references:
+/// a reference is never itself a delta, so every later version of a chunk
+/// deltas against its first stored version, and reading (or writing) each
+/// version again fetched and decoded those. Named by the content's
+/// fingerprint, an entry never goes stale, whatever moves or frees the
+/// chunk it came from.
+pub struct ReferenceCache {
+    lru: lru::LruCache<Fp, Reference>,
+    bytes: usize,
+    budget: usize,
+}
+
+/// A cached reference's content, and whether its own fingerprint was
+/// checked: a read may use content a delta vouched for (it decoded to that
+/// delta's fingerprint), but a write, which builds new deltas on it, wants
+/// it checked (and [`ReferenceCache::insert`] again once it is).
+#[derive(Clone)]
+pub struct Reference {
+    pub content: std::sync::Arc<Vec<u8>>,
+    pub verified: bool,
+}
+
+impl ReferenceCache {
+    /// A cache holding up to `budget` bytes of content (0: none).
+    pub fn new(budget: usize) -> Self {
+        ReferenceCache {
+            lru: lru::LruCache::unbounded(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    pub fn get(&mut self, fp: &Fp) -> Option<Reference> {
+        self.lru.get(fp).cloned()
+    }
+
+    /// Keeps `content` as `fp`'s (checked against it if `verified`),
+    /// dropping the least recently used beyond the budget. Content larger
+    /// than the whole budget is not kept.
+    pub fn insert(&mut self, fp: Fp, content: std::sync::Arc<Vec<u8>>, verified: bool) {
+        if content.len() > self.budget {
+            return;
+        }
+        let verified = verified || self.lru.peek(&fp).is_some_and(|r| r.verified);
+        self.bytes += content.len();
+        if let Some(old) = self.lru.put(fp, Reference { content, verified }) {
+            self.bytes -= old.content.len();
+        }
+        while self.bytes > self.budget {
+            let Some((_, old)) = self.lru.pop_lru() else {
+                break;
+            };
+            self.bytes -= old.content.len();
+        }
+    }
+
+    pub fn remove(&mut self, fp: &Fp) {
+        if let Some(old) = self.lru.pop(fp) {
+            self.bytes -= old.content.len();
+        }
+    }
+
+    /// Bytes of content held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1944,5 +2014,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_reference_cache_keeps_the_recently_used_within_its_budget() {
+        use std::sync::Arc;
+        let chunk = |seed| Arc::new(noise(seed, 1000));
+        let (a, b, c) = (chunk(1), chunk(2), chunk(3));
+        let (fa, fb, fc) = (fingerprint(&a), fingerprint(&b), fingerprint(&c));
+        let mut cache = ReferenceCache::new(2500);
+        cache.insert(fa, a.clone(), true);
+        cache.insert(fb, b.clone(), false);
+        // `a` used since `b` was inserted: `b` is the one to go.
+        assert!(cache.get(&fa).is_some());
+        cache.insert(fc, c.clone(), true);
+        assert!(cache.get(&fb).is_none());
+        assert_eq!(cache.bytes(), 2000);
+        // Inserting again replaces, never counts twice.
+        cache.insert(fc, c.clone(), false);
+        assert_eq!(cache.bytes(), 2000);
+        assert!(cache.get(&fc).unwrap().verified, "checked stays checked");
+        // Larger than the whole budget: not kept.
+        cache.insert(fa, Arc::new(noise(4, 3000)), false);
+        assert_eq!(cache.bytes(), 2000);
+        // Unchecked content becomes checked when inserted so, and leaves
+        // when removed.
+        let mut cache = ReferenceCache::new(1 << 20);
+        cache.insert(fa, a.clone(), false);
+        assert!(!cache.get(&fa).unwrap().verified);
+        cache.insert(fa, a.clone(), true);
+        assert!(cache.get(&fa).unwrap().verified);
+        cache.insert(fb, b, false);
+        cache.remove(&fb);
+        assert!(cache.get(&fb).is_none());
+        assert_eq!(cache.bytes(), 1000);
+        assert!(ReferenceCache::new(0).get(&fa).is_none());
+        let mut none = ReferenceCache::new(0);
+        none.insert(fa, Arc::new(Vec::new()), true);
+        none.remove(&fa);
+        assert_eq!(none.bytes(), 0);
     }
 }

@@ -1024,3 +1024,61 @@ fn model_weights_store_as_byte_planes_and_their_updates_as_xor_deltas() {
     assert_stores_nothing(&rig);
     rig.assert_fsck_clean();
 }
+
+/// Later versions of a file delta against the same references (a delta's
+/// reference is never itself a delta): the reference cache decodes each
+/// once, for writes building deltas and for reads applying them, and the
+/// file reads back exact with the cache and without it.
+#[test]
+fn deltas_on_the_same_references_fetch_each_reference_once() {
+    let rig = FsRig::new("refcache", 5, "512M", "3+2");
+    let a = text(4 << 20, 21);
+    let edit = |shift: usize, with: &[u8; 4]| {
+        let mut v = a.clone();
+        for i in 0..40 {
+            let at = 50_000 + i * 100_000 + shift;
+            v[at..at + 4].copy_from_slice(with);
+        }
+        v
+    };
+    let (b, c) = (edit(0, b"EDIT"), edit(8, b"ALSO"));
+    let m = rig.mount("mnt", &[]).unwrap();
+    write_file(&m.path.join("a"), &a);
+    write_file(&m.path.join("b"), &b);
+    write_file(&m.path.join("c"), &c);
+    let log = m.log.clone();
+    assert!(m.stop());
+    let log = std::fs::read_to_string(log).unwrap();
+    // Writing b fetched a's chunks to build deltas on; c's deltas are on
+    // the same chunks.
+    assert!(logged(&log, "references_fetched") >= 20, "{log}");
+    assert!(logged(&log, "reference_cache_hits") >= 20, "{log}");
+    let s = rig.stats();
+    assert!(num(&s, "delta_chunk_bytes") >= 20 * 4096, "few deltas: {s}");
+
+    let read = |args: &[&str]| {
+        let m = rig.mount("mnt", args).unwrap();
+        let log = m.log.clone();
+        assert_files(&m.path, &[("b", &b), ("c", &c)], "");
+        assert!(m.stop());
+        let log = std::fs::read_to_string(log).unwrap();
+        (
+            logged(&log, "references_fetched"),
+            logged(&log, "reference_cache_hits"),
+        )
+    };
+    // Cold: b's deltas fetch the references, c's find them decoded.
+    let (fetched, hits) = read(&[]);
+    assert!(
+        fetched >= 20 && hits >= 20,
+        "{fetched} fetched, {hits} hits"
+    );
+    // Without the cache every delta fetches its reference.
+    let (fetched_uncached, hits_uncached) = read(&["--reference-cache", "0"]);
+    assert_eq!(hits_uncached, 0);
+    assert!(
+        fetched_uncached >= fetched + hits / 2,
+        "{fetched_uncached} fetched without the cache, {fetched} + {hits} with it"
+    );
+    rig.assert_fsck_clean();
+}

@@ -72,6 +72,12 @@ pub struct MountArgs {
     /// memory (about 150 bytes an entry).
     #[arg(long, default_value_t = Options::default().index_buffer)]
     pub index_buffer: usize,
+    /// MiB of decoded reference chunks kept: the chunks deltas are built
+    /// on, so that the deltas of later versions (of a checkpoint, a source
+    /// tree) which name the same references read and write without
+    /// fetching and decoding them again. 0 disables.
+    #[arg(long, default_value_t = (Options::default().reference_cache >> 20) as u64)]
+    pub reference_cache: u64,
 }
 
 /// Where a mount of file system `uuid` takes requests (`dase rebuild`).
@@ -814,6 +820,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
             .flatten(),
         cache_pages: a.cache_pages,
         index_buffer: a.index_buffer.max(1),
+        reference_cache: usize::try_from(a.reference_cache.saturating_mul(1 << 20))
+            .unwrap_or(usize::MAX),
     };
     let fs = rt
         .block_on(FileSystem::open(&file, opts))

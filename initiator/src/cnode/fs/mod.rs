@@ -194,6 +194,9 @@ pub struct Options {
     /// their buckets; writers wait beyond four times as many (the index
     /// buffer's share of memory, about 150 bytes an entry).
     pub index_buffer: usize,
+    /// Bytes of decoded reference chunks kept for the deltas that follow
+    /// ([`crate::reduce::ReferenceCache`]; 0: none).
+    pub reference_cache: usize,
 }
 
 impl Default for Options {
@@ -206,6 +209,7 @@ impl Default for Options {
             rebuild_after: None,
             cache_pages: 512,
             index_buffer: reduce::MERGE_AT,
+            reference_cache: reduce::REFERENCE_CACHE,
         }
     }
 }
@@ -470,6 +474,8 @@ pub struct FileSystem {
     ingest: Ingest,
     /// Compression regions recently decoded (for reads of their members).
     regions: Mutex<reduce::RegionCache>,
+    /// Reference chunks recently decoded (for the deltas on them).
+    references: Mutex<crate::reduce::ReferenceCache>,
     /// This file system, for work that must outlive the call that started
     /// it (a commit: see [`FileSystem::commit_changes`]). Set by `open`.
     me: std::sync::OnceLock<std::sync::Weak<FileSystem>>,
@@ -684,6 +690,7 @@ impl FileSystem {
             lease = Some(l);
         }
         let epoch = now_ns() as u64;
+        let references = Mutex::new(crate::reduce::ReferenceCache::new(opts.reference_cache));
         let fs = Self {
             seg_bytes: geo.data_bytes(),
             data,
@@ -712,6 +719,7 @@ impl FileSystem {
             writers: Mutex::new(HashMap::new()),
             ingest: Ingest::default(),
             regions: Mutex::default(),
+            references,
             me: std::sync::OnceLock::new(),
         };
         if let Err(e) = fs.recover().await {
@@ -2101,7 +2109,7 @@ impl FileSystem {
         let r = self.sync().await;
         let i = &self.ingest;
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        if n(&i.chunks) > 0 || n(&i.index_loads) > 0 {
+        if n(&i.chunks) > 0 || n(&i.index_loads) > 0 || n(&i.references_fetched) > 0 {
             tracing::info!(
                 chunks = n(&i.chunks),
                 bytes = n(&i.bytes),
@@ -2115,6 +2123,8 @@ impl FileSystem {
                 peak_resident_pages = n(&i.peak_pages),
                 merged_buckets = n(&i.merged_buckets),
                 peak_buffered_entries = n(&i.peak_buffered),
+                references_fetched = n(&i.references_fetched),
+                reference_cache_hits = n(&i.reference_hits),
                 "reduction since mount"
             );
         }

@@ -44,6 +44,10 @@ pub const CLEAN_BELOW: f64 = 0.5;
 /// merges some buckets ([`merge_pages`]); beyond four times as many,
 /// writers wait for merges.
 pub const MERGE_AT: usize = 1 << 16;
+/// Decoded reference chunks kept by default ([`Options::reference_cache`]):
+/// a thousand to four thousand references (16-64 KiB), what the deltas of
+/// some hundred megabytes of a new version name.
+pub const REFERENCE_CACHE: usize = 64 << 20;
 
 /// Buckets one commit merges the buffer into: a quarter of the page cache,
 /// so merging never holds more pages than the cache would.
@@ -114,7 +118,8 @@ impl IndexBuffer {
     }
 }
 
-/// What the write path did, since mount (for `dase stats` and benchmarks).
+/// What the write path (and the read path, for references) did, since
+/// mount (for `dase stats` and benchmarks).
 #[derive(Debug, Default)]
 pub struct Ingest {
     pub chunks: AtomicU64,
@@ -136,6 +141,11 @@ pub struct Ingest {
     /// Most metadata pages (inodes and index buckets) resident at once,
     /// as seen when a page is loaded and when a commit begins.
     pub peak_pages: AtomicU64,
+    /// Reference chunks fetched and decoded, for reads and writes of deltas.
+    pub references_fetched: AtomicU64,
+    /// Deltas read or written against a reference already decoded
+    /// ([`Options::reference_cache`]).
+    pub reference_hits: AtomicU64,
 }
 
 /// Bytes of a file written but not yet chunked.
@@ -914,15 +924,7 @@ impl FileSystem {
                 Ok(plans)
             })
             .await?;
-        // The reference chunks' bytes.
-        let mut bases: HashMap<Fp, Vec<u8>> = HashMap::new();
-        for p in &plans {
-            if let Plan::Against(r) = p {
-                if let std::collections::hash_map::Entry::Vacant(v) = bases.entry(r.entry.fp) {
-                    v.insert(self.fetch_chunk(r).await?);
-                }
-            }
-        }
+        let bases = self.fetch_references(&plans).await?;
         // Encode.
         let mut enc = Encoder::new(reduce::LEVEL);
         let mut out: Vec<(Encoding, Option<Fp>, Vec<u8>)> = Vec::with_capacity(cands.len());
@@ -1185,18 +1187,78 @@ impl FileSystem {
         let Some((be, bw)) = &r.base else {
             return self.decode_chunk(&r.entry, &r.src, None, true).await;
         };
+        let cached = self.references.lock().unwrap().get(&be.fp);
+        if let Some(c) = cached {
+            self.ingest.reference_hits.fetch_add(1, Ordering::Relaxed);
+            let got = self
+                .decode_chunk(&r.entry, &r.src, Some(&c.content), true)
+                .await;
+            if got.is_ok() {
+                return got;
+            }
+            // Then decode the reference afresh, which says which chunk is
+            // damaged.
+            self.references.lock().unwrap().remove(&be.fp);
+        }
         // The delta's fingerprint vouches for its reference too (a wrong
         // reference cannot decode to the right content), so the reference
         // is hashed on its own only when the delta's check fails, to say
         // which chunk is damaged: one BLAKE3 pass per delta read, not two.
         let base = self.decode_chunk(be, bw, None, false).await?;
+        self.ingest
+            .references_fetched
+            .fetch_add(1, Ordering::Relaxed);
         match self.decode_chunk(&r.entry, &r.src, Some(&base), true).await {
             Err(e) => {
                 verified("reference chunk", &be.fp, reduce::fingerprint(&base))?;
                 Err(e)
             }
-            ok => ok,
+            ok => {
+                let mut refs = self.references.lock().unwrap();
+                refs.insert(be.fp, Arc::new(base), false);
+                ok
+            }
         }
+    }
+
+    /// The decoded content of the references `plans` name, each checked
+    /// against its fingerprint: a write builds new deltas on them. From
+    /// the reference cache where it holds them, the others fetched
+    /// together (they are independent reads, each a round trip).
+    async fn fetch_references(&self, plans: &[Plan]) -> Result<HashMap<Fp, Arc<Vec<u8>>>, FsError> {
+        let mut bases: HashMap<Fp, Arc<Vec<u8>>> = HashMap::new();
+        let mut missing: Vec<&ChunkRead> = Vec::new();
+        for p in plans {
+            let Plan::Against(r) = p else { continue };
+            let fp = r.entry.fp;
+            if bases.contains_key(&fp) || missing.iter().any(|m| m.entry.fp == fp) {
+                continue;
+            }
+            let cached = self.references.lock().unwrap().get(&fp);
+            match cached {
+                Some(c) if c.verified || reduce::fingerprint(&c.content) == fp => {
+                    if !c.verified {
+                        let mut refs = self.references.lock().unwrap();
+                        refs.insert(fp, c.content.clone(), true);
+                    }
+                    self.ingest.reference_hits.fetch_add(1, Ordering::Relaxed);
+                    bases.insert(fp, c.content);
+                }
+                _ => missing.push(r),
+            }
+        }
+        let fetched = join_all(missing.iter().map(|r| self.fetch_chunk(r))).await;
+        self.ingest
+            .references_fetched
+            .fetch_add(missing.len() as u64, Ordering::Relaxed);
+        for (r, b) in missing.iter().zip(fetched) {
+            // A reference is no delta: `fetch_chunk` checked it.
+            let b = Arc::new(b?);
+            let mut refs = self.references.lock().unwrap();
+            refs.insert(r.entry.fp, b.clone(), true);
+            bases.insert(r.entry.fp, b);
+        }
+        Ok(bases)
     }
 
     /// Decodes a chunk, and verifies its fingerprint if `verify`.
