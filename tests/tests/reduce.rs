@@ -1056,10 +1056,16 @@ fn deltas_on_the_same_references_fetch_each_reference_once() {
     let s = rig.stats();
     assert!(num(&s, "delta_chunk_bytes") >= 20 * 4096, "few deltas: {s}");
 
-    let read = |args: &[&str]| {
+    let d = edit(16, b"MORE");
+    let read = |args: &[&str], then_write: bool| {
         let m = rig.mount("mnt", args).unwrap();
         let log = m.log.clone();
         assert_files(&m.path, &[("b", &b), ("c", &c)], "");
+        if then_write {
+            // The references the reads left unchecked (their deltas vouched
+            // for them) are hashed before new deltas are built on them.
+            write_file(&m.path.join("d"), &d);
+        }
         assert!(m.stop());
         let log = std::fs::read_to_string(log).unwrap();
         (
@@ -1068,17 +1074,36 @@ fn deltas_on_the_same_references_fetch_each_reference_once() {
         )
     };
     // Cold: b's deltas fetch the references, c's find them decoded.
-    let (fetched, hits) = read(&[]);
+    let (fetched, hits) = read(&[], false);
     assert!(
         fetched >= 20 && hits >= 20,
         "{fetched} fetched, {hits} hits"
     );
     // Without the cache every delta fetches its reference.
-    let (fetched_uncached, hits_uncached) = read(&["--reference-cache", "0"]);
+    let (fetched_uncached, hits_uncached) = read(&["--reference-cache", "0"], false);
     assert_eq!(hits_uncached, 0);
     assert!(
         fetched_uncached >= fetched + hits / 2,
         "{fetched_uncached} fetched without the cache, {fetched} + {hits} with it"
     );
+    // A write after those reads builds its deltas on the cached references,
+    // fetching none it already holds.
+    let before = rig.stats();
+    let (fetched_w, hits_w) = read(&[], true);
+    assert!(
+        fetched_w <= fetched + 4,
+        "{fetched_w} fetched for reads and a write"
+    );
+    assert!(hits_w >= hits + 20, "{hits_w} hits for reads and a write");
+    let s = rig.stats();
+    let grew = num(&s, "after_compression_bytes") - num(&before, "after_compression_bytes");
+    assert!(grew < 16 * 1024, "d's forty edits stored {grew} bytes");
+    let m = rig.mount("mnt", &[]).unwrap();
+    assert_files(
+        &m.path,
+        &[("b", &b), ("c", &c), ("d", &d)],
+        " after remount",
+    );
+    assert!(m.stop());
     rig.assert_fsck_clean();
 }
