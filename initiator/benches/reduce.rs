@@ -349,20 +349,20 @@ fn main() {
         for k in 0..1024u32 {
             let mut fp = [0xEE; 32];
             fp[..4].copy_from_slice(&k.to_le_bytes());
-            refs.insert(fp, std::sync::Arc::new(vec![7; 64 << 10]), true);
+            refs.insert(fp, std::sync::Arc::new(vec![7; 64 << 10]));
         }
         let t = Instant::now();
         for (i, s) in store.chunks.iter().enumerate() {
             let Some(b) = s.base else { continue };
             let r = match refs.get(&fps[b]) {
-                Some(r) => r.content,
+                Some(r) => r,
                 None => {
                     let bs = &store.chunks[b];
                     let mut v = Vec::new();
                     dec.decode(bs.enc, store.bytes(b), None, bs.len, &mut v)
                         .unwrap();
                     let v = std::sync::Arc::new(v);
-                    refs.insert(fps[b], v.clone(), false);
+                    refs.insert(fps[b], v.clone());
                     v
                 }
             };

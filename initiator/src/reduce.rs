@@ -1400,21 +1400,14 @@ impl Decoder {
 /// deltas against its first stored version, and reading (or writing) each
 /// version again fetched and decoded those. Named by the content's
 /// fingerprint, an entry never goes stale, whatever moves or frees the
-/// chunk it came from.
+/// chunk it came from. Entries are memory held for long, so they are not
+/// trusted: a read's delta check vouches for the entry it used, and a write
+/// hashes an entry before building deltas on it (a bad one would spoil
+/// every delta built on it, found only when those are read).
 pub struct ReferenceCache {
-    lru: lru::LruCache<Fp, Reference>,
+    lru: lru::LruCache<Fp, std::sync::Arc<Vec<u8>>>,
     bytes: usize,
     budget: usize,
-}
-
-/// A cached reference's content, and whether its own fingerprint was
-/// checked: a read may use content a delta vouched for (it decoded to that
-/// delta's fingerprint), but a write, which builds new deltas on it, wants
-/// it checked (and [`ReferenceCache::insert`] again once it is).
-#[derive(Clone)]
-pub struct Reference {
-    pub content: std::sync::Arc<Vec<u8>>,
-    pub verified: bool,
 }
 
 impl ReferenceCache {
@@ -1427,39 +1420,54 @@ impl ReferenceCache {
         }
     }
 
-    pub fn get(&mut self, fp: &Fp) -> Option<Reference> {
+    pub fn get(&mut self, fp: &Fp) -> Option<std::sync::Arc<Vec<u8>>> {
         self.lru.get(fp).cloned()
     }
 
-    /// Keeps `content` as `fp`'s (checked against it if `verified`),
-    /// dropping the least recently used beyond the budget. Content larger
-    /// than the whole budget is not kept.
-    pub fn insert(&mut self, fp: Fp, content: std::sync::Arc<Vec<u8>>, verified: bool) {
+    /// Keeps `content` as `fp`'s, dropping the least recently used beyond
+    /// the budget. Content larger than the whole budget is not kept.
+    pub fn insert(&mut self, fp: Fp, content: std::sync::Arc<Vec<u8>>) {
         if content.len() > self.budget {
             return;
         }
-        let verified = verified || self.lru.peek(&fp).is_some_and(|r| r.verified);
         self.bytes += content.len();
-        if let Some(old) = self.lru.put(fp, Reference { content, verified }) {
-            self.bytes -= old.content.len();
+        if let Some(old) = self.lru.put(fp, content) {
+            self.bytes -= old.len();
         }
         while self.bytes > self.budget {
             let Some((_, old)) = self.lru.pop_lru() else {
                 break;
             };
-            self.bytes -= old.content.len();
+            self.bytes -= old.len();
         }
     }
 
     pub fn remove(&mut self, fp: &Fp) {
         if let Some(old) = self.lru.pop(fp) {
-            self.bytes -= old.content.len();
+            self.bytes -= old.len();
         }
     }
 
     /// Bytes of content held.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Fault injection for tests: flips a byte in every entry, as memory
+    /// gone bad would. Returns the entries damaged.
+    #[doc(hidden)]
+    pub fn damage(&mut self) -> usize {
+        let mut n = 0;
+        for (_, c) in self.lru.iter_mut() {
+            if !c.is_empty() {
+                let mut v = c.as_ref().clone();
+                let at = v.len() / 2;
+                v[at] ^= 0x5A;
+                *c = std::sync::Arc::new(v);
+                n += 1;
+            }
+        }
+        n
     }
 }
 
@@ -2023,35 +2031,32 @@ mod tests {
         let (a, b, c) = (chunk(1), chunk(2), chunk(3));
         let (fa, fb, fc) = (fingerprint(&a), fingerprint(&b), fingerprint(&c));
         let mut cache = ReferenceCache::new(2500);
-        cache.insert(fa, a.clone(), true);
-        cache.insert(fb, b.clone(), false);
+        cache.insert(fa, a.clone());
+        cache.insert(fb, b.clone());
         // `a` used since `b` was inserted: `b` is the one to go.
         assert!(cache.get(&fa).is_some());
-        cache.insert(fc, c.clone(), true);
+        cache.insert(fc, c.clone());
         assert!(cache.get(&fb).is_none());
         assert_eq!(cache.bytes(), 2000);
         // Inserting again replaces, never counts twice.
-        cache.insert(fc, c.clone(), false);
+        cache.insert(fc, c.clone());
         assert_eq!(cache.bytes(), 2000);
-        assert!(cache.get(&fc).unwrap().verified, "checked stays checked");
         // Larger than the whole budget: not kept.
-        cache.insert(fa, Arc::new(noise(4, 3000)), false);
+        cache.insert(fa, Arc::new(noise(4, 3000)));
         assert_eq!(cache.bytes(), 2000);
-        // Unchecked content becomes checked when inserted so, and leaves
-        // when removed.
-        let mut cache = ReferenceCache::new(1 << 20);
-        cache.insert(fa, a.clone(), false);
-        assert!(!cache.get(&fa).unwrap().verified);
-        cache.insert(fa, a.clone(), true);
-        assert!(cache.get(&fa).unwrap().verified);
-        cache.insert(fb, b, false);
-        cache.remove(&fb);
-        assert!(cache.get(&fb).is_none());
+        assert!(cache.get(&fa).unwrap() == a);
+        // Damaged entries no longer match their fingerprints.
+        assert_eq!(cache.damage(), 2);
+        assert_ne!(fingerprint(&cache.get(&fa).unwrap()), fa);
+        assert_eq!(cache.bytes(), 2000);
+        cache.remove(&fa);
+        assert!(cache.get(&fa).is_none());
         assert_eq!(cache.bytes(), 1000);
-        assert!(ReferenceCache::new(0).get(&fa).is_none());
         let mut none = ReferenceCache::new(0);
-        none.insert(fa, Arc::new(Vec::new()), true);
-        none.remove(&fa);
+        none.insert(fa, a);
+        assert!(none.get(&fa).is_none());
+        none.insert(fb, Arc::new(Vec::new()));
+        none.remove(&fb);
         assert_eq!(none.bytes(), 0);
     }
 }

@@ -1107,3 +1107,77 @@ fn deltas_on_the_same_references_fetch_each_reference_once() {
     assert!(m.stop());
     rig.assert_fsck_clean();
 }
+
+/// Cached references are memory held for long: one gone bad must neither be
+/// served nor built on. In process, against real D-nodes, with every cached
+/// reference damaged (fault injection) before a write and before a read.
+#[test]
+fn a_damaged_cached_reference_is_neither_served_nor_built_on() {
+    use dase_initiator::cnode::fs::{FileSystem, NewKind, Options};
+    use dase_initiator::cnode::meta::ROOT_INO;
+    use dase_initiator::cnode::ClusterFile;
+    use std::sync::atomic::Ordering::Relaxed;
+    let rig = FsRig::new("refdamage", 5, "512M", "3+2");
+    let file = ClusterFile::load(&rig.cluster).unwrap();
+    let a = text(4 << 20, 31);
+    let edit = |shift: usize, with: &[u8; 4]| {
+        let mut v = a.clone();
+        for i in 0..40 {
+            let at = 50_000 + i * 100_000 + shift;
+            v[at..at + 4].copy_from_slice(with);
+        }
+        v
+    };
+    let files = [a.clone(), edit(0, b"EDIT"), edit(8, b"ALSO")];
+    rt().block_on(async {
+        let fs = FileSystem::open(&file, Options::default()).await.unwrap();
+        let mut inos = Vec::new();
+        let write = |name: &'static str, data: Vec<u8>| {
+            let fs = &fs;
+            async move {
+                let f = fs
+                    .create(ROOT_INO, name.as_bytes(), NewKind::File, 0o644, 0, 0)
+                    .await
+                    .unwrap();
+                fs.open_file(f.ino).await.unwrap();
+                fs.write_reduced(f.ino, 0, &data).await.unwrap();
+                fs.release_file(f.ino).await;
+                fs.sync().await.unwrap();
+                f.ino
+            }
+        };
+        inos.push(write("a", files[0].clone()).await);
+        // b's deltas fetch a's chunks into the cache.
+        inos.push(write("b", files[1].clone()).await);
+        let i = fs.ingest();
+        assert!(i.references_fetched.load(Relaxed) >= 20);
+        // Before c's write builds on them.
+        let damaged = fs.damage_reference_cache();
+        assert!(damaged >= 20, "{damaged} references cached");
+        inos.push(write("c", files[2].clone()).await);
+        let rejected = i.references_rejected.load(Relaxed);
+        assert!(
+            rejected >= 20,
+            "{rejected} damaged references rejected by the write"
+        );
+        // Before reads decode deltas against them.
+        assert!(fs.damage_reference_cache() >= 20);
+        for (ino, want) in inos.iter().zip(&files).skip(1) {
+            let got = fs.read(*ino, 0, want.len()).await.unwrap();
+            assert!(got == *want, "file {ino} read through damaged references");
+        }
+        assert!(i.references_rejected.load(Relaxed) >= rejected + 20);
+        fs.close().await.unwrap();
+        drop(fs);
+        // What was written on the damaged cache decodes against the stored
+        // references.
+        let fs = FileSystem::open(&file, Options::default()).await.unwrap();
+        for (ino, want) in inos.iter().zip(&files) {
+            let got = fs.read(*ino, 0, want.len()).await.unwrap();
+            assert!(got == *want, "file {ino} differs after remount");
+        }
+        let rep = fs.fsck().await;
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        fs.close().await.unwrap();
+    });
+}

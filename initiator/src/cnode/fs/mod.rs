@@ -2125,6 +2125,7 @@ impl FileSystem {
                 peak_buffered_entries = n(&i.peak_buffered),
                 references_fetched = n(&i.references_fetched),
                 reference_cache_hits = n(&i.reference_hits),
+                references_rejected = n(&i.references_rejected),
                 "reduction since mount"
             );
         }

@@ -146,6 +146,8 @@ pub struct Ingest {
     /// Deltas read or written against a reference already decoded
     /// ([`Options::reference_cache`]).
     pub reference_hits: AtomicU64,
+    /// Cached references that failed a check and were fetched again.
+    pub references_rejected: AtomicU64,
 }
 
 /// Bytes of a file written but not yet chunked.
@@ -1189,16 +1191,14 @@ impl FileSystem {
         };
         let cached = self.references.lock().unwrap().get(&be.fp);
         if let Some(c) = cached {
-            self.ingest.reference_hits.fetch_add(1, Ordering::Relaxed);
-            let got = self
-                .decode_chunk(&r.entry, &r.src, Some(&c.content), true)
-                .await;
+            let got = self.decode_chunk(&r.entry, &r.src, Some(&c), true).await;
             if got.is_ok() {
+                self.ingest.reference_hits.fetch_add(1, Ordering::Relaxed);
                 return got;
             }
-            // Then decode the reference afresh, which says which chunk is
-            // damaged.
-            self.references.lock().unwrap().remove(&be.fp);
+            // The delta or the cached reference is bad: decoding both
+            // afresh says which.
+            self.reject_cached_reference(&be.fp);
         }
         // The delta's fingerprint vouches for its reference too (a wrong
         // reference cannot decode to the right content), so the reference
@@ -1214,17 +1214,32 @@ impl FileSystem {
                 Err(e)
             }
             ok => {
-                let mut refs = self.references.lock().unwrap();
-                refs.insert(be.fp, Arc::new(base), false);
+                self.references
+                    .lock()
+                    .unwrap()
+                    .insert(be.fp, Arc::new(base));
                 ok
             }
         }
     }
 
+    /// Drops a cached reference found not to be what its fingerprint says.
+    fn reject_cached_reference(&self, fp: &Fp) {
+        self.references.lock().unwrap().remove(fp);
+        self.ingest
+            .references_rejected
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            reference = %hex(fp),
+            "a cached reference chunk failed its check (memory, or the delta on it); fetching both again"
+        );
+    }
+
     /// The decoded content of the references `plans` name, each checked
     /// against its fingerprint: a write builds new deltas on them. From
-    /// the reference cache where it holds them, the others fetched
-    /// together (they are independent reads, each a round trip).
+    /// the reference cache where it holds them (hashed again: a bad entry
+    /// would spoil every delta built on it), the others fetched together
+    /// (independent reads, each a round trip).
     async fn fetch_references(&self, plans: &[Plan]) -> Result<HashMap<Fp, Arc<Vec<u8>>>, FsError> {
         let mut bases: HashMap<Fp, Arc<Vec<u8>>> = HashMap::new();
         let mut missing: Vec<&ChunkRead> = Vec::new();
@@ -1236,15 +1251,15 @@ impl FileSystem {
             }
             let cached = self.references.lock().unwrap().get(&fp);
             match cached {
-                Some(c) if c.verified || reduce::fingerprint(&c.content) == fp => {
-                    if !c.verified {
-                        let mut refs = self.references.lock().unwrap();
-                        refs.insert(fp, c.content.clone(), true);
-                    }
+                Some(c) if reduce::fingerprint(&c) == fp => {
                     self.ingest.reference_hits.fetch_add(1, Ordering::Relaxed);
-                    bases.insert(fp, c.content);
+                    bases.insert(fp, c);
                 }
-                _ => missing.push(r),
+                Some(_) => {
+                    self.reject_cached_reference(&fp);
+                    missing.push(r);
+                }
+                None => missing.push(r),
             }
         }
         let fetched = join_all(missing.iter().map(|r| self.fetch_chunk(r))).await;
@@ -1254,11 +1269,20 @@ impl FileSystem {
         for (r, b) in missing.iter().zip(fetched) {
             // A reference is no delta: `fetch_chunk` checked it.
             let b = Arc::new(b?);
-            let mut refs = self.references.lock().unwrap();
-            refs.insert(r.entry.fp, b.clone(), true);
+            self.references
+                .lock()
+                .unwrap()
+                .insert(r.entry.fp, b.clone());
             bases.insert(r.entry.fp, b);
         }
         Ok(bases)
+    }
+
+    /// Fault injection for tests: damages every cached reference chunk
+    /// ([`crate::reduce::ReferenceCache::damage`]). Returns how many.
+    #[doc(hidden)]
+    pub fn damage_reference_cache(&self) -> usize {
+        self.references.lock().unwrap().damage()
     }
 
     /// Decodes a chunk, and verifies its fingerprint if `verify`.
