@@ -1449,7 +1449,8 @@ impl ReferenceCache {
     }
 
     /// Bytes of content held.
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.bytes
     }
 

@@ -49,6 +49,17 @@ fn assert_stores_nothing(rig: &FsRig) -> serde_json::Value {
 
 const MAX_CHUNK: u64 = dase_initiator::reduce::MAX_CHUNK as u64;
 
+/// `a` with `with` written 40 times, 100 KB apart from `shift` + 50,000 on:
+/// a version whose every edited chunk is a small delta against `a`'s.
+fn forty_edits(a: &[u8], shift: usize, with: &[u8; 4]) -> Vec<u8> {
+    let mut v = a.to_vec();
+    for i in 0..40 {
+        let at = 50_000 + i * 100_000 + shift;
+        v[at..at + 4].copy_from_slice(with);
+    }
+    v
+}
+
 #[test]
 fn duplicates_and_near_duplicates_store_once_plus_small_deltas() {
     let rig = FsRig::new("dups", 5, "512M", "3+2");
@@ -218,11 +229,7 @@ fn a_crash_during_reclamation_loses_nothing() {
 fn a_corrupt_reference_chunk_is_repaired_before_a_delta_on_it_is_served() {
     let rig = FsRig::new("refcorrupt", 5, "512M", "3+2");
     let a = text(4 << 20, 3);
-    let mut c = a.clone();
-    for i in 0..40 {
-        let at = 50_000 + i * 100_000;
-        c[at..at + 4].copy_from_slice(b"EDIT");
-    }
+    let c = forty_edits(&a, 0, b"EDIT");
     let m = rig.mount("mnt", &[]).unwrap();
     write_file(&m.path.join("a"), &a);
     write_file(&m.path.join("c"), &c);
@@ -1033,14 +1040,7 @@ fn model_weights_store_as_byte_planes_and_their_updates_as_xor_deltas() {
 fn deltas_on_the_same_references_fetch_each_reference_once() {
     let rig = FsRig::new("refcache", 5, "512M", "3+2");
     let a = text(4 << 20, 21);
-    let edit = |shift: usize, with: &[u8; 4]| {
-        let mut v = a.clone();
-        for i in 0..40 {
-            let at = 50_000 + i * 100_000 + shift;
-            v[at..at + 4].copy_from_slice(with);
-        }
-        v
-    };
+    let edit = |shift, with| forty_edits(&a, shift, with);
     let (b, c) = (edit(0, b"EDIT"), edit(8, b"ALSO"));
     let m = rig.mount("mnt", &[]).unwrap();
     write_file(&m.path.join("a"), &a);
@@ -1120,14 +1120,7 @@ fn a_damaged_cached_reference_is_neither_served_nor_built_on() {
     let rig = FsRig::new("refdamage", 5, "512M", "3+2");
     let file = ClusterFile::load(&rig.cluster).unwrap();
     let a = text(4 << 20, 31);
-    let edit = |shift: usize, with: &[u8; 4]| {
-        let mut v = a.clone();
-        for i in 0..40 {
-            let at = 50_000 + i * 100_000 + shift;
-            v[at..at + 4].copy_from_slice(with);
-        }
-        v
-    };
+    let edit = |shift, with| forty_edits(&a, shift, with);
     let files = [a.clone(), edit(0, b"EDIT"), edit(8, b"ALSO")];
     rt().block_on(async {
         let fs = FileSystem::open(&file, Options::default()).await.unwrap();
