@@ -10,7 +10,8 @@ mount's RSS (and its peak, VmHWM), the index bytes on the D-nodes, index lookups
 per chunk and the peak of resident metadata pages (from the counters the
 mount logs at unmount), and extrapolates the index bytes to a TB of logical data.
 
-Usage: benches/corpus/scale.py WORK_DIR [--gib 1,2,4] [--cache-pages N] [--dase PATH]
+Usage: benches/corpus/scale.py WORK_DIR [--gib 1,2,4] [--cache-pages N]
+       [--index-buffer N] [--index-filters MiB] [--dase PATH]
 Needs root (FUSE). WORK_DIR needs about 1.4x the largest size free.
 """
 import argparse
@@ -33,21 +34,25 @@ def run(a, gib):
         log_path = os.path.join(work, "mount.log")
         with open(log_path, "w") as log:
             m = d.mount(["--log", "info", "--cache-pages", str(a.cache_pages),
-                         "--index-buffer", str(a.index_buffer)], stderr=log)
+                         "--index-buffer", str(a.index_buffer),
+                         "--index-filters", str(a.index_filters)], stderr=log)
             rss_by_gib = []
+            mbs_by_gib = []
             t0 = time.time()
             for i in range(gib):
                 # dd from /dev/urandom: unique, incompressible, 1 GiB a file.
                 sh(["dd", "if=/dev/urandom", f"of={d.mnt}/f{i}", "bs=4M", "count=256",
                     "status=none"])
                 rss_by_gib.append(proc_status(m.pid, "VmRSS"))
+                mbs_by_gib.append(2**30 / (time.time() - t0 - sum(2**30 / x for x in mbs_by_gib)))
             took = time.time() - t0
             peak = proc_status(m.pid, "VmHWM")
             d.unmount(m)
         s = d.stats()
         line = [l for l in open(log_path).read().splitlines() if "reduction since mount" in l]
         counters = dict(re.findall(r"(\w+)=(\d+)", line[-1])) if line else {}
-        return dict(seconds=took, rss_peak=peak, rss_by_gib=rss_by_gib, stats=s,
+        return dict(seconds=took, rss_peak=peak, rss_by_gib=rss_by_gib, mbs_by_gib=mbs_by_gib,
+                    stats=s,
                     counters={k: int(v) for k, v in counters.items()})
     finally:
         d.close()
@@ -60,12 +65,14 @@ def main():
     ap.add_argument("--gib", default="1,2,4")
     ap.add_argument("--cache-pages", type=int, default=512)
     ap.add_argument("--index-buffer", type=int, default=65536)
+    ap.add_argument("--index-filters", type=int, default=64,
+                    help="MiB of filters of evicted index buckets (0: none)")
     ap.add_argument("--dase", default=os.path.join(os.path.dirname(__file__),
                                                    "../../build/release/dase"))
     a = ap.parse_args()
     a.dase = os.path.abspath(a.dase)
-    print("| logical GiB | chunks | mount peak RSS MiB | RSS after each GiB (MiB) | index on the D-nodes MiB (all copies) | index bytes per TB logical | lookups per chunk | index page loads per chunk | peak resident metadata pages | peak index entries buffered | buckets merged | metadata log + pages MiB | MB/s through the mount |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| logical GiB | chunks | mount peak RSS MiB | RSS after each GiB (MiB) | index on the D-nodes MiB (all copies) | index bytes per TB logical | lookups per chunk | index page loads per chunk | lookups answered by filters per chunk | filters MiB at unmount | peak resident metadata pages | peak index entries buffered | buckets merged | writers waiting for merges s | writers held off by commits s | metadata log + pages MiB | MB/s through the mount | MB/s of each GiB |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for g in [int(x) for x in a.gib.split(",")]:
         r = run(a, g)
         s, c = r["stats"], r["counters"]
@@ -75,10 +82,15 @@ def main():
         by = ", ".join(f"{x / 2**20:.0f}" for x in r["rss_by_gib"])
         print(f"| {g} | {s['chunks']} | {r['rss_peak'] / 2**20:.0f} | {by} | {idx / 2**20:.1f} | "
               f"{per_tb / 1e9:.1f} GB | {c.get('index_lookups', 0) / chunks:.2f} | "
-              f"{c.get('index_page_loads', 0) / chunks:.3f} | {c.get('peak_resident_pages', 0)} | "
+              f"{c.get('index_page_loads', 0) / chunks:.3f} | "
+              f"{c.get('filtered_lookups', 0) / chunks:.2f} | "
+              f"{c.get('index_filter_bytes', 0) / 2**20:.1f} | {c.get('peak_resident_pages', 0)} | "
               f"{c.get('peak_buffered_entries', 0)} | {c.get('merged_buckets', 0)} | "
+              f"{c.get('merge_wait_ms', 0) / 1000:.1f} | "
+              f"{c.get('commit_hold_ms', 0) / 1000:.1f} | "
               f"{s['metadata_bytes'] / 2**20:.0f} | "
-              f"{s['logical_bytes'] / r['seconds'] / 1e6:.0f} |", flush=True)
+              f"{s['logical_bytes'] / r['seconds'] / 1e6:.0f} | "
+              f"{', '.join(f'{x / 1e6:.0f}' for x in r['mbs_by_gib'])} |", flush=True)
 
 
 if __name__ == "__main__":

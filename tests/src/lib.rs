@@ -483,12 +483,16 @@ impl FsRig {
     }
 
     /// Mounts at `<dir>/<name>` with a short lease (so a crash test does
-    /// not wait long) plus `extra` options.
+    /// not wait long) and commit interval (unless `extra` names one) plus
+    /// `extra` options.
     pub fn mount(&self, name: &str, extra: &[&str]) -> Result<Mount, String> {
         let mp = self.path(name);
         // Fails harmlessly on a stale mount point (the mount clears it).
         let _ = std::fs::create_dir_all(&mp);
-        let mut args = vec!["--lease-ttl", "2", "--commit-interval", "1"];
+        let mut args = vec!["--lease-ttl", "2"];
+        if !extra.contains(&"--commit-interval") {
+            args.extend_from_slice(&["--commit-interval", "1"]);
+        }
         args.extend_from_slice(extra);
         Mount::start(&self.cluster, &mp, &args)
     }

@@ -1174,3 +1174,86 @@ fn a_damaged_cached_reference_is_neither_served_nor_built_on() {
         fs.close().await.unwrap();
     });
 }
+
+/// Once the indexes outgrow the page cache, the filters kept of evicted
+/// buckets answer new chunks' lookups without loading the buckets — and
+/// never hide a stored chunk: a copy and a near copy of data whose buckets
+/// were evicted still dedup and delta against it.
+#[test]
+fn filters_of_evicted_buckets_spare_new_chunks_page_loads_and_hide_nothing() {
+    let a = pattern(24 << 20, 700);
+    let b = pattern(24 << 20, 701);
+    let near = forty_edits(&a, 0, b"EDIT");
+    let run = |name: &str, filters: &str| {
+        let rig = FsRig::new(name, 5, "1G", "3+2");
+        let m = rig.mount("mnt", &[]).unwrap();
+        write_file(&m.path.join("a"), &a);
+        assert!(m.stop());
+        // All of a's index entries into their buckets.
+        rig.clean();
+        // A fresh mount whose cache holds a few of the buckets, evicting
+        // the others at every commit: b's chunks are new, so their lookups
+        // meet every bucket, most of them evicted.
+        let args = [
+            "--cache-pages",
+            "4",
+            "--commit-interval",
+            "0.02",
+            "--index-filters",
+            filters,
+        ];
+        let m = rig.mount("mnt", &args).unwrap();
+        write_file(&m.path.join("b"), &b);
+        let log = m.log.clone();
+        assert!(m.stop());
+        let log = std::fs::read_to_string(log).unwrap();
+        // Every chunk of the copy, and all but forty of the near copy, is
+        // stored: their buckets must be loaded, filter or not.
+        let m = rig.mount("mnt", &args).unwrap();
+        write_file(&m.path.join("copy"), &a);
+        write_file(&m.path.join("near"), &near);
+        assert!(m.stop());
+        let s = rig.stats();
+        let file = a.len() as u64;
+        assert!(
+            num(&s, "after_dedup_bytes") <= 2 * file + 41 * MAX_CHUNK,
+            "the copy should cost nothing and the near copy forty chunks: {s}"
+        );
+        assert!(
+            num(&s, "after_similarity_bytes") <= 2 * file + 40 * 4096,
+            "the near copy's chunks should be small deltas: {s}"
+        );
+        let m = rig.mount("mnt", &args).unwrap();
+        assert_files(
+            &m.path,
+            &[("a", &a), ("b", &b), ("copy", &a), ("near", &near)],
+            "",
+        );
+        assert!(m.stop());
+        rig.assert_fsck_clean();
+        let buckets = num(&s, "chunk_buckets") + num(&s, "similar_buckets");
+        (
+            logged(&log, "index_page_loads"),
+            logged(&log, "filtered_lookups"),
+            logged(&log, "index_lookups"),
+            buckets,
+        )
+    };
+    let (loads, filtered, lookups, buckets) = run("filters", "64");
+    let (loads_without, filtered_without, _, _) = run("nofilters", "0");
+    eprintln!(
+        "{buckets} buckets, {lookups} lookups: {loads} page loads and {filtered} answered by \
+         filters; without filters {loads_without} page loads"
+    );
+    assert!(buckets > 12, "the indexes should outgrow the cache");
+    assert!(filtered > lookups / 8, "{filtered} of {lookups} filtered");
+    // Each bucket loaded about once (when first met, and again when a
+    // filter lets a key through falsely: ~1 % of the filtered lookups);
+    // without filters, again after every eviction (how often depends on
+    // commit timing, so it is printed, not compared).
+    assert!(
+        loads <= 2 * buckets + filtered / 25,
+        "{loads} page loads for {buckets} buckets"
+    );
+    assert_eq!(filtered_without, 0, "--index-filters 0 still filtered");
+}

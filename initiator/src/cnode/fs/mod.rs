@@ -39,6 +39,7 @@ use super::meta::{
 use crate::reduce::{Encoding, Fp, Reduce};
 use meta::IndexDelta;
 
+mod filters;
 mod reduce;
 use super::superblock::{self, Superblock};
 use super::volume::{StripeRecord, Volume, VolumeError};
@@ -197,6 +198,9 @@ pub struct Options {
     /// Bytes of decoded reference chunks kept for the deltas that follow
     /// ([`crate::reduce::ReferenceCache`]; 0: none).
     pub reference_cache: usize,
+    /// Bytes of filters of evicted index buckets kept
+    /// (`filters`; 0: none), ~8 bytes a stored chunk.
+    pub index_filters: usize,
 }
 
 impl Default for Options {
@@ -210,6 +214,7 @@ impl Default for Options {
             cache_pages: 512,
             index_buffer: reduce::MERGE_AT,
             reference_cache: reduce::REFERENCE_CACHE,
+            index_filters: reduce::INDEX_FILTERS,
         }
     }
 }
@@ -304,6 +309,8 @@ struct Inodes {
     /// Most pages kept in memory (beyond dirty and committing ones).
     limit: usize,
     clock: u64,
+    /// Of index buckets evicted (see [`filters`]).
+    filters: filters::Filters,
 }
 
 impl Inodes {
@@ -317,9 +324,19 @@ impl Inodes {
         (!self.pages.contains_key(&p) && self.map.contains_key(&p)).then_some(p)
     }
 
+    /// The page to load before looking up a key of `tag` in bucket `p`, if
+    /// any: none when the bucket is resident, does not exist, or its
+    /// filter says the key is not there.
+    fn bucket_to_load(&self, p: u64, tag: u16) -> Option<u64> {
+        let p = self.missing_page(p)?;
+        (self.filters.may_hold(p, tag) != Some(false)).then_some(p)
+    }
+
     /// Page `p` (resident or new), marked changed.
     fn page_mut(&mut self, p: u64) -> &mut Page {
         debug_assert!(self.missing_page(p).is_none());
+        // Its filter (if any) described it before this change.
+        self.filters.remove(p);
         self.dirty.insert(p);
         let used = self.clock;
         self.pages.entry(p).or_insert_with(|| Page {
@@ -376,8 +393,26 @@ impl Inodes {
         clean.sort_unstable();
         let excess = self.pages.len().saturating_sub(keep);
         for (_, p) in clean.into_iter().take(excess) {
-            self.pages.remove(&p);
+            let Some(pg) = self.pages.remove(&p) else {
+                continue;
+            };
+            if filters::is_bucket(p) {
+                // Clean, so what it holds is what is committed, and it
+                // cannot change until it is loaded again.
+                let f = filters::Filter::of_bucket(p, pg.chunks.keys(), pg.similar.keys());
+                self.filters.insert(p, f);
+            }
         }
+    }
+}
+
+/// Adds the time since `.0` to `.1` (microseconds) when dropped.
+struct Held<'a>(std::time::Instant, &'a std::sync::atomic::AtomicU64);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.1
+            .fetch_add(self.0.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -877,6 +912,7 @@ impl FileSystem {
         drop(log);
         let orphans: Vec<u64> = st.orphans.iter().copied().collect();
         st.inodes.limit = self.opts.cache_pages;
+        st.inodes.filters.set_budget(self.opts.index_filters);
         *self.state.lock().unwrap() = st;
         // Orphans: unlinked while open when the previous C-node stopped.
         for ino in orphans {
@@ -1728,6 +1764,8 @@ impl FileSystem {
         // segment it references is on the D-nodes first.
         let snap = {
             let _x = self.quiesce.write().await;
+            let held = std::time::Instant::now();
+            let _held = Held(held, &self.ingest.commit_hold_us);
             let to_merge = if merge_due {
                 self.load_merge_pages().await?
             } else {
@@ -2110,6 +2148,10 @@ impl FileSystem {
         let i = &self.ingest;
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         if n(&i.chunks) > 0 || n(&i.index_loads) > 0 || n(&i.references_fetched) > 0 {
+            let (filters, filter_bytes) = {
+                let st = self.state.lock().unwrap();
+                (st.inodes.filters.len(), st.inodes.filters.bytes())
+            };
             tracing::info!(
                 chunks = n(&i.chunks),
                 bytes = n(&i.bytes),
@@ -2119,10 +2161,15 @@ impl FileSystem {
                 raw = n(&i.raw),
                 index_lookups = n(&i.lookups),
                 index_page_loads = n(&i.index_loads),
+                filtered_lookups = n(&i.filtered),
+                index_filters = filters,
+                index_filter_bytes = filter_bytes,
                 cleaned_segments = n(&i.cleaned_segments),
                 peak_resident_pages = n(&i.peak_pages),
                 merged_buckets = n(&i.merged_buckets),
                 peak_buffered_entries = n(&i.peak_buffered),
+                merge_wait_ms = n(&i.merge_wait_us) / 1000,
+                commit_hold_ms = n(&i.commit_hold_us) / 1000,
                 references_fetched = n(&i.references_fetched),
                 reference_cache_hits = n(&i.reference_hits),
                 references_rejected = n(&i.references_rejected),

@@ -48,6 +48,11 @@ pub const MERGE_AT: usize = 1 << 16;
 /// a thousand to four thousand references (16-64 KiB), what the deltas of
 /// some hundred megabytes of a new version name.
 pub const REFERENCE_CACHE: usize = 64 << 20;
+/// Filters of evicted index buckets kept by default
+/// ([`Options::index_filters`]): at ~8 bytes a chunk (its fingerprint's
+/// tag and its three super-features'), the buckets of ~8 M chunks, some
+/// 150 GiB of unique data in 18 KiB chunks.
+pub const INDEX_FILTERS: usize = 64 << 20;
 
 /// Buckets one commit merges the buffer into: a quarter of the page cache,
 /// so merging never holds more pages than the cache would.
@@ -76,16 +81,19 @@ impl IndexBuffer {
 
     /// What changed since the last snapshot, for the commit's record.
     pub(super) fn take_delta(&mut self) -> meta::IndexDelta {
-        let changed = std::mem::take(&mut self.changed);
-        let new_similar = std::mem::take(&mut self.new_similar);
+        // Drained, not replaced: the next interval fills them about as much,
+        // and regrowing them costs a rehash per doubling.
+        let (chunks, similar) = (&self.chunks, &self.similar);
         meta::IndexDelta {
-            chunks: changed
-                .into_iter()
-                .filter_map(|fp| self.chunks.get(&fp).map(|e| (fp, e.clone())))
+            chunks: self
+                .changed
+                .drain()
+                .filter_map(|fp| chunks.get(&fp).map(|e| (fp, e.clone())))
                 .collect(),
-            similar: new_similar
-                .into_iter()
-                .filter_map(|sf| self.similar.get(&sf).map(|fp| (sf, *fp)))
+            similar: self
+                .new_similar
+                .drain(..)
+                .filter_map(|sf| similar.get(&sf).map(|fp| (sf, *fp)))
                 .collect(),
             merged: std::mem::take(&mut self.merged),
         }
@@ -132,11 +140,19 @@ pub struct Ingest {
     pub index_loads: AtomicU64,
     /// Index lookups made (one per page consulted per chunk).
     pub lookups: AtomicU64,
+    /// Lookups a bucket's filter answered ("not there") without its page.
+    pub filtered: AtomicU64,
     pub cleaned_segments: AtomicU64,
     /// Bucket pages the index buffer was merged into.
     pub merged_buckets: AtomicU64,
     /// Most index entries buffered at once.
     pub peak_buffered: AtomicU64,
+    /// Time writers spent waiting for merges (the buffer at its bound),
+    /// summed over writers, in microseconds.
+    pub merge_wait_us: AtomicU64,
+    /// Time commits held writers off (loading the buckets to merge,
+    /// writing sealed segments, taking the snapshot), in microseconds.
+    pub commit_hold_us: AtomicU64,
     pub moved_bytes: AtomicU64,
     /// Most metadata pages (inodes and index buckets) resident at once,
     /// as seen when a page is loaded and when a commit begins.
@@ -326,19 +342,38 @@ impl State {
         Ok(())
     }
 
-    /// The chunk-index buckets that looking up `fps` needs (buffered
-    /// entries need none).
+    /// The bucket looking up `fp` must load first, if any (none when it
+    /// is buffered, its bucket resident, or the bucket's filter says no).
+    fn chunk_to_load(&self, fp: &Fp) -> Option<u64> {
+        if self.index.chunks.contains_key(fp) {
+            return None;
+        }
+        self.inodes
+            .bucket_to_load(self.chunk_page(fp), filters::chunk_tag(fp))
+    }
+
+    fn similar_to_load(&self, sf: u64) -> Option<u64> {
+        if self.index.similar.contains_key(&sf) {
+            return None;
+        }
+        self.inodes
+            .bucket_to_load(self.similar_page(sf), filters::similar_tag(sf))
+    }
+
+    /// Whether a lookup of a key in bucket `p` was answered by its filter
+    /// (the bucket exists but is not resident).
+    fn filtered(&self, p: u64) -> bool {
+        self.inodes.missing_page(p).is_some()
+    }
+
+    /// The chunk-index buckets that looking up `fps` needs.
     fn chunk_pages<'a>(&self, fps: impl Iterator<Item = &'a Fp>) -> Vec<u64> {
-        fps.filter(|f| !self.index.chunks.contains_key(*f))
-            .map(|f| self.chunk_page(f))
-            .collect()
+        fps.filter_map(|f| self.chunk_to_load(f)).collect()
     }
 
     /// The similarity buckets that looking up `sfs` needs.
     fn similar_pages(&self, sfs: impl Iterator<Item = u64>) -> Vec<u64> {
-        sfs.filter(|sf| !self.index.similar.contains_key(sf))
-            .map(|sf| self.similar_page(sf))
-            .collect()
+        sfs.filter_map(|sf| self.similar_to_load(sf)).collect()
     }
 
     /// Loads the chunk-index buckets of `fps` (see `require_pages`).
@@ -362,7 +397,7 @@ impl State {
     }
 
     /// The chunk's entry: the buffer's, else its page's (which must then be
-    /// resident or new).
+    /// resident or new, or its filter have said no).
     pub(super) fn chunk(&self, fp: &Fp) -> Option<&ChunkEntry> {
         match self.index.chunks.get(fp) {
             Some(e) => e.as_ref(),
@@ -868,10 +903,7 @@ impl FileSystem {
             st.similar_pages(
                 cands
                     .iter()
-                    .filter(|c| {
-                        st.inodes.missing_page(st.chunk_page(&c.fp)).is_none()
-                            && st.chunk(&c.fp).is_none()
-                    })
+                    .filter(|c| st.chunk_to_load(&c.fp).is_none() && st.chunk(&c.fp).is_none())
                     .flat_map(|c| c.sketch.into_iter().flatten()),
             )
         };
@@ -889,10 +921,14 @@ impl FileSystem {
                 let mut batch_sf: HashMap<u64, usize> = HashMap::new();
                 let mut seen: HashSet<Fp> = HashSet::new();
                 let mut lookups = cands.len() as u64;
+                let mut filtered = 0;
                 for (i, c) in cands.iter().enumerate() {
                     if st.chunk(&c.fp).is_some() || !seen.insert(c.fp) {
                         plans.push(Plan::Duplicate);
                         continue;
+                    }
+                    if !st.index.chunks.contains_key(&c.fp) && st.filtered(st.chunk_page(&c.fp)) {
+                        filtered += 1;
                     }
                     let mut plan = Plan::New;
                     for sf in c.sketch.into_iter().flatten() {
@@ -901,7 +937,14 @@ impl FileSystem {
                             plan = Plan::AgainstBatch(j);
                             break;
                         }
-                        let Some(b) = st.similar(sf) else { continue };
+                        let Some(b) = st.similar(sf) else {
+                            if !st.index.similar.contains_key(&sf)
+                                && st.filtered(st.similar_page(sf))
+                            {
+                                filtered += 1;
+                            }
+                            continue;
+                        };
                         if b == c.fp {
                             continue;
                         }
@@ -923,6 +966,7 @@ impl FileSystem {
                     plans.push(plan);
                 }
                 ing.lookups.fetch_add(lookups, Ordering::Relaxed);
+                ing.filtered.fetch_add(filtered, Ordering::Relaxed);
                 Ok(plans)
             })
             .await?;
@@ -957,8 +1001,12 @@ impl FileSystem {
         }
         // The index buffer is the write path's memory: past its bound,
         // merge before adding more.
-        while self.state.lock().unwrap().index.len() > self.opts.index_buffer.saturating_mul(4) {
-            self.commit_changes().await?;
+        if self.state.lock().unwrap().index.len() > self.opts.index_buffer.saturating_mul(4) {
+            let _waited = Held(std::time::Instant::now(), &ing.merge_wait_us);
+            while self.state.lock().unwrap().index.len() > self.opts.index_buffer.saturating_mul(4)
+            {
+                self.commit_changes().await?;
+            }
         }
         // Insert, holding writers' side of the commit lock.
         let _guard = self.quiesce.read().await;
