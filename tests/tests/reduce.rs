@@ -1175,6 +1175,80 @@ fn a_damaged_cached_reference_is_neither_served_nor_built_on() {
     });
 }
 
+/// A reference chunk that passed its strips' checksums yet does not decode
+/// its delta went bad in memory after the read: it is read once more, and
+/// if it is still wrong the read fails naming it — wrong bytes are never
+/// served, nor kept in the reference cache. In process, against real
+/// D-nodes, the fetched references damaged by fault injection.
+#[test]
+fn a_reference_damaged_after_its_read_is_read_again_or_the_read_fails() {
+    use dase_initiator::cnode::fs::{FileSystem, NewKind, Options};
+    use dase_initiator::cnode::meta::ROOT_INO;
+    use dase_initiator::cnode::ClusterFile;
+    use std::sync::atomic::Ordering::Relaxed;
+    let rig = FsRig::new("refrefetch", 5, "512M", "3+2");
+    let file = ClusterFile::load(&rig.cluster).unwrap();
+    let a = text(4 << 20, 41);
+    let b = forty_edits(&a, 0, b"EDIT");
+    rt().block_on(async {
+        let fs = FileSystem::open(&file, Options::default()).await.unwrap();
+        let mut inos = Vec::new();
+        for (name, data) in [("a", &a), ("b", &b)] {
+            let f = fs
+                .create(ROOT_INO, name.as_bytes(), NewKind::File, 0o644, 0, 0)
+                .await
+                .unwrap();
+            fs.open_file(f.ino).await.unwrap();
+            fs.write_reduced(f.ino, 0, data).await.unwrap();
+            fs.release_file(f.ino).await;
+            inos.push(f.ino);
+        }
+        fs.close().await.unwrap();
+        drop(fs);
+        // A fresh mount without a reference cache: every delta fetches.
+        let opts = || Options {
+            reference_cache: 0,
+            ..Default::default()
+        };
+        let fs = FileSystem::open(&file, opts()).await.unwrap();
+        let i = fs.ingest();
+        // One damaged fetch: read again, the file reads back exact.
+        fs.damage_fetched_references(1);
+        assert!(fs.read(inos[1], 0, b.len()).await.unwrap() == b);
+        assert_eq!(i.references_rejected.load(Relaxed), 1);
+        let fetched = i.references_fetched.load(Relaxed);
+        assert!(
+            fetched >= 21,
+            "{fetched} references fetched for forty deltas"
+        );
+        // Every fetch damaged: the read fails, naming the reference.
+        fs.damage_fetched_references(usize::MAX);
+        let err = fs.read(inos[1], 0, b.len()).await.unwrap_err().to_string();
+        assert!(
+            err.contains("reference chunk") && err.contains("does not match its fingerprint"),
+            "{err}"
+        );
+        // Nothing wrong was kept: undamaged, it reads back exact.
+        fs.damage_fetched_references(0);
+        assert!(fs.read(inos[1], 0, b.len()).await.unwrap() == b);
+        assert!(fs.read(inos[0], 0, a.len()).await.unwrap() == a);
+        fs.close().await.unwrap();
+        drop(fs);
+        // Nor with the cache on: a damaged reference never enters it.
+        let fs = FileSystem::open(&file, Options::default()).await.unwrap();
+        fs.damage_fetched_references(usize::MAX);
+        assert!(fs.read(inos[1], 0, b.len()).await.is_err());
+        fs.damage_fetched_references(0);
+        assert!(fs.read(inos[1], 0, b.len()).await.unwrap() == b);
+        // Read again: the references the first read cached are right.
+        assert!(fs.read(inos[1], 0, b.len()).await.unwrap() == b);
+        assert!(fs.ingest().reference_hits.load(Relaxed) >= 20);
+        let rep = fs.fsck().await;
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        fs.close().await.unwrap();
+    });
+}
+
 /// Once the indexes outgrow the page cache, the filters kept of evicted
 /// buckets answer new chunks' lookups without loading the buckets — and
 /// never hide a stored chunk: a copy and a near copy of data whose buckets

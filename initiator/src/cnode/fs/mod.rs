@@ -511,6 +511,9 @@ pub struct FileSystem {
     regions: Mutex<reduce::RegionCache>,
     /// Reference chunks recently decoded (for the deltas on them).
     references: Mutex<crate::reduce::ReferenceCache>,
+    /// Fault injection for tests: this many reference chunks fetched next
+    /// are damaged in memory before the delta on them is decoded.
+    damage_fetched: std::sync::atomic::AtomicUsize,
     /// This file system, for work that must outlive the call that started
     /// it (a commit: see [`FileSystem::commit_changes`]). Set by `open`.
     me: std::sync::OnceLock<std::sync::Weak<FileSystem>>,
@@ -755,6 +758,7 @@ impl FileSystem {
             ingest: Ingest::default(),
             regions: Mutex::default(),
             references,
+            damage_fetched: Default::default(),
             me: std::sync::OnceLock::new(),
         };
         if let Err(e) = fs.recover().await {
