@@ -302,22 +302,32 @@ impl Lease {
 
     /// Gives the lease back on every node where this holder still has it.
     pub async fn release(&mut self, cluster: &Cluster) {
-        let held: Vec<(usize, Bytes)> = self
-            .held
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(i, h)| h.take().map(|b| (i, b)))
-            .collect();
+        self.held.iter_mut().for_each(|h| *h = None);
         let this = &*self;
-        join_all(held.into_iter().map(|(i, mine)| async move {
-            let gen = LeaseBlock::parse(&mine)
-                .map(|l| l.generation.get())
-                .unwrap_or(0);
-            let free = this.block(gen + 1, 0, true);
+        join_all((0..cluster.len()).map(|i| this.release_node(cluster, i))).await;
+    }
+
+    /// Frees node `i`'s lease block if it is still ours. From what is read
+    /// there now, not from the copy kept at the last renewal: a renewal
+    /// whose completion was lost (a timeout) may still have landed, and a
+    /// compare against the older copy would then fail and leave the lease
+    /// held until it expires.
+    async fn release_node(&self, cluster: &Cluster, i: usize) {
+        for _ in 0..4 {
+            let Ok(cur) = cluster.read(i, LEASE_OFFSET, SIZE).await else {
+                return;
+            };
             // Only if it is still ours: a lost lease is not ours to free.
-            let _ = cluster.compare_and_write(i, LEASE_OFFSET, mine, free).await;
-        }))
-        .await;
+            let Some(l) = LeaseBlock::parse(&cur).filter(|l| l.holder == self.holder) else {
+                return;
+            };
+            let free = self.block(l.generation.get() + 1, 0, true);
+            match cluster.compare_and_write(i, LEASE_OFFSET, cur, free).await {
+                // Changed between the read and the write: look again.
+                Ok(false) => continue,
+                _ => return,
+            }
+        }
     }
 
     pub fn ttl(&self) -> Duration {
