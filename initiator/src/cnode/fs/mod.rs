@@ -1766,15 +1766,19 @@ impl FileSystem {
         let seq = log.seq + 1;
         // Hold writers off while the snapshot is made consistent: every
         // segment it references is on the D-nodes first.
+        // The buckets to merge are loaded before writers are held off: the
+        // merge itself, in the snapshot's critical section, takes those
+        // still resident by then, so no split or index change falls
+        // between merge and record.
+        let to_merge = if merge_due {
+            self.load_merge_pages().await?
+        } else {
+            Vec::new()
+        };
         let snap = {
             let _x = self.quiesce.write().await;
             let held = std::time::Instant::now();
             let _held = Held(held, &self.ingest.commit_hold_us);
-            let to_merge = if merge_due {
-                self.load_merge_pages().await?
-            } else {
-                Vec::new()
-            };
             let sealed = self.state.lock().unwrap().seal();
             let all: Vec<u64> = {
                 let st = self.state.lock().unwrap();

@@ -150,8 +150,8 @@ pub struct Ingest {
     /// Time writers spent waiting for merges (the buffer at its bound),
     /// summed over writers, in microseconds.
     pub merge_wait_us: AtomicU64,
-    /// Time commits held writers off (loading the buckets to merge,
-    /// writing sealed segments, taking the snapshot), in microseconds.
+    /// Time commits held writers off (writing sealed segments, merging,
+    /// taking the snapshot), in microseconds.
     pub commit_hold_us: AtomicU64,
     pub moved_bytes: AtomicU64,
     /// Most metadata pages (inodes and index buckets) resident at once,
@@ -1149,9 +1149,9 @@ impl FileSystem {
     }
 
     /// Chooses the buckets holding the most buffered index entries and
-    /// loads their pages (in parallel); the commit then merges those still
-    /// resident in the same step as its snapshot, so no bucket split or
-    /// index change falls between merge and record.
+    /// loads their pages (in parallel, writers still running); the commit
+    /// then merges those still resident in the same step as its snapshot,
+    /// so no bucket split or index change falls between merge and record.
     pub(super) async fn load_merge_pages(&self) -> Result<Vec<u64>, FsError> {
         let pages = self
             .state
