@@ -213,7 +213,7 @@ fn the_kernel_target_serves_as_a_dnode_in_a_cluster() {
         }
         // nvmet has no fused compare-and-write, so it cannot grant the lease;
         // the four dase D-nodes are still a majority of five.
-        let mut l = Lease::new([1; 16], "test", Duration::from_secs(5), cluster.len());
+        let mut l = Lease::new([1; 16], "test", Duration::from_secs(5));
         l.acquire(&cluster).await.unwrap();
         l.release(&cluster).await;
         // With it plus one dase D-node, no majority is possible: refused, naming it.
@@ -221,7 +221,7 @@ fn the_kernel_target_serves_as_a_dnode_in_a_cluster() {
             dnodes: file.dnodes[..2].to_vec(),
         };
         let c2 = Cluster::connect(&two, opts(false, false)).await;
-        let mut l = Lease::new([1; 16], "test", Duration::from_secs(5), c2.len());
+        let mut l = Lease::new([1; 16], "test", Duration::from_secs(5));
         match l.acquire(&c2).await {
             Err(LeaseError::Unsupported { addr, .. }) => assert_eq!(addr, k.addr),
             other => panic!("{:?}", other.err().map(|e| e.to_string())),

@@ -372,8 +372,8 @@ fn the_mount_lease_admits_one_holder() {
     rt().block_on(async {
         let c = Arc::new(Cluster::connect(&r.file, opts()).await);
         let ttl = Duration::from_millis(1500);
-        let mut a = Lease::new(fs, "host-a pid 1", ttl, c.len());
-        let mut b = Lease::new(fs, "host-b pid 2", ttl, c.len());
+        let mut a = Lease::new(fs, "host-a pid 1", ttl);
+        let mut b = Lease::new(fs, "host-b pid 2", ttl);
         a.acquire(&c).await.unwrap();
         match b.acquire(&c).await {
             Err(LeaseError::Held { holder, .. }) => assert_eq!(holder, "host-a pid 1"),
@@ -403,7 +403,7 @@ fn the_mount_lease_admits_one_holder() {
             let tries = (0..4).map(|i| {
                 let c = c.clone();
                 tokio::spawn(async move {
-                    let mut l = Lease::new(fs, &format!("racer {round}.{i}"), ttl, c.len());
+                    let mut l = Lease::new(fs, &format!("racer {round}.{i}"), ttl);
                     if l.acquire(&c).await.is_err() {
                         return None;
                     }
@@ -431,14 +431,14 @@ fn the_mount_lease_admits_one_holder() {
     rt().block_on(async {
         let c = Cluster::connect(&r.file, opts()).await;
         tokio::time::sleep(Duration::from_millis(1700)).await;
-        let mut l = Lease::new(fs, "survivor", Duration::from_secs(5), c.len());
+        let mut l = Lease::new(fs, "survivor", Duration::from_secs(5));
         l.acquire(&c).await.unwrap();
         l.release(&c).await;
     });
     r.nodes[2].kill();
     rt().block_on(async {
         let c = Cluster::connect(&r.file, opts()).await;
-        let mut l = Lease::new(fs, "minority", Duration::from_secs(5), c.len());
+        let mut l = Lease::new(fs, "minority", Duration::from_secs(5));
         match l.acquire(&c).await {
             Err(LeaseError::NoQuorum {
                 got: 2, needed: 3, ..

@@ -101,12 +101,10 @@ pub struct Lease {
     holder: [u8; 16],
     desc: String,
     ttl: Duration,
-    /// What this holder last wrote on each node (None: not held there).
-    held: Vec<Option<Bytes>>,
 }
 
 enum NodeOutcome {
-    Granted(Bytes),
+    Granted,
     /// Held by another: its identity, description and expiry.
     HeldBy([u8; 16], String, u64),
     /// The block changed under every attempt: others are racing for it.
@@ -115,13 +113,12 @@ enum NodeOutcome {
 }
 
 impl Lease {
-    pub fn new(fs_uuid: [u8; 16], desc: &str, ttl: Duration, nodes: usize) -> Self {
+    pub fn new(fs_uuid: [u8; 16], desc: &str, ttl: Duration) -> Self {
         Self {
             fs_uuid,
             holder: super::random_id(),
             desc: desc.to_string(),
             ttl,
-            held: vec![None; nodes],
         }
     }
 
@@ -155,11 +152,8 @@ impl Lease {
                 }
             }
             let new = self.block(gen + 1, now_ms() + self.ttl.as_millis() as u64, false);
-            match cluster
-                .compare_and_write(i, LEASE_OFFSET, cur, new.clone())
-                .await
-            {
-                Ok(true) => return NodeOutcome::Granted(new),
+            match cluster.compare_and_write(i, LEASE_OFFSET, cur, new).await {
+                Ok(true) => return NodeOutcome::Granted,
                 // Someone changed it between our read and our write: look again.
                 Ok(false) => continue,
                 Err(e) => return NodeOutcome::Failed(e),
@@ -182,11 +176,10 @@ struct Round {
 }
 
 impl Lease {
-    /// Tries every D-node at once; records where the lease is now held.
-    async fn round(&mut self, cluster: &Cluster) -> Round {
-        let this = &*self;
+    /// Tries every D-node at once.
+    async fn round(&self, cluster: &Cluster) -> Round {
         let outcomes = join_all(
-            (0..cluster.len()).map(|i| async move { (i, this.try_node(cluster, i).await) }),
+            (0..cluster.len()).map(|i| async move { (i, self.try_node(cluster, i).await) }),
         )
         .await;
         let mut r = Round {
@@ -201,12 +194,8 @@ impl Lease {
         for (i, o) in outcomes {
             let addr = cluster.nodes[i].spec.addr.clone();
             match o {
-                NodeOutcome::Granted(b) => {
-                    self.held[i] = Some(b);
-                    r.got += 1;
-                }
+                NodeOutcome::Granted => r.got += 1,
                 NodeOutcome::HeldBy(id, d, exp) => {
-                    self.held[i] = None;
                     r.failures.push(format!("{addr}: held by {d}"));
                     match others.iter_mut().find(|o| o.0 == id) {
                         Some(o) => o.3 += 1,
@@ -302,9 +291,7 @@ impl Lease {
 
     /// Gives the lease back on every node where this holder still has it.
     pub async fn release(&mut self, cluster: &Cluster) {
-        self.held.iter_mut().for_each(|h| *h = None);
-        let this = &*self;
-        join_all((0..cluster.len()).map(|i| this.release_node(cluster, i))).await;
+        join_all((0..cluster.len()).map(|i| self.release_node(cluster, i))).await;
     }
 
     /// Frees node `i`'s lease block if it is still ours. From what is read

@@ -723,7 +723,7 @@ impl FileSystem {
         }
         let mut lease = None;
         if !opts.read_only {
-            let mut l = Lease::new(sb.fs_uuid, &opts.description, opts.lease_ttl, n);
+            let mut l = Lease::new(sb.fs_uuid, &opts.description, opts.lease_ttl);
             l.acquire(&cluster).await?;
             lease = Some(l);
         }
@@ -1777,8 +1777,7 @@ impl FileSystem {
         };
         let snap = {
             let _x = self.quiesce.write().await;
-            let held = std::time::Instant::now();
-            let _held = Held(held, &self.ingest.commit_hold_us);
+            let _held = Held(std::time::Instant::now(), &self.ingest.commit_hold_us);
             let sealed = self.state.lock().unwrap().seal();
             let all: Vec<u64> = {
                 let st = self.state.lock().unwrap();

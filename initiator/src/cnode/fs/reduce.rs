@@ -361,10 +361,16 @@ impl State {
             .bucket_to_load(self.similar_page(sf), filters::similar_tag(sf))
     }
 
-    /// Whether a lookup of a key in bucket `p` was answered by its filter
-    /// (the bucket exists but is not resident).
-    fn filtered(&self, p: u64) -> bool {
-        self.inodes.missing_page(p).is_some()
+    /// Whether a lookup of `fp` that found nothing was answered by its
+    /// bucket's filter (not buffered, the bucket not resident).
+    fn chunk_filtered(&self, fp: &Fp) -> bool {
+        !self.index.chunks.contains_key(fp)
+            && self.inodes.missing_page(self.chunk_page(fp)).is_some()
+    }
+
+    fn similar_filtered(&self, sf: u64) -> bool {
+        !self.index.similar.contains_key(&sf)
+            && self.inodes.missing_page(self.similar_page(sf)).is_some()
     }
 
     /// The chunk-index buckets that looking up `fps` needs.
@@ -928,9 +934,7 @@ impl FileSystem {
                         plans.push(Plan::Duplicate);
                         continue;
                     }
-                    if !st.index.chunks.contains_key(&c.fp) && st.filtered(st.chunk_page(&c.fp)) {
-                        filtered += 1;
-                    }
+                    filtered += u64::from(st.chunk_filtered(&c.fp));
                     let mut plan = Plan::New;
                     for sf in c.sketch.into_iter().flatten() {
                         lookups += 1;
@@ -939,11 +943,7 @@ impl FileSystem {
                             break;
                         }
                         let Some(b) = st.similar(sf) else {
-                            if !st.index.similar.contains_key(&sf)
-                                && st.filtered(st.similar_page(sf))
-                            {
-                                filtered += 1;
-                            }
+                            filtered += u64::from(st.similar_filtered(sf));
                             continue;
                         };
                         if b == c.fp {
@@ -1256,26 +1256,10 @@ impl FileSystem {
         // Its strips passed their checksums, so a reference found wrong
         // went bad after they were read (in memory): it is fetched once
         // more before the read fails.
-        let mut again = false;
-        loop {
+        for again in [false, true] {
             let base = self.fetch_reference(be, bw).await?;
-            match self.decode_chunk(&r.entry, &r.src, Some(&base), true).await {
-                Err(e) => {
-                    if reduce::fingerprint(&base) == be.fp {
-                        return Err(e);
-                    }
-                    if again {
-                        verified("reference chunk", &be.fp, reduce::fingerprint(&base))?;
-                    }
-                    self.ingest
-                        .references_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        reference = %hex(&be.fp),
-                        "a reference chunk read from the D-nodes does not match its fingerprint; reading it again"
-                    );
-                    again = true;
-                }
+            let e = match self.decode_chunk(&r.entry, &r.src, Some(&base), true).await {
+                Err(e) => e,
                 ok => {
                     self.references
                         .lock()
@@ -1283,8 +1267,23 @@ impl FileSystem {
                         .insert(be.fp, Arc::new(base));
                     return ok;
                 }
+            };
+            let got = reduce::fingerprint(&base);
+            if got == be.fp {
+                return Err(e);
             }
+            if again {
+                verified("reference chunk", &be.fp, got)?;
+            }
+            self.ingest
+                .references_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                reference = %hex(&be.fp),
+                "a reference chunk read from the D-nodes does not match its fingerprint; reading it again"
+            );
         }
+        unreachable!("the second pass returns")
     }
 
     /// A reference chunk read from where `w` says and decoded, unchecked.
