@@ -11,6 +11,7 @@
 //! average-chunk-size sweep. DASE_FASTCDC=1 chunks with the fastcdc crate
 //! and sketches in a second pass (the pipeline before the fused chunker),
 //! for comparison. DASE_QUICK=1 stops after the incompressible figures.
+//! DASE_PARTS=checkpoints,logs (say) measures only those parts of the corpus.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -308,7 +309,20 @@ fn main() {
         println!("(set DASE_CORPUS to a corpus from benches/corpus/build.py for the rest)");
         return;
     };
-    let parts = ["source", "wheels", "checkpoints", "logs", "media"];
+    // DASE_PARTS=checkpoints,logs times those parts alone; a part the
+    // corpus lacks is skipped, said so.
+    let only = std::env::var("DASE_PARTS").ok();
+    let parts: Vec<&str> = ["source", "wheels", "checkpoints", "logs", "media"]
+        .into_iter()
+        .filter(|p| only.as_ref().is_none_or(|o| o.split(',').any(|x| x == *p)))
+        .filter(|p| {
+            let there = Path::new(&corpus).join(p).is_dir();
+            if !there {
+                println!("(no {p}/ in {corpus}: skipped)");
+            }
+            there
+        })
+        .collect();
     println!(
         "\n| part | MB | ingest GB/s (one core) | after dedup | after similarity | after compression | deltas | delta read-back GB/s (each reference decoded per delta; through a 64 MiB reference cache) |"
     );
@@ -316,7 +330,7 @@ fn main() {
     let mut all = Totals::default();
     let mut all_secs = 0.0;
     let mut sweep: Vec<Vec<Vec<u8>>> = Vec::new();
-    for part in parts {
+    for &part in &parts {
         let files = read_files(&Path::new(&corpus).join(part));
         let (tot, store, fps) = ingest(&files, reduce::AVG_CHUNK, reduce::LEVEL);
         let secs = tot.secs;
@@ -327,17 +341,37 @@ fn main() {
         let mut dec = Decoder::default();
         let (mut base, mut outb) = (Vec::new(), Vec::new());
         let mut delta_bytes = 0u64;
+        // Where the time goes: reference decode, delta decode, hash.
+        let mut split = [0f64; 3];
+        let deltas = store.chunks.iter().filter(|s| s.base.is_some()).count() as f64;
         for (i, s) in store.chunks.iter().enumerate() {
             let Some(b) = s.base else { continue };
             let bs = &store.chunks[b];
+            let t0 = Instant::now();
             dec.decode(bs.enc, store.bytes(b), None, bs.len, &mut base)
                 .unwrap();
+            let t1 = Instant::now();
             dec.decode(s.enc, store.bytes(i), Some(&base), s.len, &mut outb)
                 .unwrap();
+            let t2 = Instant::now();
             assert_eq!(reduce::fingerprint(&outb), fps[i]);
+            let t3 = Instant::now();
+            for (x, d) in split.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
+                *x += d.as_secs_f64();
+            }
             delta_bytes += s.len as u64;
         }
         let rs = t.elapsed().as_secs_f64();
+        if delta_bytes > 0 {
+            let per = |x: f64| format!("{:.1} µs", x * 1e6 / deltas);
+            eprintln!(
+                "  {part}: per delta ({:.0} KiB average) reference decode {}, delta decode {}, BLAKE3 {}",
+                delta_bytes as f64 / deltas / 1024.0,
+                per(split[0]),
+                per(split[1]),
+                per(split[2])
+            );
+        }
         // The same through the mount's reference cache, at its default
         // size: a reference decoded for one delta serves the deltas after
         // it (vouched for by their fingerprints, as on the read path). The

@@ -1005,6 +1005,31 @@ fn model_weights_store_as_byte_planes_and_their_updates_as_xor_deltas() {
         "the update stored {grew} bytes for {updated} updated"
     );
     assert_files(&root, &[("step0", &a), ("step1", &b)], "");
+    // A sparse update of step0: one number in 61 moved by 1 %. Every byte
+    // plane of the XOR is then mostly zero and stored as its non-zero
+    // bytes and their gaps: 1/37 of the updated bytes, where zstd on the
+    // planes stored 1/16.
+    let c: Vec<u8> = a
+        .chunks_exact(4)
+        .enumerate()
+        .flat_map(|(i, w)| {
+            let v = f32::from_le_bytes(w.try_into().unwrap());
+            let moved = 4 * i >= frozen && i % 61 == 0;
+            (if moved { v * 1.01 } else { v }).to_le_bytes()
+        })
+        .collect();
+    write_file(&root.join("step1b"), &c);
+    commit(&root);
+    let s2b = rig.stats();
+    let grew = num(&s2b, "after_compression_bytes") - num(&s2, "after_compression_bytes");
+    eprintln!("sparse update: {grew} bytes stored for {updated} updated");
+    assert!(
+        grew < updated / 30,
+        "the sparse update stored {grew} bytes for {updated} updated: {s2b}"
+    );
+    assert_files(&root, &[("step1b", &c)], " (the sparse update)");
+    std::fs::remove_file(root.join("step1b")).unwrap();
+    commit(&root);
     // Recompressed (planes at level 19), still exact; then from a remount.
     let out = rig.dase(&["clean", "--cluster", rig.cluster_str(), "--recompress"]);
     assert!(out.status.success(), "{out:?}");
