@@ -81,10 +81,12 @@ class Dase:
         sh([binary, "cluster", "up", "--dir", self.dir, "--dnodes", "13", "--size", size,
             "--log", "warn"], stdout=subprocess.DEVNULL)
 
-    def mount(self, args=("--log", "warn"), stderr=None):
-        """A fresh `--reduce full` file system, mounted; the mount process."""
-        sh([self.bin, "mkfs", "--cluster", self.cluster, "--reduce", "full", "--force"],
-           stdout=subprocess.DEVNULL)
+    def mount(self, args=("--log", "warn"), stderr=None, mkfs=True):
+        """A fresh `--reduce full` file system (or, without mkfs, the one
+        there), mounted; the mount process."""
+        if mkfs:
+            sh([self.bin, "mkfs", "--cluster", self.cluster, "--reduce", "full", "--force"],
+               stdout=subprocess.DEVNULL)
         m = subprocess.Popen([self.bin, "mount", "--cluster", self.cluster, *args, self.mnt],
                              stdout=subprocess.DEVNULL, stderr=stderr)
         for _ in range(100):

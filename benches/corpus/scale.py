@@ -10,8 +10,14 @@ mount's RSS (and its peak, VmHWM), the index bytes on the D-nodes, index lookups
 per chunk and the peak of resident metadata pages (from the counters the
 mount logs at unmount), and extrapolates the index bytes to a TB of logical data.
 
+With --fresh-gib N it then mounts again, as a fresh C-node would (after a
+failover, say), with --warm-filters as given, writes N GiB more of unique
+data and reports that mount's page loads per chunk, its warm-up and its
+MB/s.
+
 Usage: benches/corpus/scale.py WORK_DIR [--gib 1,2,4] [--cache-pages N]
-       [--index-buffer N] [--index-filters MiB] [--dase PATH]
+       [--index-buffer N] [--index-filters MiB] [--fresh-gib N]
+       [--warm-filters true|false] [--dase PATH]
 Needs root (FUSE). WORK_DIR needs about 1.4x the largest size free.
 """
 import argparse
@@ -51,12 +57,41 @@ def run(a, gib):
         s = d.stats()
         line = [l for l in open(log_path).read().splitlines() if "reduction since mount" in l]
         counters = dict(re.findall(r"(\w+)=(\d+)", line[-1])) if line else {}
+        fresh = fresh_mount(a, d, gib, work) if a.fresh_gib else None
         return dict(seconds=took, rss_peak=peak, rss_by_gib=rss_by_gib, mbs_by_gib=mbs_by_gib,
-                    stats=s,
+                    stats=s, fresh=fresh,
                     counters={k: int(v) for k, v in counters.items()})
     finally:
         d.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def fresh_mount(a, d, gib, work):
+    """A second mount writing a.fresh_gib GiB of new data after the first."""
+    log_path = os.path.join(work, "fresh.log")
+    with open(log_path, "w") as log:
+        m = d.mount(["--log", "info", "--cache-pages", str(a.cache_pages),
+                     "--index-buffer", str(a.index_buffer),
+                     "--index-filters", str(a.index_filters),
+                     "--warm-filters", a.warm_filters], stderr=log, mkfs=False)
+        mbs = []
+        t0 = time.time()
+        for i in range(a.fresh_gib):
+            sh(["dd", "if=/dev/urandom", f"of={d.mnt}/g{i}", "bs=4M", "count=256",
+                "status=none"])
+            mbs.append(2**30 / (time.time() - t0 - sum(2**30 / x for x in mbs)))
+        took = time.time() - t0
+        d.unmount(m)
+    text = open(log_path).read().splitlines()
+    line = [l for l in text if "reduction since mount" in l]
+    c = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line[-1])} if line else {}
+    warm = [l for l in text if "index filters warmed" in l]
+    w = {k: int(v) for k, v in re.findall(r" (\w+)=(\d+)", warm[-1])} if warm else {}
+    chunks = max(1, c.get("chunks", 0))
+    return dict(gib=a.fresh_gib, seconds=took, mbs=mbs,
+                loads=c.get("index_page_loads", 0) / chunks,
+                filtered=c.get("filtered_lookups", 0) / chunks,
+                warmed=w.get("filters", 0), warm_ms=w.get("ms", 0))
 
 
 def main():
@@ -67,6 +102,10 @@ def main():
     ap.add_argument("--index-buffer", type=int, default=65536)
     ap.add_argument("--index-filters", type=int, default=64,
                     help="MiB of filters of evicted index buckets (0: none)")
+    ap.add_argument("--fresh-gib", type=int, default=0,
+                    help="then write this many GiB more through a fresh mount")
+    ap.add_argument("--warm-filters", default="true", choices=["true", "false"],
+                    help="the fresh mount's --warm-filters")
     ap.add_argument("--dase", default=os.path.join(os.path.dirname(__file__),
                                                    "../../build/release/dase"))
     a = ap.parse_args()
@@ -91,6 +130,13 @@ def main():
               f"{s['metadata_bytes'] / 2**20:.0f} | "
               f"{s['logical_bytes'] / r['seconds'] / 1e6:.0f} | "
               f"{', '.join(f'{x / 1e6:.0f}' for x in r['mbs_by_gib'])} |", flush=True)
+        f = r["fresh"]
+        if f:
+            print(f"- then a fresh mount (--warm-filters {a.warm_filters}) wrote {f['gib']} GiB: "
+                  f"{f['warmed']} filters warmed in {f['warm_ms']} ms; "
+                  f"{f['loads']:.3f} index page loads and {f['filtered']:.2f} filtered lookups "
+                  f"per chunk; {f['gib'] * 2**30 / f['seconds'] / 1e6:.0f} MB/s "
+                  f"({', '.join(f'{x / 1e6:.0f}' for x in f['mbs'])} per GiB)", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dase_tests::*;
 
@@ -1278,6 +1278,84 @@ fn a_reference_damaged_after_its_read_is_read_again_or_the_read_fails() {
 /// buckets answer new chunks' lookups without loading the buckets — and
 /// never hide a stored chunk: a copy and a near copy of data whose buckets
 /// were evicted still dedup and delta against it.
+/// A fresh C-node (a remount, a failover) warms the filters of every
+/// bucket at mount, so new data's lookups need not load the buckets the
+/// way an evicting cache would have taught it; and warmed filters hide
+/// nothing: a copy still dedups.
+#[test]
+fn a_fresh_mount_warms_bucket_filters_and_new_data_then_loads_few_pages() {
+    let a = pattern(48 << 20, 710);
+    let new = pattern(2 << 20, 711);
+    // A mount that waits for its warm-up (when on) before going on, and
+    // the warm-up's log line.
+    let mount = |rig: &FsRig, warm: &str| -> (Mount, String) {
+        let m = rig.mount_when_free("mnt", &["--warm-filters", warm]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(&m.log).unwrap();
+            match log.lines().find(|l| l.contains("index filters warmed")) {
+                Some(l) => return (m, l.to_string()),
+                None if warm == "false" => return (m, String::new()),
+                None => assert!(Instant::now() < deadline, "no warm-up in 30 s"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let field = |line: &str, key: &str| -> u64 {
+        let at = line.find(&format!(" {key}=")).unwrap() + key.len() + 2;
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let run = |name: &str, warm: &str| {
+        let rig = FsRig::new(name, 5, "1G", "3+2");
+        let m = rig.mount("mnt", &[]).unwrap();
+        write_file(&m.path.join("a"), &a);
+        assert!(m.stop());
+        rig.clean();
+        let buckets = {
+            let s = rig.stats();
+            num(&s, "chunk_buckets") + num(&s, "similar_buckets")
+        };
+        let (m, warmed) = mount(&rig, warm);
+        write_file(&m.path.join("new"), &new);
+        let log = m.log.clone();
+        assert!(m.stop());
+        let loads = logged(&std::fs::read_to_string(log).unwrap(), "index_page_loads");
+        // Warmed filters hide nothing: a copy of a, whose entries are all
+        // in buckets filtered at mount, dedups whole.
+        let (m, _) = mount(&rig, warm);
+        write_file(&m.path.join("copy"), &a);
+        assert!(m.stop());
+        let s = rig.stats();
+        assert!(
+            num(&s, "after_dedup_bytes") <= (a.len() + new.len()) as u64 + 2 * MAX_CHUNK,
+            "the copy should have cost nothing: {s}"
+        );
+        let m = rig.mount("mnt", &[]).unwrap();
+        assert_files(&m.path, &[("a", &a), ("new", &new), ("copy", &a)], "");
+        assert!(m.stop());
+        rig.assert_fsck_clean();
+        (loads, warmed, buckets)
+    };
+    let (loads, warmed, buckets) = run("warm", "true");
+    let (loads_cold, _, _) = run("cold", "false");
+    eprintln!("{buckets} buckets; {warmed}; then {loads} page loads, without warming {loads_cold}");
+    assert!(buckets > 12, "the index should span many buckets");
+    // Every bucket page on the D-nodes (some buckets may have none yet).
+    let (listed, made) = (field(&warmed, "buckets"), field(&warmed, "filters"));
+    assert!(listed + 2 >= buckets && made == listed, "{warmed}");
+    // The new file's ~110 chunks meet nearly every bucket: cold, each
+    // loads; warmed, only the ~1 % of lookups a filter lets through.
+    assert!(
+        loads_cold >= buckets / 2 && loads <= loads_cold / 3,
+        "{loads} page loads warmed against {loads_cold} cold"
+    );
+}
+
 #[test]
 fn filters_of_evicted_buckets_spare_new_chunks_page_loads_and_hide_nothing() {
     let a = pattern(24 << 20, 700);
@@ -1293,6 +1371,7 @@ fn filters_of_evicted_buckets_spare_new_chunks_page_loads_and_hide_nothing() {
         // A fresh mount whose cache holds a few of the buckets, evicting
         // the others at every commit: b's chunks are new, so their lookups
         // meet every bucket, most of them evicted.
+        // (Not warmed at mount: these filters are to come from evictions.)
         let args = [
             "--commit-interval",
             "0.02",
@@ -1300,6 +1379,8 @@ fn filters_of_evicted_buckets_spare_new_chunks_page_loads_and_hide_nothing() {
             "4",
             "--index-filters",
             filters,
+            "--warm-filters",
+            "false",
         ];
         let m = rig.mount("mnt", &args).unwrap();
         write_file(&m.path.join("b"), &b);

@@ -15,9 +15,14 @@
 //! pages whose content is committed, so a filter made at eviction
 //! describes the bucket until the page is next loaded and changed — and a
 //! resident page is always asked before its filter. Filters hold no state
-//! of their own: a C-node starts without any and makes them as it evicts.
-//! They live within a byte budget, oldest made dropped first; a bucket
-//! without one is loaded as before.
+//! of their own on the D-nodes. A C-node makes them as it evicts, and a
+//! fresh one first *warms* them: it reads each bucket not in memory once
+//! and keeps its filter, not its page (`FileSystem::warm_filters`). A
+//! filter warmed from a page read at location L is kept only if the page
+//! is still not resident and still at L when the read returns: a bucket
+//! rewritten meanwhile has a new location. They live within a byte
+//! budget, oldest made dropped first; a bucket without one is loaded as
+//! before.
 
 use lru::LruCache;
 
@@ -72,7 +77,7 @@ impl Filter {
         self.0.binary_search(&tag).is_ok()
     }
 
-    fn bytes(&self) -> usize {
+    pub(super) fn bytes(&self) -> usize {
         self.0.len() * 2 + OVERHEAD
     }
 }
@@ -132,6 +137,15 @@ impl Filters {
 
     pub(super) fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Whether `f` fits beside the filters kept without dropping any.
+    pub(super) fn has_room_for(&self, f: &Filter) -> bool {
+        self.bytes + f.bytes() <= self.budget
+    }
+
+    pub(super) fn contains(&self, p: u64) -> bool {
+        self.map.contains(&p)
     }
 
     pub(super) fn len(&self) -> usize {

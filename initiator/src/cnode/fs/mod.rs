@@ -201,6 +201,10 @@ pub struct Options {
     /// Bytes of filters of evicted index buckets kept
     /// (`filters`; 0: none), ~8 bytes a stored chunk.
     pub index_filters: usize,
+    /// At mount, read the index buckets (within the filters' budget) to
+    /// make their filters, so that a fresh C-node's lookups of new chunks
+    /// load no pages from the start ([`FileSystem::warm_filters`]).
+    pub warm_filters: bool,
 }
 
 impl Default for Options {
@@ -215,6 +219,7 @@ impl Default for Options {
             index_buffer: reduce::MERGE_AT,
             reference_cache: reduce::REFERENCE_CACHE,
             index_filters: reduce::INDEX_FILTERS,
+            warm_filters: true,
         }
     }
 }
@@ -1050,6 +1055,97 @@ impl FileSystem {
             self.ingest.note_resident(&st);
         }
         Ok(())
+    }
+
+    /// Makes the filters of the index buckets that are neither in memory
+    /// nor filtered yet, reading each once (32 at a time) and keeping its
+    /// filter rather than its page, until the filters' budget is full.
+    /// Without this a fresh C-node, after a failover say, would load
+    /// every bucket its new chunks' lookups meet once, in its write path,
+    /// before evictions gave it filters. Runs beside the mount's work,
+    /// whose lookups load pages as before until their filters exist; a
+    /// bucket that fails to read is left to them. Returns the filters made.
+    pub async fn warm_filters(&self) -> u64 {
+        if self.opts.index_filters == 0 {
+            return 0;
+        }
+        let clock = std::time::Instant::now();
+        let todo: Vec<(u64, PageLocation)> = {
+            let st = self.state.lock().unwrap();
+            let i = &st.inodes;
+            let mut v: Vec<_> = i
+                .map
+                .iter()
+                .filter(|(p, _)| {
+                    filters::is_bucket(**p) && !i.pages.contains_key(p) && !i.filters.contains(**p)
+                })
+                .map(|(p, l)| (*p, l.clone()))
+                .collect();
+            v.sort_unstable_by_key(|t| t.0);
+            v
+        };
+        let (mut made, mut full) = (0u64, false);
+        for group in todo.chunks(32) {
+            if full || self.closing.load(Ordering::Acquire) {
+                break;
+            }
+            let read = join_all(
+                group
+                    .iter()
+                    .map(|(p, loc)| async move { (*p, loc, self.read_page(loc).await) }),
+            )
+            .await;
+            if self.closing.load(Ordering::Acquire) {
+                // Reads cut short by the unmount are not worth a warning.
+                break;
+            }
+            let mut st = self.state.lock().unwrap();
+            for (p, loc, blob) in read {
+                let blob = match blob {
+                    Ok(b) if b.page == p && b.fs_uuid == self.sb.fs_uuid => b,
+                    Ok(b) => {
+                        tracing::warn!(
+                            page = p,
+                            found = b.page,
+                            "index bucket of another place: no filter warmed"
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(page = p, error = %e, "index bucket unread: no filter warmed");
+                        continue;
+                    }
+                };
+                let i = &mut st.inodes;
+                // Loaded, rewritten or evicted meanwhile: what it holds now
+                // may not be what was read (or its filter exists already).
+                if i.pages.contains_key(&p) || i.map.get(&p) != Some(loc) || i.filters.contains(p) {
+                    continue;
+                }
+                let f = filters::Filter::of_bucket(
+                    p,
+                    blob.chunks.iter().map(|c| &c.fp),
+                    blob.similar.iter().map(|(sf, _)| sf),
+                );
+                if !i.filters.has_room_for(&f) {
+                    full = true;
+                    break;
+                }
+                i.filters.insert(p, f);
+                made += 1;
+            }
+        }
+        self.ingest.warmed_filters.store(made, Ordering::Relaxed);
+        let bytes = self.state.lock().unwrap().inodes.filters.bytes();
+        tracing::info!(
+            buckets = todo.len(),
+            filters = made,
+            filter_bytes = bytes,
+            budget_full = full,
+            ms = clock.elapsed().as_millis() as u64,
+            "index filters warmed"
+        );
+        made
     }
 
     async fn read_page(&self, loc: &[StripeRecord]) -> Result<PageBlob, FsError> {
@@ -2067,6 +2163,10 @@ impl FileSystem {
         if self.opts.read_only {
             return;
         }
+        if self.opts.warm_filters && self.reduce() != Reduce::None {
+            let fs = self.clone();
+            tokio::spawn(async move { fs.warm_filters().await });
+        }
         let renew_every = self.opts.lease_ttl / 3;
         let mut last_renew = tokio::time::Instant::now();
         let mut down_since: Vec<Option<tokio::time::Instant>> = vec![None; self.cluster.len()];
@@ -2169,6 +2269,7 @@ impl FileSystem {
                 index_lookups = n(&i.lookups),
                 index_page_loads = n(&i.index_loads),
                 filtered_lookups = n(&i.filtered),
+                warmed_filters = n(&i.warmed_filters),
                 index_filters = filters,
                 index_filter_bytes = filter_bytes,
                 cleaned_segments = n(&i.cleaned_segments),

@@ -142,6 +142,9 @@ pub struct Ingest {
     pub lookups: AtomicU64,
     /// Lookups a bucket's filter answered ("not there") without its page.
     pub filtered: AtomicU64,
+    /// Filters made at mount from buckets read for them
+    /// ([`Options::warm_filters`]).
+    pub warmed_filters: AtomicU64,
     pub cleaned_segments: AtomicU64,
     /// Bucket pages the index buffer was merged into.
     pub merged_buckets: AtomicU64,
