@@ -326,15 +326,31 @@ fn logged(log: &str, key: &str) -> u64 {
         .lines()
         .rfind(|l| l.contains("reduction since mount"))
         .unwrap_or_else(|| panic!("no reduction counters in the log:\n{log}"));
+    field(line, key)
+}
+
+/// The number a log line gives as ` key=N`.
+fn field(line: &str, key: &str) -> u64 {
     let at = line
-        .find(&format!("{key}="))
+        .find(&format!(" {key}="))
         .unwrap_or_else(|| panic!("no {key} in {line}"));
-    line[at + key.len() + 1..]
+    line[at + key.len() + 2..]
         .split(|c: char| !c.is_ascii_digit())
         .next()
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// A file system on 5 D-nodes holding `a` as file "a", cleaned so that
+/// all its index entries are in their buckets (none left in the journal).
+fn indexed(name: &str, a: &[u8]) -> FsRig {
+    let rig = FsRig::new(name, 5, "1G", "3+2");
+    let m = rig.mount("mnt", &[]).unwrap();
+    write_file(&m.path.join("a"), a);
+    assert!(m.stop());
+    rig.clean();
+    rig
 }
 
 #[test]
@@ -1301,21 +1317,8 @@ fn a_fresh_mount_warms_bucket_filters_and_new_data_then_loads_few_pages() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    let field = |line: &str, key: &str| -> u64 {
-        let at = line.find(&format!(" {key}=")).unwrap() + key.len() + 2;
-        line[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
     let run = |name: &str, warm: &str| {
-        let rig = FsRig::new(name, 5, "1G", "3+2");
-        let m = rig.mount("mnt", &[]).unwrap();
-        write_file(&m.path.join("a"), &a);
-        assert!(m.stop());
-        rig.clean();
+        let rig = indexed(name, &a);
         let buckets = {
             let s = rig.stats();
             num(&s, "chunk_buckets") + num(&s, "similar_buckets")
@@ -1362,12 +1365,7 @@ fn filters_of_evicted_buckets_spare_new_chunks_page_loads_and_hide_nothing() {
     let b = pattern(24 << 20, 701);
     let near = forty_edits(&a, 0, b"EDIT");
     let run = |name: &str, filters: &str| {
-        let rig = FsRig::new(name, 5, "1G", "3+2");
-        let m = rig.mount("mnt", &[]).unwrap();
-        write_file(&m.path.join("a"), &a);
-        assert!(m.stop());
-        // All of a's index entries into their buckets.
-        rig.clean();
+        let rig = indexed(name, &a);
         // A fresh mount whose cache holds a few of the buckets, evicting
         // the others at every commit: b's chunks are new, so their lookups
         // meet every bucket, most of them evicted.

@@ -1070,27 +1070,35 @@ impl FileSystem {
             return 0;
         }
         let clock = std::time::Instant::now();
-        let todo: Vec<(u64, PageLocation)> = {
+        // Page numbers only: a large index's locations are not copied
+        // whole; each group takes its own when it is read.
+        let mut todo: Vec<u64> = {
             let st = self.state.lock().unwrap();
             let i = &st.inodes;
-            let mut v: Vec<_> = i
-                .map
-                .iter()
-                .filter(|(p, _)| {
-                    filters::is_bucket(**p) && !i.pages.contains_key(p) && !i.filters.contains(**p)
-                })
-                .map(|(p, l)| (*p, l.clone()))
-                .collect();
-            v.sort_unstable_by_key(|t| t.0);
-            v
+            i.map
+                .keys()
+                .filter(|&&p| filters::is_bucket(p) && i.missing_page(p).is_some())
+                .filter(|&&p| !i.filters.contains(p))
+                .copied()
+                .collect()
         };
+        todo.sort_unstable();
         let (mut made, mut full) = (0u64, false);
         for group in todo.chunks(32) {
             if full || self.closing.load(Ordering::Acquire) {
                 break;
             }
-            let read = join_all(
+            let located: Vec<(u64, PageLocation)> = {
+                let st = self.state.lock().unwrap();
+                let i = &st.inodes;
                 group
+                    .iter()
+                    .filter(|&&p| i.missing_page(p).is_some())
+                    .map(|&p| (p, i.map[&p].clone()))
+                    .collect()
+            };
+            let read = join_all(
+                located
                     .iter()
                     .map(|(p, loc)| async move { (*p, loc, self.read_page(loc).await) }),
             )
