@@ -241,15 +241,35 @@ impl Numbers {
     }
 
     /// The sample positions of the hash rolled over the most significant
-    /// bytes only, in order.
+    /// bytes only, in order: with AVX-512 VBMI where the CPU has it
+    /// ([`simd::number_samples`]), else [`Numbers::samples_scalar`]. Both
+    /// find exactly the same samples (tested).
     fn samples(self, data: &[u8]) -> Vec<Sample> {
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            // SAFETY: the CPU has the features `simd::number_samples` is
+            // compiled for.
+            return unsafe { simd::number_samples(data, self) };
+        }
+        self.samples_scalar(data)
+    }
+
+    /// The sample positions of the hash rolled over the most significant
+    /// bytes only, in order, one number after another.
+    fn samples_scalar(self, data: &[u8]) -> Vec<Sample> {
         assert!(
             data.len() <= u32::MAX as usize,
             "chunk buffers are far smaller"
         );
         let mut out = Vec::with_capacity(data.len() / self.width / 100 + 1);
         let mut h = 0u64;
-        for (j, &b) in data[self.top..].iter().step_by(self.width).enumerate() {
+        for (j, &b) in data
+            .get(self.top..)
+            .unwrap_or_default()
+            .iter()
+            .step_by(self.width)
+            .enumerate()
+        {
             h = (h << 1).wrapping_add(GEAR[b as usize]);
             if h & SAMPLE_MASK == 0 {
                 out.push(Sample {
@@ -385,7 +405,7 @@ const WINDOW_KEYS: [u64; 8] = splitmix_table(0x3d0_0000);
 /// every byte instead, a chain of one add per byte.
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{window_hash, Features, Sample, FEATURES, GEAR, SAMPLE_MASK, TRANSFORMS};
+    use super::{window_hash, Features, Numbers, Sample, FEATURES, GEAR, SAMPLE_MASK, TRANSFORMS};
     use std::arch::x86_64::*;
 
     /// The low 7 bits of every gear, as bytes.
@@ -470,55 +490,69 @@ mod simd {
         std::array::from_fn(|j| j as u8 + 64 - k)
     }
 
-    /// # Safety
-    /// The CPU must have AVX-512 F, BW and VBMI ([`available`]).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-    pub(super) unsafe fn samples(data: &[u8]) -> Vec<Sample> {
-        assert!(
-            data.len() <= u32::MAX as usize,
-            "chunk buffers are far smaller"
-        );
-        let mut out = Vec::with_capacity(data.len() / 100 + 1);
-        // SAFETY (every load below): of `GEAR_LO`, or of `data` within
-        // its length (the last 64 with a mask).
-        let t = GEAR_LO.as_ptr();
-        let (t0, t1, t2, t3) = (
-            _mm512_loadu_si512(t.cast()),
-            _mm512_loadu_si512(t.add(64).cast()),
-            _mm512_loadu_si512(t.add(128).cast()),
-            _mm512_loadu_si512(t.add(192).cast()),
-        );
-        let (by1, by2, by4) = (along(1), along(2), along(4));
-        let (by1, by2, by4) = (
-            _mm512_loadu_si512(by1.as_ptr().cast()),
-            _mm512_loadu_si512(by2.as_ptr().cast()),
-            _mm512_loadu_si512(by4.as_ptr().cast()),
-        );
-        // Masked before a 16-bit shift so no bit crosses into the next
-        // byte (only the low 7 bits of a sum matter).
-        let (low6, low4) = (_mm512_set1_epi8(0x3f), _mm512_set1_epi8(0x0f));
-        let low7 = _mm512_set1_epi8(0x7f);
-        // The previous 64 positions' gears and window sums of 2 and 4
-        // (zero before the data: the hash starts at 0).
-        let zero = _mm512_setzero_si512();
-        let (mut g0, mut s1, mut s2) = (zero, zero, zero);
-        // The vector work for a block first, leaving one mask of hits per
-        // 64 positions; then the samples' hashes. Apart, the loop over the
-        // bytes has no branch that depends on them.
-        let mut masks = [0u64; BLOCK / 64];
-        let mut base = 0;
-        while base < data.len() {
-            let len = BLOCK.min(data.len() - base);
+    /// The low-bit test of the gear hash over a run of bytes, a block at a
+    /// time, carried from block to block: the previous 64 positions'
+    /// gears and window sums of 2 and 4 (zero before the run: the hash
+    /// starts at 0), and the tables.
+    struct LowBits {
+        tables: [__m512i; 4],
+        by: [__m512i; 3],
+        g0: __m512i,
+        s1: __m512i,
+        s2: __m512i,
+    }
+
+    impl LowBits {
+        /// # Safety
+        /// The CPU must have AVX-512 F, BW and VBMI ([`available`]).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+        unsafe fn new() -> Self {
+            // SAFETY (every load): 64 bytes of a 256- or 64-byte array.
+            let t = GEAR_LO.as_ptr();
+            let by = [along(1), along(2), along(4)];
+            LowBits {
+                tables: std::array::from_fn(|i| _mm512_loadu_si512(t.add(64 * i).cast())),
+                by: std::array::from_fn(|i| _mm512_loadu_si512(by[i].as_ptr().cast())),
+                g0: _mm512_setzero_si512(),
+                s1: _mm512_setzero_si512(),
+                s2: _mm512_setzero_si512(),
+            }
+        }
+
+        /// The positions of `run` (the next at most [`BLOCK`] bytes of
+        /// the run) whose hash has its low bits clear, as `at + index`, in
+        /// order at the start of `hits`; returns how many.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512 F, BW and VBMI ([`available`]).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+        unsafe fn block(&mut self, run: &[u8], at: u32, hits: &mut [u32; BLOCK + 2]) -> usize {
+            let len = run.len();
+            assert!(len <= BLOCK);
+            let [t0, t1, t2, t3] = self.tables;
+            let [by1, by2, by4] = self.by;
+            // Masked before a 16-bit shift so no bit crosses into the next
+            // byte (only the low 7 bits of a sum matter).
+            let (low6, low4) = (_mm512_set1_epi8(0x3f), _mm512_set1_epi8(0x0f));
+            let low7 = _mm512_set1_epi8(0x7f);
+            let (mut g0, mut s1, mut s2) = (self.g0, self.s1, self.s2);
+            // The vector work first, leaving one mask of hits per 64
+            // positions; then the positions. Apart, the loop over the
+            // bytes has no branch that depends on them.
+            let mut masks = [0u64; BLOCK / 64];
             for (m, mask) in masks[..len.div_ceil(64)].iter_mut().enumerate() {
-                let (j, n) = (base + 64 * m, len - 64 * m);
+                let (j, n) = (64 * m, len - 64 * m);
+                // SAFETY: within `run` (the last 64 with a mask).
                 let x = if n >= 64 {
                     // The hardware prefetcher alone left this load the
                     // loop's hottest instruction; 2 KiB ahead measured
                     // 8-10 % faster (a prefetch past the end cannot fault).
-                    _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().wrapping_add(j + 2048).cast());
-                    _mm512_loadu_si512(data.as_ptr().add(j).cast())
+                    _mm_prefetch::<_MM_HINT_T0>(run.as_ptr().wrapping_add(j + 2048).cast());
+                    _mm512_loadu_si512(run.as_ptr().add(j).cast())
                 } else {
-                    _mm512_maskz_loadu_epi8((1u64 << n) - 1, data.as_ptr().add(j).cast())
+                    _mm512_maskz_loadu_epi8((1u64 << n) - 1, run.as_ptr().add(j).cast())
                 };
                 let lo = _mm512_permutex2var_epi8(t0, x, t1);
                 let hi = _mm512_permutex2var_epi8(t2, x, t3);
@@ -538,32 +572,186 @@ mod simd {
                     *mask &= (1u64 << n) - 1;
                 }
             }
-            let block_first = out.len();
+            (self.g0, self.s1, self.s2) = (g0, s1, s2);
+            // Flattened without a branch per word: two positions are
+            // written whatever the word holds and its count says how many
+            // were real; only a word of three or more (1.4 % of them at
+            // one hit in 128) takes a loop.
+            let mut found = 0;
             for (m, &mask) in masks[..len.div_ceil(64)].iter().enumerate() {
-                let mut hits = mask;
-                while hits != 0 {
-                    let i = base + 64 * m + hits.trailing_zeros() as usize;
-                    hits &= hits - 1;
-                    out.push(Sample {
-                        pos: i as u32,
-                        hash: 0,
-                    });
+                let first = at + 64 * m as u32;
+                let next = mask & mask.wrapping_sub(1);
+                hits[found] = first.wrapping_add(mask.trailing_zeros());
+                hits[found + 1] = first.wrapping_add(next.trailing_zeros());
+                let count = mask.count_ones() as usize;
+                if count > 2 {
+                    let mut rest = next & next.wrapping_sub(1);
+                    for h in &mut hits[found + 2..found + count] {
+                        *h = first + rest.trailing_zeros();
+                        rest &= rest - 1;
+                    }
                 }
+                found += count;
             }
-            hash_samples(data, &mut out[block_first..]);
-            base += len;
+            found
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VBMI ([`available`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn samples(data: &[u8]) -> Vec<Sample> {
+        assert!(
+            data.len() <= u32::MAX as usize,
+            "chunk buffers are far smaller"
+        );
+        let mut out = Vec::with_capacity(data.len() / 100 + 1);
+        let mut low = LowBits::new();
+        // A block's hit positions: every position at worst (a run of a
+        // byte whose gear has its low bits clear), and two written ahead.
+        let mut hits = [0u32; BLOCK + 2];
+        for (b, block) in data.chunks(BLOCK).enumerate() {
+            let found = low.block(block, (b * BLOCK) as u32, &mut hits);
+            hash_samples(data, &hits[..found], &mut out);
         }
         out
     }
 
-    /// Fills in the samples' window hashes, apart from the vector loop:
-    /// alone, the hashes' independent multiplies overlap and nothing of
-    /// the vector loop's state is spilled around them.
+    /// The samples at `positions` with their window hashes, apart from
+    /// the vector loop: alone, the hashes' independent multiplies overlap
+    /// and nothing of the vector loop's state is spilled around them.
     #[inline(never)]
-    fn hash_samples(data: &[u8], out: &mut [Sample]) {
-        for s in out {
-            s.hash = window_hash(data, s.pos as usize);
+    fn hash_samples(data: &[u8], positions: &[u32], out: &mut Vec<Sample>) {
+        out.extend(positions.iter().map(|&p| Sample {
+            pos: p,
+            hash: window_hash(data, p as usize),
+        }));
+    }
+
+    /// Indexes for `vpermt2b(a, idx, b)` that gather the top bytes of the
+    /// numbers in `a` then `b` (of `width` bytes, top byte at `top`) into
+    /// the vector's positions from `into` on.
+    fn top_bytes(width: usize, top: usize, into: usize) -> [u8; 64] {
+        std::array::from_fn(|i| (i.saturating_sub(into) * width + top).min(127) as u8)
+    }
+
+    /// [`Numbers::samples`](super::Numbers) with the low-bit test run 64
+    /// numbers at a time: the numbers' top bytes are gathered, a block at
+    /// a time, into a run of their own (one or two `vpermt2b` per 64),
+    /// which [`LowBits`] tests as it tests bytes. A hit's hash is the gear
+    /// hash the scalar sampler rolls, recomputed from its last 64 top bytes
+    /// ([`gear_window`]): the same 64 bits. On the corpus's bf16
+    /// checkpoints the scalar roll, a chain of one shift-add per number,
+    /// was the chunker's whole cost (1.4-1.9 GB/s).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VBMI ([`available`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn number_samples(data: &[u8], n: Numbers) -> Vec<Sample> {
+        assert!(
+            data.len() <= u32::MAX as usize,
+            "chunk buffers are far smaller"
+        );
+        assert!((n.width == 2 || n.width == 4) && n.top < n.width);
+        let count = data.len().saturating_sub(n.top).div_ceil(n.width);
+        let mut out = Vec::with_capacity(count / 100 + 1);
+        let mut low = LowBits::new();
+        // The last 64 top bytes before the block (zeros before the first,
+        // never summed), then the block's.
+        let mut run = [0u8; 64 + BLOCK];
+        let mut hits = [0u32; BLOCK + 2];
+        let (lo, hi) = (top_bytes(n.width, n.top, 0), top_bytes(n.width, n.top, 32));
+        // SAFETY: 64 bytes each.
+        let (lo, hi) = (
+            _mm512_loadu_si512(lo.as_ptr().cast()),
+            _mm512_loadu_si512(hi.as_ptr().cast()),
+        );
+        let mut first = 0;
+        while first < count {
+            let len = BLOCK.min(count - first);
+            let block = &mut run[64..64 + len];
+            // Whole vectors of 64 numbers while they are in the data, then
+            // one by one.
+            let whole = (data.len() / n.width).saturating_sub(first).min(len) / 64;
+            for v in 0..whole {
+                let p = data.as_ptr().add((first + 64 * v) * n.width);
+                // As in `LowBits::block`: a prefetch past the end cannot fault.
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(2048).cast());
+                // SAFETY: 64 numbers within `data` (`whole` says so).
+                let a = _mm512_loadu_si512(p.cast());
+                let b = _mm512_loadu_si512(p.add(64).cast());
+                let tops = if n.width == 2 {
+                    _mm512_permutex2var_epi8(a, lo, b)
+                } else {
+                    let c = _mm512_loadu_si512(p.add(128).cast());
+                    let d = _mm512_loadu_si512(p.add(192).cast());
+                    _mm512_mask_blend_epi8(
+                        0xffff_ffff_0000_0000,
+                        _mm512_permutex2var_epi8(a, lo, b),
+                        _mm512_permutex2var_epi8(c, hi, d),
+                    )
+                };
+                _mm512_storeu_si512(block.as_mut_ptr().add(64 * v).cast(), tops);
+            }
+            for (i, t) in block.iter_mut().enumerate().skip(64 * whole) {
+                *t = data[n.top + (first + i) * n.width];
+            }
+            let found = low.block(block, 0, &mut hits);
+            let block = &run[64..64 + len];
+            let pos = |j: usize| (n.top + j * n.width) as u32;
+            if found > len / 8 {
+                // Top bytes that repeat (a tensor of zeros, of one value)
+                // may hit at every number, where 64 terms each would cost
+                // far more than rolling the hash through the block.
+                let mut h = gear_window(&run[64 - first.min(64)..64]);
+                for (i, &b) in block.iter().enumerate() {
+                    h = (h << 1).wrapping_add(GEAR[b as usize]);
+                    if h & SAMPLE_MASK == 0 {
+                        out.push(Sample {
+                            pos: pos(first + i),
+                            hash: h,
+                        });
+                    }
+                }
+            } else {
+                out.extend(hits[..found].iter().map(|&i| {
+                    let (i, j) = (i as usize, first + i as usize);
+                    let hash = match run[i + 1..=64 + i].try_into() {
+                        Ok(w) if j >= 63 => gear64(w),
+                        _ => gear_window(&run[64 + i - j.min(63)..=64 + i]),
+                    };
+                    Sample { pos: pos(j), hash }
+                }));
+            }
+            run.copy_within(len..len + 64, 0);
+            first += len;
         }
+        out
+    }
+
+    /// The gear hash rolled over `window` from 0 (`h = (h << 1) + gear`
+    /// per byte): only the last 64 bytes reach it.
+    fn gear_window(window: &[u8]) -> u64 {
+        window
+            .iter()
+            .fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[b as usize]))
+    }
+
+    /// [`gear_window`] of 64 bytes as four independent rolls, one per
+    /// residue of the position mod 4 (each shifting by 4 a step), joined
+    /// at the end: four chains of 16 shift-adds, not one of 64.
+    #[inline(always)]
+    fn gear64(window: &[u8; 64]) -> u64 {
+        let mut q = [0u64; 4];
+        for four in window.chunks_exact(4) {
+            for (q, &b) in q.iter_mut().zip(four) {
+                *q = (*q << 4).wrapping_add(GEAR[b as usize]);
+            }
+        }
+        (q[0] << 3)
+            .wrapping_add(q[1] << 2)
+            .wrapping_add(q[2] << 1)
+            .wrapping_add(q[3])
     }
 }
 
@@ -1839,9 +2027,10 @@ mod tests {
         );
     }
 
-    /// The vector sampler finds exactly the scalar sampler's samples, at
-    /// every length around its block and vector sizes, on random bytes,
-    /// text, and zeros (where every position may pass the low-bit test).
+    /// The vector samplers find exactly the scalar samplers' samples, of
+    /// bytes and of numbers' top bytes, at every length around their
+    /// block and vector sizes, on random bytes, text, and zeros (where
+    /// every position may pass the low-bit test).
     #[test]
     fn vector_and_scalar_samplers_agree() {
         #[cfg(target_arch = "x86_64")]
@@ -1849,6 +2038,7 @@ mod tests {
             let key = |v: Vec<Sample>| v.into_iter().map(|s| (s.pos, s.hash)).collect::<Vec<_>>();
             let mut inputs = vec![noise(9, 300_000), text(300_000), vec![0u8; 20_000]];
             inputs.push(vec![0x5a; 9000]);
+            inputs.push(le32(&weights(3, 80_000)));
             for data in &inputs {
                 for len in [
                     0,
@@ -1862,7 +2052,15 @@ mod tests {
                     4095,
                     4096,
                     4097,
+                    8191,
+                    8192,
+                    8193,
                     8200,
+                    16_383,
+                    16_384,
+                    16_385,
+                    16_386,
+                    16_387,
                     20_000,
                     data.len(),
                 ] {
@@ -1870,6 +2068,13 @@ mod tests {
                     // SAFETY: the features are there (checked above).
                     let v = unsafe { simd::samples(d) };
                     assert_eq!(key(v), key(samples_scalar(d)), "length {}", d.len());
+                    for (width, top) in [(2, 0), (2, 1), (4, 0), (4, 3)] {
+                        let n = Numbers { width, top };
+                        // SAFETY: as above.
+                        let v = unsafe { simd::number_samples(d, n) };
+                        let what = format!("length {} numbers {n:?}", d.len());
+                        assert_eq!(key(v), key(n.samples_scalar(d)), "{what}");
+                    }
                 }
             }
         } else {
