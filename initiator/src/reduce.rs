@@ -1381,33 +1381,102 @@ pub struct Kind {
 /// low mantissa apart. `[plane 0 | plane 1 | plane 2 | plane 3 | tail]`,
 /// each plane `len / 4` bytes.
 fn xor_shuffle(data: &[u8], base: Option<&[u8]>, out: &mut Vec<u8>) {
-    out.clear();
+    // Every byte is written below: no need to clear what is reused.
     out.resize(data.len(), 0);
     let words = data.len() / 4;
+    let base = base.map(|b| at_least(b, data.len()));
     let (lanes, tail) = out.split_at_mut(words * 4);
     let (l0, r) = lanes.split_at_mut(words);
     let (l1, r) = r.split_at_mut(words);
     let (l2, l3) = r.split_at_mut(words);
+    // Whole blocks of 16 words by vector unpacks (the write path's copy).
+    #[cfg(target_arch = "x86_64")]
+    let done = pack_words(
+        data,
+        base.as_deref(),
+        [&mut *l0, &mut *l1, &mut *l2, &mut *l3],
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     let word = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap());
+    let rest = data[4 * done..4 * words].chunks_exact(4);
+    let planes = (l0[done..].iter_mut().zip(&mut l1[done..]))
+        .zip(l2[done..].iter_mut().zip(&mut l3[done..]));
     match base {
         Some(base) => {
-            let base = at_least(base, data.len());
-            let pairs = data.chunks_exact(4).zip(base.chunks_exact(4));
-            for (w, (d, b)) in pairs.enumerate() {
-                let [x0, x1, x2, x3] = (word(d) ^ word(b)).to_le_bytes();
-                (l0[w], l1[w], l2[w], l3[w]) = (x0, x1, x2, x3);
+            let pairs = rest.zip(base[4 * done..].chunks_exact(4));
+            for (((x0, x1), (x2, x3)), (d, b)) in planes.zip(pairs) {
+                [*x0, *x1, *x2, *x3] = (word(d) ^ word(b)).to_le_bytes();
             }
             for (i, t) in tail.iter_mut().enumerate() {
                 *t = data[words * 4 + i] ^ base[words * 4 + i];
             }
         }
         None => {
-            for (w, d) in data.chunks_exact(4).enumerate() {
-                (l0[w], l1[w], l2[w], l3[w]) = (d[0], d[1], d[2], d[3]);
+            for (((x0, x1), (x2, x3)), d) in planes.zip(rest) {
+                [*x0, *x1, *x2, *x3] = [d[0], d[1], d[2], d[3]];
             }
             tail.copy_from_slice(&data[words * 4..]);
         }
     }
+}
+
+/// Splits `data`'s first whole blocks of 16 words (XOR `base`) into the
+/// four planes with SSSE3 where the CPU has it; returns the words done. A
+/// byte shuffle groups each 4 words' bytes by plane, then a 4×4 transpose
+/// of 32-bit lanes gathers each plane's 16 bytes: 12 shuffles per 64
+/// bytes. The scalar loop, a byte at a time into four places, ran ~3 GB/s
+/// and was a tenth of a checkpoint's ingest.
+#[cfg(target_arch = "x86_64")]
+fn pack_words(data: &[u8], base: Option<&[u8]>, planes: [&mut [u8]; 4]) -> usize {
+    if !is_x86_feature_detected!("ssse3") {
+        return 0;
+    }
+    assert!(planes.iter().all(|p| p.len() >= data.len() / 4));
+    assert!(base.is_none_or(|b| b.len() >= data.len()));
+    // SAFETY: the CPU has SSSE3; the lengths are asserted.
+    unsafe { pack_words_ssse3(data, base, planes) }
+}
+
+/// # Safety
+/// The CPU must have SSSE3; each plane must hold `data.len() / 4` bytes
+/// and `base`, if any, `data.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn pack_words_ssse3(data: &[u8], base: Option<&[u8]>, planes: [&mut [u8]; 4]) -> usize {
+    use std::arch::x86_64::*;
+    let blocks = data.len() / 64;
+    let by_plane = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let [l0, l1, l2, l3] = planes;
+    for k in 0..blocks {
+        let (w, o) = (16 * k, 64 * k);
+        // SAFETY: `data` and `base` hold o + 64 bytes, each plane w + 16;
+        // unaligned loads and stores.
+        let mut v: [__m128i; 4] =
+            std::array::from_fn(|j| _mm_loadu_si128(data.as_ptr().add(o + 16 * j).cast()));
+        if let Some(base) = base {
+            for (j, x) in v.iter_mut().enumerate() {
+                let b = _mm_loadu_si128(base.as_ptr().add(o + 16 * j).cast());
+                *x = _mm_xor_si128(*x, b);
+            }
+        }
+        // v[j] = planes 0..3 of words 4j..4j+4, four bytes each.
+        let v = v.map(|x| _mm_shuffle_epi8(x, by_plane));
+        let (t0, t1) = (
+            _mm_unpacklo_epi32(v[0], v[1]),
+            _mm_unpackhi_epi32(v[0], v[1]),
+        );
+        let (t2, t3) = (
+            _mm_unpacklo_epi32(v[2], v[3]),
+            _mm_unpackhi_epi32(v[2], v[3]),
+        );
+        let st = |p: &mut [u8], x: __m128i| _mm_storeu_si128(p.as_mut_ptr().add(w).cast(), x);
+        st(l0, _mm_unpacklo_epi64(t0, t2));
+        st(l1, _mm_unpackhi_epi64(t0, t2));
+        st(l2, _mm_unpacklo_epi64(t1, t3));
+        st(l3, _mm_unpackhi_epi64(t1, t3));
+    }
+    16 * blocks
 }
 
 /// The inverse of [`xor_shuffle`], from the four planes and the tail.
@@ -2242,6 +2311,42 @@ mod tests {
         assert_eq!(out, a);
         assert!(Encoding::Planes.can_be_reference() && !Encoding::XorPlanes.can_be_reference());
         assert!(Encoding::XorPlanes.is_delta() && !Encoding::Planes.is_delta());
+    }
+
+    /// The vector split into planes is the plain definition — byte `j` of
+    /// word `w` (XOR the reference's, which counts as zeros where it is
+    /// short) to plane `j` at `w`, the tail as is — at every length
+    /// around its 64-byte blocks, and `xor_unshuffle` undoes it.
+    #[test]
+    fn byte_planes_are_the_bytes_of_each_word_by_place() {
+        let data = noise(21, 700);
+        let reference = noise(22, 700);
+        let mut out = vec![7u8; 3];
+        for len in (0..=200).chain([639, 640, 641, 700]) {
+            let d = &data[..len];
+            for base in [None, Some(&reference[..len]), Some(&reference[..len / 2])] {
+                xor_shuffle(d, base, &mut out);
+                let b = |i: usize| base.and_then(|r| r.get(i)).copied().unwrap_or(0);
+                let words = len / 4;
+                let mut want = vec![0u8; len];
+                for i in 0..4 * words {
+                    want[(i % 4) * words + i / 4] = d[i] ^ b(i);
+                }
+                for i in 4 * words..len {
+                    want[i] = d[i] ^ b(i);
+                }
+                assert_eq!(
+                    out,
+                    want,
+                    "length {len}, reference {:?}",
+                    base.map(|r| r.len())
+                );
+                let planes: [&[u8]; 4] = std::array::from_fn(|p| &out[p * words..(p + 1) * words]);
+                let mut back = vec![0u8; len];
+                xor_unshuffle(planes, &out[4 * words..], base, &mut back);
+                assert_eq!(back, d);
+            }
+        }
     }
 
     #[test]
