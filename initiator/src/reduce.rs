@@ -2098,8 +2098,8 @@ mod tests {
 
     /// The vector samplers find exactly the scalar samplers' samples, of
     /// bytes and of numbers' top bytes, at every length around their
-    /// block and vector sizes, on random bytes, text, and zeros (where
-    /// every position may pass the low-bit test).
+    /// block and vector sizes, on random bytes, text, weights and runs of
+    /// one byte (of byte 76 every position passes the low-bit test).
     #[test]
     fn vector_and_scalar_samplers_agree() {
         #[cfg(target_arch = "x86_64")]
@@ -2108,6 +2108,14 @@ mod tests {
             let mut inputs = vec![noise(9, 300_000), text(300_000), vec![0u8; 20_000]];
             inputs.push(vec![0x5a; 9000]);
             inputs.push(le32(&weights(3, 80_000)));
+            // The one byte whose gear has its low 7 bits clear: a run of it
+            // is a sample at every position, and blocks of numbers dense
+            // with hits take the rolling path, here beside sparse ones.
+            assert_eq!(GEAR[76] & SAMPLE_MASK, 0);
+            inputs.push(vec![76; 40_000]);
+            let mut mixed = noise(10, 120_000);
+            mixed[30_000..70_000].fill(76);
+            inputs.push(mixed);
             for data in &inputs {
                 for len in [
                     0,
