@@ -361,10 +361,15 @@ fn main() {
         let mut dec = Decoder::default();
         let (mut base, mut outb) = (Vec::new(), Vec::new());
         let deltas = store.chunks.iter().filter(|s| s.base.is_some()).count() as f64;
-        let (mut rs, mut split, mut delta_bytes) = (f64::MAX, [0f64; 3], 0u64);
+        let delta_bytes: u64 = store
+            .chunks
+            .iter()
+            .filter(|s| s.base.is_some())
+            .map(|s| s.len as u64)
+            .sum();
+        let (mut rs, mut split) = (f64::MAX, [0f64; 3]);
         for _ in 0..runs() {
             let t = Instant::now();
-            delta_bytes = 0;
             // Where the time goes: reference decode, delta decode, hash.
             let mut this_split = [0f64; 3];
             for (i, s) in store.chunks.iter().enumerate() {
@@ -382,7 +387,6 @@ fn main() {
                 for (x, d) in this_split.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
                     *x += d.as_secs_f64();
                 }
-                delta_bytes += s.len as u64;
             }
             let secs = t.elapsed().as_secs_f64();
             if secs < rs {

@@ -716,9 +716,10 @@ mod simd {
             } else {
                 out.extend(hits[..found].iter().map(|&i| {
                     let (i, j) = (i as usize, first + i as usize);
-                    let hash = match run[i + 1..=64 + i].try_into() {
-                        Ok(w) if j >= 63 => gear64(w),
-                        _ => gear_window(&run[64 + i - j.min(63)..=64 + i]),
+                    let hash = if j >= 63 {
+                        gear64(run[i + 1..=64 + i].try_into().expect("64 bytes"))
+                    } else {
+                        gear_window(&run[64 + i - j..=64 + i])
                     };
                     Sample { pos: pos(j), hash }
                 }));
@@ -1389,7 +1390,7 @@ fn xor_shuffle(data: &[u8], base: Option<&[u8]>, out: &mut Vec<u8>) {
     let (l0, r) = lanes.split_at_mut(words);
     let (l1, r) = r.split_at_mut(words);
     let (l2, l3) = r.split_at_mut(words);
-    // Whole blocks of 16 words by vector unpacks (the write path's copy).
+    // Whole blocks of 16 words by vector shuffles, the rest one by one.
     #[cfg(target_arch = "x86_64")]
     let done = pack_words(
         data,
