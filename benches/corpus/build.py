@@ -16,7 +16,7 @@ Everything comes from real registries except the logs, which are generated
   media/        already-compressed data: the .deb packages of zstd, restic and
                 borgbackup from Debian's archive
 
-Usage: benches/corpus/build.py OUT_DIR    (needs pip, apt-get download, numpy; installs setuptools and wheel)
+Usage: benches/corpus/build.py OUT_DIR    (needs pip and apt-get download; installs setuptools, wheel and numpy)
 """
 import gzip
 import json
@@ -87,7 +87,11 @@ def write_safetensors(path, tensors):
 
 
 def checkpoints(out):
-    import numpy as np
+    try:
+        import numpy as np
+    except ImportError:  # a fresh machine's Python has no numpy
+        run(sys.executable, "-m", "pip", "install", "-q", "numpy")
+        import numpy as np
     d = os.path.join(out, "checkpoints")
     os.makedirs(d, exist_ok=True)
     if len(os.listdir(d)) >= 6:

