@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = meta::parse_chunk_header(data);
     let _ = meta::decode::<PageBlob>(data, "page");
     let _ = meta::decode::<MetaRecord>(data, "record");
+    let _ = meta::decode_record(data);
     let _ = meta::unframe::<MetaPart>(meta::META_MAGIC, data);
     let _ = meta::unframe::<CommitRecord>(meta::COMMIT_MAGIC, data);
 });

@@ -713,6 +713,115 @@ fn jsonl(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Waits (up to two minutes) until the mount's log has `n` lines of
+/// `what`; returns the `n`-th.
+fn await_log(m: &Mount, what: &str, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = m.log_text();
+        if let Some(l) = log.lines().filter(|l| l.contains(what)).nth(n - 1) {
+            return l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no {n} \"{what}\" in:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `dase mount --recompress-idle`: once writes stop, the mount stores text
+/// again in regions by itself (the same bytes as `dase clean --recompress`
+/// would), reading only segments written since its last pass and never
+/// those of incompressible data; a write stops a pass, and a later pass
+/// finishes the work; the mark survives a remount, so a fresh mount reads
+/// nothing old again; every file reads back exact and fsck stays clean.
+#[test]
+fn an_idle_mount_recompresses_only_what_was_written_since_its_last_pass() {
+    const STARTS: &str = "idle recompression pass starts";
+    const DONE: &str = "idle recompression pass segments=";
+    let passes = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(DONE))
+            .map(str::to_string)
+            .collect()
+    };
+    let rig = FsRig::with_mkfs("idle", 5, "512M", "3+2", &["--reduce", "full"]);
+    let idle = ["--recompress-idle", "2"];
+    let m = rig.mount("mnt", &idle).unwrap();
+    let root = m.path.clone();
+    let a = jsonl(8 << 20, 11);
+    let noise = pattern(4 << 20, 12);
+    write_file(&root.join("noise"), &noise);
+    write_file(&root.join("a"), &a);
+    commit(&root);
+    let inline = num(&rig.stats(), "after_compression_bytes");
+    // A write while the first pass runs stops it at the next segment.
+    await_log(&m, STARTS, 1);
+    let b = jsonl(1 << 20, 13);
+    write_file(&root.join("b"), &b);
+    let first = await_log(&m, DONE, 1);
+    assert!(
+        first.contains("stopped=true"),
+        "a write did not stop it: {first}"
+    );
+    // Later passes finish the work: one that reads nothing means all is done.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !passes(&m.log_text())
+        .iter()
+        .any(|l| field(l, "segments") == 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "passes never ended:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    commit(&root);
+    let after = num(&rig.stats(), "after_compression_bytes");
+    let log = m.log_text();
+    let read: u64 = passes(&log).iter().map(|l| field(l, "segments")).sum();
+    eprintln!("idle recompression: {inline} -> {after} stored bytes, {read} segments read");
+    // The text's share of it (the noise is stored as is) shrinks by over
+    // a tenth, b's own bytes included (without the pass: b's ~180 KB more).
+    let text = inline - noise.len() as u64;
+    assert!(after + text / 10 < inline, "{inline} -> {after}:\n{log}");
+    // a and b compressed are ~1.6 MB, 9 segments of 192 KiB (and a stopped
+    // pass reads some twice); the noise alone is 22 segments, never read.
+    assert!(read < 20, "{read} segments read:\n{log}");
+    let files = [("a", &a), ("b", &b), ("noise", &noise)];
+    assert_files(&root, &files, " after idle recompression");
+    assert!(m.stop());
+    rig.assert_fsck_clean();
+
+    // A fresh mount knows nothing of the old segments but the mark: it
+    // reads only what is written now.
+    let m = rig.mount("mnt", &idle).unwrap();
+    let c = jsonl(2 << 20, 14);
+    write_file(&m.path.join("c"), &c);
+    commit(&m.path);
+    let before = num(&rig.stats(), "after_compression_bytes");
+    await_log(&m, DONE, 1);
+    commit(&m.path);
+    let now = num(&rig.stats(), "after_compression_bytes");
+    let log = m.log_text();
+    assert!(m.stop());
+    let read: u64 = passes(&log).iter().map(|l| field(l, "segments")).sum();
+    eprintln!("after a remount: {before} -> {now} stored bytes, {read} segments read");
+    assert!(
+        read <= 4,
+        "a remount read old segments again ({read}):\n{log}"
+    );
+    // c's inline bytes are what it added.
+    assert!(
+        now + (before - after) / 8 < before,
+        "c was not recompressed:\n{log}"
+    );
+    rig.assert_fsck_clean();
+    let m = rig.mount("mnt", &[]).unwrap();
+    let files = [("a", &a), ("b", &b), ("c", &c), ("noise", &noise)];
+    assert_files(&m.path, &files, " after a remount");
+    assert!(m.stop());
+}
+
 /// `dase clean --recompress` gathers plain chunks into compression regions:
 /// fewer stored bytes than the same level chunk by chunk, every byte read
 /// back (whole and at random), new writes dedup against region members and

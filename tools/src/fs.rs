@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use dase_erasure::Geometry;
-use dase_initiator::cnode::fs::{FileSystem, MountError, Options};
+use dase_initiator::cnode::fs::{FileSystem, MountError, Options, PassScope};
 use dase_initiator::cnode::lease::LeaseError;
 use dase_initiator::cnode::meta;
 use dase_initiator::cnode::superblock;
@@ -574,7 +574,12 @@ pub fn clean(a: CleanArgs) -> Result<()> {
         .await?;
         if a.recompress {
             let r = fs
-                .recompress(a.level, region, progress_printer("recompress", "segments"))
+                .recompress(
+                    a.level,
+                    region,
+                    PassScope::All,
+                    progress_printer("recompress", "segments"),
+                )
                 .await;
             let r = match r {
                 Ok(r) => r,

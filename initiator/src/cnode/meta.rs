@@ -43,7 +43,9 @@ pub const META_MAGIC: [u8; 8] = *b"DASEMETA";
 ///    read.
 /// 6: arrays of numbers stored as byte planes (encodings `Planes` and
 ///    `XorPlanes`); older versions are version 6 without them.
-pub const VERSION: u32 = 6;
+/// 7: a [`RecordTail`] after each log record (how far idle recompression
+///    has read); a version 6 record is one whose tail is the default.
+pub const VERSION: u32 = 7;
 pub const OLDEST_READ: u32 = 4;
 
 /// Inodes per metadata page: a page of small inodes fits a strip or two,
@@ -384,6 +386,44 @@ pub enum MetaRecord {
     Batch(Batch),
 }
 
+/// Fields of the file system's state that version 7 added, encoded after
+/// each record (image or batch: the newest record's tail is in force).
+/// Kept apart from [`Image`] and [`Batch`] so that their version 6
+/// encodings stay readable as they are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordTail {
+    /// Every segment numbered below this had its chunks read by a
+    /// recompression pass at zstd level [`RecordTail::recompressed_level`]
+    /// or higher (0 and 0: none yet). Segments are never appended to once
+    /// sealed, so an incremental pass starts here.
+    pub recompressed_below: u64,
+    pub recompressed_level: u8,
+}
+
+/// The bytes of a log record and its tail ([`RecordTail`]).
+pub fn encode_record(record: &MetaRecord, tail: &RecordTail) -> Vec<u8> {
+    let mut b = encode(record);
+    b.extend_from_slice(&encode(tail));
+    b
+}
+
+/// Reads what [`encode_record`] wrote, or a version 6 record (no tail).
+pub fn decode_record(b: &[u8]) -> Result<(MetaRecord, RecordTail), MetaError> {
+    let bad = |e: postcard::Error| MetaError::Corrupt(format!("metadata record: {e}"));
+    let (record, rest) = postcard::take_from_bytes::<MetaRecord>(b).map_err(bad)?;
+    if rest.is_empty() {
+        return Ok((record, RecordTail::default()));
+    }
+    let (tail, rest) = postcard::take_from_bytes::<RecordTail>(rest).map_err(bad)?;
+    if !rest.is_empty() {
+        return Err(MetaError::Corrupt(format!(
+            "metadata record: {} bytes after its tail",
+            rest.len()
+        )));
+    }
+    Ok((record, tail))
+}
+
 /// The header of one metadata stripe: a part of one record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaPart {
@@ -675,6 +715,22 @@ mod tests {
         assert_eq!(back.index.chunks, vec![([9; 32], None)]);
         assert_eq!(back.index.merged, vec![CHUNK_PAGES | 1]);
         assert!(decode::<MetaRecord>(&b[..b.len() / 2], "record").is_err());
+        // Version 7: the tail follows; a version 6 record has none.
+        let tail = RecordTail {
+            recompressed_below: 300,
+            recompressed_level: 19,
+        };
+        let b7 = encode_record(&r, &tail);
+        assert_eq!(&b7[..b.len()], &b[..]);
+        let (MetaRecord::Batch(back), t) = decode_record(&b7).unwrap() else {
+            panic!("kind changed")
+        };
+        assert_eq!((back.next_seg, t), (4, tail));
+        assert_eq!(decode_record(&b).unwrap().1, RecordTail::default());
+        let mut longer = b7.clone();
+        longer.push(0);
+        assert!(decode_record(&longer).is_err());
+        assert!(decode_record(&b7[..b7.len() - 1]).is_err());
     }
 }
 

@@ -44,7 +44,9 @@ mod reduce;
 use super::superblock::{self, Superblock};
 use super::volume::{StripeRecord, Volume, VolumeError};
 use crate::host::{join_all, ControllerOptions};
-pub use reduce::{check_region_bytes, Ingest, RecompressReport, RECOMPRESS_LEVEL, REGION_BYTES};
+pub use reduce::{
+    check_region_bytes, Ingest, PassScope, RecompressReport, RECOMPRESS_LEVEL, REGION_BYTES,
+};
 
 pub const NAME_MAX: usize = 255;
 
@@ -205,6 +207,10 @@ pub struct Options {
     /// make their filters, so that a fresh C-node's lookups of new chunks
     /// load no pages from the start ([`FileSystem::warm_filters`]).
     pub warm_filters: bool,
+    /// Once nothing has been written for this long, a reducing mount
+    /// recompresses what was written since its last pass
+    /// ([`FileSystem::recompress`] with [`PassScope::Idle`]; None: never).
+    pub recompress_idle: Option<Duration>,
 }
 
 impl Default for Options {
@@ -220,6 +226,7 @@ impl Default for Options {
             reference_cache: reduce::REFERENCE_CACHE,
             index_filters: reduce::INDEX_FILTERS,
             warm_filters: true,
+            recompress_idle: None,
         }
     }
 }
@@ -269,6 +276,7 @@ struct Snapshot {
     ref_changes: Vec<(Fp, i32)>,
     /// Index changes since the last snapshot (for an image: all of them).
     index: IndexDelta,
+    tail: meta::RecordTail,
     to_free: Vec<u64>,
     changes: u64,
 }
@@ -449,6 +457,13 @@ struct State {
     segs: HashMap<u64, Segment>,
     next_ino: u64,
     next_seg: u64,
+    /// How far recompression passes have read (committed with the log).
+    tail: meta::RecordTail,
+    /// Segments this mount filled: the lowest effort among their frames an
+    /// idle pass would store again (`u8::MAX`: none), so that idle passes
+    /// need not read segments of raw chunks and number planes to find
+    /// that out. Forgotten once the pass mark is past them.
+    filled: HashMap<u64, u8>,
     open: Option<OpenSegment>,
     /// Sealed segments not yet written (or whose write failed: the next
     /// commit retries them). Reads are served from here meanwhile.
@@ -506,6 +521,10 @@ pub struct FileSystem {
     closing: AtomicBool,
     /// One rebuild at a time: each replaces segment records it read earlier.
     rebuilding: tokio::sync::Mutex<()>,
+    /// Held by an idle recompression pass while it runs: a close waits
+    /// for it (it stops at its next segment), so that nothing writes
+    /// after the lease is released.
+    idle_pass: tokio::sync::Mutex<()>,
     /// Commits merge the index buffer even below its threshold
     /// (`merge_index` sets it while it folds the buffer in).
     merge_all: AtomicBool,
@@ -641,7 +660,7 @@ impl FileSystem {
             1,
             true,
             None,
-            &meta::encode(&image),
+            &meta::encode_record(&image, &meta::RecordTail::default()),
             &[0],
         )
         .await
@@ -758,6 +777,7 @@ impl FileSystem {
             shutdown: tokio::sync::Notify::new(),
             closing: AtomicBool::new(false),
             rebuilding: tokio::sync::Mutex::new(()),
+            idle_pass: tokio::sync::Mutex::new(()),
             merge_all: AtomicBool::new(false),
             writers: Mutex::new(HashMap::new()),
             ingest: Ingest::default(),
@@ -847,8 +867,9 @@ impl FileSystem {
             if !p.last {
                 continue;
             }
-            let rec = meta::decode::<MetaRecord>(&buf, "metadata record")
-                .map_err(|e| MountError::Recovery(e.to_string()))?;
+            let (rec, tail) =
+                meta::decode_record(&buf).map_err(|e| MountError::Recovery(e.to_string()))?;
+            st.tail = tail;
             match rec {
                 MetaRecord::Image(img) if first => {
                     image_bytes = buf.len();
@@ -1950,6 +1971,7 @@ impl FileSystem {
                 } else {
                     st.index.take_delta()
                 },
+                tail: st.tail,
                 to_free: std::mem::take(&mut st.pending_free),
                 changes: st.changes,
             }
@@ -1963,6 +1985,7 @@ impl FileSystem {
             orphans,
             ref_changes,
             index,
+            tail,
             mut to_free,
             changes,
         } = snap;
@@ -2035,7 +2058,7 @@ impl FileSystem {
                     })
                 }
             };
-            self.commit_record(&mut log, record).await
+            self.commit_record(&mut log, record, tail).await
         }
         .await;
         match r {
@@ -2091,9 +2114,10 @@ impl FileSystem {
         &self,
         log: &mut LogState,
         record: MetaRecord,
+        tail: meta::RecordTail,
     ) -> Result<Vec<u64>, FsError> {
         let image = matches!(record, MetaRecord::Image(_));
-        let bytes = meta::encode(&record);
+        let bytes = meta::encode_record(&record, &tail);
         drop(record);
         let seq = log.seq + 1;
         let prev = if image { None } else { log.head.clone() };
@@ -2179,6 +2203,9 @@ impl FileSystem {
         let mut last_renew = tokio::time::Instant::now();
         let mut down_since: Vec<Option<tokio::time::Instant>> = vec![None; self.cluster.len()];
         let mut evacuated = vec![false; self.cluster.len()];
+        // Writes seen, and since when no more came (idle recompression).
+        let mut writes = u64::MAX;
+        let mut quiet_since = tokio::time::Instant::now();
         let tick = self
             .opts
             .commit_interval
@@ -2215,6 +2242,28 @@ impl FileSystem {
                     ),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cleaning failed"),
+                }
+            }
+            if let Some(idle) = self
+                .opts
+                .recompress_idle
+                .filter(|_| self.reduce() == Reduce::Full)
+            {
+                let w = self.ingest.writes.load(Ordering::Acquire);
+                if w != writes {
+                    (writes, quiet_since) = (w, tokio::time::Instant::now());
+                }
+                if quiet_since.elapsed() >= idle && self.recompress_due(RECOMPRESS_LEVEL) {
+                    if let Ok(running) = self.idle_pass.try_lock() {
+                        drop(running);
+                        let fs = self.clone();
+                        tokio::spawn(async move {
+                            let Ok(_running) = fs.idle_pass.try_lock() else {
+                                return;
+                            };
+                            fs.idle_recompress().await;
+                        });
+                    }
                 }
             }
             if let Some(after) = self.opts.rebuild_after {
@@ -2259,10 +2308,15 @@ impl FileSystem {
     pub async fn close(&self) -> Result<(), FsError> {
         self.closing.store(true, Ordering::Release);
         self.shutdown.notify_waiters();
+        drop(self.idle_pass.lock().await);
         let r = self.sync().await;
         let i = &self.ingest;
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        if n(&i.chunks) > 0 || n(&i.index_loads) > 0 || n(&i.references_fetched) > 0 {
+        if n(&i.chunks) > 0
+            || n(&i.index_loads) > 0
+            || n(&i.references_fetched) > 0
+            || n(&i.idle_passes) > 0
+        {
             let (filters, filter_bytes) = {
                 let st = self.state.lock().unwrap();
                 (st.inodes.filters.len(), st.inodes.filters.bytes())
@@ -2289,6 +2343,9 @@ impl FileSystem {
                 references_fetched = n(&i.references_fetched),
                 reference_cache_hits = n(&i.reference_hits),
                 references_rejected = n(&i.references_rejected),
+                idle_passes = n(&i.idle_passes),
+                idle_segments = n(&i.idle_segments),
+                idle_saved = n(&i.idle_saved),
                 "reduction since mount"
             );
         }

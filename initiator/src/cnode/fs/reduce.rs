@@ -168,6 +168,13 @@ pub struct Ingest {
     /// References that failed a check (cached ones, or just read from the
     /// D-nodes) and were fetched again.
     pub references_rejected: AtomicU64,
+    /// Writes of file data (an idle pass stops when this moves).
+    pub writes: AtomicU64,
+    /// Idle recompression passes run, the segments they read and the
+    /// stored bytes they saved.
+    pub idle_passes: AtomicU64,
+    pub idle_segments: AtomicU64,
+    pub idle_saved: AtomicU64,
 }
 
 /// Bytes of a file written but not yet chunked.
@@ -254,11 +261,43 @@ enum Plan {
     New,
 }
 
+/// A segment on the D-nodes: its number, stripes, bytes written and live.
+type WrittenSegment = (u64, Vec<StripeRecord>, u32, u64);
+
+/// Which segments a recompression pass reads, and what it stores again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassScope {
+    /// Every written segment, every compressed chunk (`dase clean
+    /// --recompress`).
+    All,
+    /// The mount's pass once idle: only segments written since the last
+    /// pass at this level or higher (the mark in [`meta::RecordTail`]),
+    /// only text-like chunks (plain zstd and byte deltas: arrays of
+    /// numbers gain ~0.1 % at level 19 and cost the most time, BENCHMARKS.md),
+    /// and it stops at the next segment once anything is written or the
+    /// mount closes.
+    Idle,
+}
+
+impl PassScope {
+    /// Whether a chunk stored as `enc` below the pass's level is stored
+    /// again, alone or in a region.
+    fn redoes(self, enc: Encoding) -> bool {
+        match enc {
+            Encoding::Zstd | Encoding::Delta => true,
+            Encoding::XorDelta | Encoding::Planes | Encoding::XorPlanes => self == PassScope::All,
+            _ => false,
+        }
+    }
+}
+
 /// What a recompression pass did ([`FileSystem::recompress`]).
 #[derive(Debug, Default)]
 pub struct RecompressReport {
     /// Segments read.
     pub segments: u64,
+    /// Stopped early (an idle pass that saw a write, or the mount closing).
+    pub stopped: bool,
     /// Chunks stored again, smaller (alone or in a region).
     pub chunks: u64,
     /// Compression regions made.
@@ -651,6 +690,7 @@ impl State {
     ) -> (u64, u32) {
         debug_assert_eq!(e.stored as usize, stored.len());
         let (seg, offset) = self.room_for(CHUNK_HEADER + stored.len(), seg_bytes, sealed);
+        self.note_filled(seg, e.enc, effort);
         let o = self.open.as_mut().unwrap();
         o.buf.extend_from_slice(&meta::chunk_header(e, effort));
         o.buf.extend_from_slice(stored);
@@ -660,6 +700,14 @@ impl State {
             sealed.extend(self.seal());
         }
         (seg, offset as u32)
+    }
+
+    /// Notes a frame of `enc` at `effort` put in segment `seg` (`filled`).
+    fn note_filled(&mut self, seg: u64, enc: Encoding, effort: u8) {
+        let worth = self.filled.entry(seg).or_insert(u8::MAX);
+        if PassScope::Idle.redoes(enc) {
+            *worth = (*worth).min(effort);
+        }
     }
 
     fn insert_chunk(&mut self, e: ChunkEntry) {
@@ -679,13 +727,72 @@ impl State {
 }
 
 impl State {
+    /// The segments a recompression pass at `effort` reads (see
+    /// [`State::written_segments`]), and the bound
+    /// it has read all below when done: the oldest segment not yet
+    /// written (sealed segments never change, the unwritten ones may
+    /// still be filled or fail to write).
+    fn pass_segments(&self, scope: PassScope, effort: u8) -> (Vec<WrittenSegment>, u64) {
+        let to = self.pass_bound();
+        if scope == PassScope::All {
+            return (self.written_segments(|s| s.live > 0), to);
+        }
+        let from = if self.tail.recompressed_level >= effort {
+            self.tail.recompressed_below
+        } else {
+            0
+        };
+        let segs = self
+            .segs
+            .iter()
+            .filter(|(id, s)| {
+                (from..to).contains(*id)
+                    && s.live > 0
+                    // Filled by this mount with nothing to redo: not read.
+                    && self.filled.get(id).is_none_or(|w| *w < effort)
+            })
+            .map(|(id, s)| (*id, s.records.clone(), s.len, s.live))
+            .collect();
+        (segs, to)
+    }
+
+    /// The oldest segment not yet written, or the next to be made.
+    fn pass_bound(&self) -> u64 {
+        self.segs
+            .iter()
+            .filter(|(_, s)| s.records.is_empty())
+            .map(|(id, _)| *id)
+            .min()
+            .unwrap_or(self.next_seg)
+            .min(self.next_seg)
+    }
+
+    /// Whether an idle pass at `effort` has anything to do: segments
+    /// written since the mark (it may find them all known to need nothing,
+    /// and then only moves the mark, so that a later mount need not read
+    /// them to learn that).
+    fn pass_due(&self, effort: u8) -> bool {
+        self.tail.recompressed_level < effort || self.tail.recompressed_below < self.pass_bound()
+    }
+
+    /// Records that every segment below `upto` had its chunks read by a
+    /// pass at `effort`: the next idle pass at that level starts there.
+    fn pass_done(&mut self, upto: u64, effort: u8) {
+        let t = meta::RecordTail {
+            recompressed_below: upto,
+            recompressed_level: effort,
+        };
+        if self.tail != t {
+            self.tail = t;
+            self.filled.retain(|id, _| *id >= upto);
+            self.changes += 1;
+        }
+    }
+
     /// Segments on the D-nodes (not the open one) that `keep` accepts:
     /// `(id, stripes, length, live bytes)`, the input of the passes that
     /// walk segments' frames (cleaner, recompression).
-    fn written_segments(
-        &self,
-        keep: impl Fn(&Segment) -> bool,
-    ) -> Vec<(u64, Vec<StripeRecord>, u32, u64)> {
+    fn written_segments(&self, keep: impl Fn(&Segment) -> bool) -> Vec<WrittenSegment> {
         let open = self.open.as_ref().map(|o| o.id);
         self.segs
             .iter()
@@ -760,6 +867,7 @@ impl FileSystem {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::Invalid("offset + length overflows".into()))?;
+        self.ingest.writes.fetch_add(1, Ordering::Release);
         let w = self.writer(ino);
         let mut p = w.lock().await;
         self.with_state(|st| {
@@ -1620,14 +1728,16 @@ impl FileSystem {
                     let mut sealed = Vec::new();
                     let (mut moved, mut mbytes) = (0u64, 0u64);
                     for &(o, fp, end) in &frames {
-                        let live = st
+                        let Some(enc) = st
                             .chunk(&fp)
-                            .is_some_and(|e| e.seg == seg && e.offset as usize == o);
-                        if !live {
+                            .filter(|e| e.seg == seg && e.offset as usize == o)
+                            .map(|e| e.enc)
+                        else {
                             continue;
-                        }
+                        };
                         let frame = &bytes[o..end];
                         let (nseg, noff) = st.room_for(frame.len(), seg_bytes, &mut sealed);
+                        st.note_filled(nseg, enc, meta::frame_effort(frame));
                         st.open.as_mut().unwrap().buf.extend_from_slice(frame);
                         st.segs.get_mut(&nseg).unwrap().live += frame.len() as u64;
                         st.update_chunk(&fp, |e| {
@@ -1671,6 +1781,7 @@ impl FileSystem {
         &self,
         level: i32,
         region_bytes: usize,
+        scope: PassScope,
         progress: impl Fn(u64, u64),
     ) -> Result<RecompressReport, FsError> {
         self.check_writable()?;
@@ -1684,14 +1795,28 @@ impl FileSystem {
         // Rebuilds replace segments' stripes: not while their chunks move.
         let _one = self.rebuilding.lock().await;
         self.apply_ref_changes().await?;
-        let mut segs = self.state.lock().unwrap().written_segments(|s| s.live > 0);
+        let writes = self.ingest.writes.load(Ordering::Acquire);
+        let (mut segs, to) = self.state.lock().unwrap().pass_segments(scope, effort);
         segs.sort_unstable_by_key(|x| x.0);
         let total = segs.len() as u64;
+        if scope == PassScope::Idle {
+            tracing::info!(segments = total, "idle recompression pass starts");
+        }
         let mut rep = RecompressReport::default();
         let mut group: Vec<Member> = Vec::new();
         let mut group_bytes = 0usize;
+        // Every segment below this was read (or needs no pass).
+        let mut upto = to;
         for (i, (seg, records, len, _)) in segs.into_iter().enumerate() {
             progress(i as u64, total);
+            if scope == PassScope::Idle
+                && (self.closing.load(Ordering::Acquire)
+                    || self.ingest.writes.load(Ordering::Acquire) != writes)
+            {
+                rep.stopped = true;
+                upto = seg;
+                break;
+            }
             rep.segments += 1;
             let Some(bytes) = self.read_written_segment(seg, &records, len).await? else {
                 continue; // freed or moved meanwhile
@@ -1749,15 +1874,7 @@ impl FileSystem {
                                 }
                                 partly_dead.push((o, e, live));
                             }
-                            Encoding::Zstd
-                            | Encoding::Delta
-                            | Encoding::XorDelta
-                            | Encoding::Planes
-                            | Encoding::XorPlanes
-                                if eff < effort =>
-                            {
-                                alone.push((o, e.clone()))
-                            }
+                            enc if eff < effort && scope.redoes(enc) => alone.push((o, e.clone())),
                             _ => {}
                         }
                     }
@@ -1884,8 +2001,47 @@ impl FileSystem {
         if group.len() > 1 || group.iter().any(|m| matches!(m.from, Origin::Region(..))) {
             self.store_regions(group, level, &mut rep).await?;
         }
+        self.with_state(|st| {
+            st.pass_done(upto, effort);
+            Ok(())
+        })
+        .await?;
         progress(total, total);
         Ok(rep)
+    }
+
+    /// Whether an idle pass at `level` has segments to read.
+    pub(super) fn recompress_due(&self, level: i32) -> bool {
+        self.state.lock().unwrap().pass_due(level as u8)
+    }
+
+    /// One idle recompression pass ([`PassScope::Idle`]), logged.
+    pub(super) async fn idle_recompress(&self) {
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let ing = &self.ingest;
+        match self
+            .recompress(RECOMPRESS_LEVEL, REGION_BYTES, PassScope::Idle, |_, _| {})
+            .await
+        {
+            Ok(r) => {
+                ing.idle_passes.fetch_add(1, Ordering::Relaxed);
+                ing.idle_segments.fetch_add(r.segments, Ordering::Relaxed);
+                ing.idle_saved
+                    .fetch_add(r.before.saturating_sub(r.after), Ordering::Relaxed);
+                tracing::info!(
+                    segments = r.segments,
+                    chunks = r.chunks,
+                    regions = r.regions,
+                    before = r.before,
+                    after = r.after,
+                    stopped = r.stopped,
+                    "idle recompression pass"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "idle recompression failed"),
+        }
     }
 
     /// Records chunks recompressed one by one (`(offset in seg, entry as
