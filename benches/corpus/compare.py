@@ -3,7 +3,9 @@
 and borg (their default and max compression), and zstd -19 --long=31, in one
 run, and prints a Markdown table of stored bytes (BENCHMARKS.md, "Reduction").
 
-Usage: benches/corpus/compare.py CORPUS_DIR WORK_DIR [--dase PATH] [--parts a,b]
+Usage: benches/corpus/compare.py CORPUS_DIR WORK_DIR [--dase PATH] [--parts a,b] [--idle SECS]
+(--idle: the recompressed column from the mount's own idle passes instead of
+an offline `dase clean --recompress`)
 Needs restic, borgbackup and zstd (Debian packages) and root (FUSE).
 dase's figure is its chunks after dedup, deltas and compression (what restic
 and borg report too: no redundancy); "with parity" adds the 10+3 erasure code.
@@ -104,16 +106,48 @@ class Dase:
                              check=True, stdout=subprocess.PIPE).stdout
         return json.loads(out)
 
-    def store(self, src):
-        m = self.mount()
+    def store(self, src, idle=None):
+        """`cp -r src` into a fresh file system; its stats after (and with
+        `idle` SECS, the mount's own idle recompression: the stats once its
+        passes are done, as "cold", and their seconds)."""
+        log = None
+        if idle is None:
+            m = self.mount()
+        else:
+            log = os.path.join(self.dir, "idle-mount.log")
+            with open(log, "w") as f:
+                m = self.mount(("--log", "info", "--recompress-idle", str(idle)), stderr=f)
         t = time.time()
         sh(["cp", "-r", src, os.path.join(self.mnt, "x")])
+        took = time.time() - t
+        cold = None
+        if idle is not None:
+            fd = os.open(self.mnt, os.O_RDONLY)  # fsync of the root commits
+            os.fsync(fd)
+            os.close(fd)
+            s = self.stats()
+            t = time.time()
+            # Done once the committed mark has reached the last segment
+            # made (the cleaner's moves after a pass make new ones).
+            while True:
+                x = self.stats()
+                if x["recompressed_level"] >= 19 and x["recompressed_below_segment"] >= x["segments_made"]:
+                    break
+                time.sleep(1)
+            passes = time.time() - t
         hwm = proc_status(m.pid, "VmHWM")
         self.unmount(m)
-        took = time.time() - t
-        s = self.stats()
+        if idle is not None:
+            # As the offline pass does after its work: fold the index journal.
+            sh([self.bin, "clean", "--cluster", self.cluster], stdout=subprocess.DEVNULL)
+            cold = self.stats()
+            cold["seconds"] = passes
+        if idle is None:
+            took = time.time() - t
+            s = self.stats()
         s["seconds"] = took
         s["rss_peak"] = hwm
+        s["cold"] = cold
         return s
 
     def recompress(self):
@@ -140,6 +174,9 @@ def main():
     ap.add_argument("work")
     ap.add_argument("--dase", default=os.path.join(os.path.dirname(__file__), "../../build/release/dase"))
     ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--idle", type=float, default=None, metavar="SECS",
+                    help="recompress through the mount's idle passes (dase mount --recompress-idle SECS) "
+                         "instead of an offline dase clean --recompress")
     a = ap.parse_args()
     parts = a.parts.split(",")
     os.makedirs(a.work, exist_ok=True)
@@ -149,11 +186,11 @@ def main():
         for p in parts:
             src = os.path.join(a.corpus, p)
             r = {"part": p, "logical": du(src)}
-            s = d.store(src)
+            s = d.store(src, a.idle)
             r.update(dedup=s["after_dedup_bytes"], similar=s["after_similarity_bytes"],
                      dase=s["after_compression_bytes"], parity=s["stored_bytes"],
                      dase_mbps=r["logical"] / s["seconds"] / 1e6)
-            rc = d.recompress()
+            rc = s["cold"] if a.idle is not None else d.recompress()
             r.update(dase_cold=rc["after_compression_bytes"],
                      cold_mbps=r["logical"] / rc["seconds"] / 1e6)
             extra = {"rss_peak": s["rss_peak"], "chunks": s["chunks"],

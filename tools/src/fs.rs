@@ -242,6 +242,9 @@ pub fn stats(a: StatsArgs) -> Result<()> {
                 "chunk_index_bytes": s.chunk_index_bytes,
                 "similar_index_bytes": s.similar_index_bytes,
                 "index_buffered": s.index_buffered,
+                "recompressed_below_segment": s.recompressed.recompressed_below,
+                "recompressed_level": s.recompressed.recompressed_level,
+                "segments_made": s.next_segment,
                 "chunk_buckets": c.chunk_buckets,
                 "similar_buckets": c.similar_buckets,
                 "similar_entries": c.similar,
@@ -297,6 +300,13 @@ pub fn stats(a: StatsArgs) -> Result<()> {
                 "  index journal       {} entries not yet merged into buckets",
                 s.index_buffered
             );
+            let t = s.recompressed;
+            if t.recompressed_level > 0 {
+                println!(
+                    "  recompressed        segments below {} of {} made, at zstd level {}+",
+                    t.recompressed_below, s.next_segment, t.recompressed_level
+                );
+            }
         }
         if s.live_bytes > 0 {
             println!(
@@ -522,7 +532,8 @@ a few recently read regions are kept decoded). Regions at most half alive are re
 ones, which frees their dead members' bytes. Deltas are recompressed one by one. Work is kept \
 only where it saves at least 1/32, and a pass's frames are marked and passed by next time. If \
 the file system is mounted, the mount does the work; otherwise this command opens it with the \
-lease.",
+lease. A mount started with --recompress-idle SECS runs such a pass by itself, once idle, over \
+what was written since its last pass.",
     after_help = "Examples:\n  dase clean --cluster /tmp/dase/cluster.toml\n  \
 dase clean --cluster /tmp/dase/cluster.toml --recompress\n  \
 dase clean --cluster /tmp/dase/cluster.toml --recompress --level 22 --region 0   (chunk by chunk)"

@@ -583,6 +583,10 @@ pub struct Stats {
     /// Index entries journalled in the metadata log but not yet merged
     /// into the bucket pages.
     pub index_buffered: u64,
+    /// How far recompression passes have read ([`meta::RecordTail`]),
+    /// and the number the next segment will get.
+    pub recompressed: meta::RecordTail,
+    pub next_segment: u64,
 }
 
 impl FileSystem {
@@ -2392,6 +2396,8 @@ impl FileSystem {
         out.chunk_index_bytes = page_bytes(meta::CHUNK_PAGES, meta::SIMILAR_PAGES);
         out.similar_index_bytes = page_bytes(meta::SIMILAR_PAGES, u64::MAX);
         out.index_buffered = st.index.len() as u64;
+        out.recompressed = st.tail;
+        out.next_segment = st.next_seg;
         for seg in st.segs.values() {
             out.live_bytes += seg.live;
             for r in &seg.records {
