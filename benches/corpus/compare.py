@@ -216,7 +216,8 @@ def main():
     whole = zstd_long(a.corpus) if len(parts) == len(PARTS) else None
     cols = ["logical", "dedup", "similar", "dase", "dase_cold", "parity", "restic", "restic_max",
             "borg", "borg_max", "zstd_long"]
-    print("| part | logical MB | dase after dedup | + similarity | + compression (dase) | dase after `clean --recompress` | dase with 10+3 parity (before recompression) | restic (auto) | restic (max) | borg (lz4) | borg (zstd,22) | zstd -19 --long=31 |")
+    cold = "dase after the mount's idle passes" if a.idle is not None else "dase after `clean --recompress`"
+    print(f"| part | logical MB | dase after dedup | + similarity | + compression (dase) | {cold} | dase with 10+3 parity (before recompression) | restic (auto) | restic (max) | borg (lz4) | borg (zstd,22) | zstd -19 --long=31 |")
     print("|---|" + "---:|" * len(cols))
     for r in rows + [dict(totals, part="**all**")]:
         print(f"| {r['part']} | " + " | ".join(mb(r[c]) for c in cols) + " |")
@@ -227,7 +228,9 @@ def main():
     for r in rows:
         x = r["extra"]
         print(f"- {r['part']}: dase ingest through the mount {r['dase_mbps']:.0f} MB/s (cp -r, this VM), "
-              f"recompression {r['cold_mbps']:.0f} MB/s of logical data; "
+              f"recompression {r['cold_mbps']:.0f} MB/s of logical data"
+              + (" (idle passes: from the end of cp -r, the idle wait included)" if a.idle is not None else "")
+              + "; "
               f"mount peak RSS {x['rss_peak'] / 2**20:.0f} MiB; {x['chunks']} chunks; indexes on the "
               f"D-nodes {x['index_bytes'] / 2**20:.1f} MiB (all copies, journal folded in)")
 
