@@ -525,6 +525,8 @@ pub struct FileSystem {
     /// for it (it stops at its next segment), so that nothing writes
     /// after the lease is released.
     idle_pass: tokio::sync::Mutex<()>,
+    /// After a failed idle pass, none starts before this.
+    idle_retry_at: Mutex<Option<std::time::Instant>>,
     /// Commits merge the index buffer even below its threshold
     /// (`merge_index` sets it while it folds the buffer in).
     merge_all: AtomicBool,
@@ -782,6 +784,7 @@ impl FileSystem {
             closing: AtomicBool::new(false),
             rebuilding: tokio::sync::Mutex::new(()),
             idle_pass: tokio::sync::Mutex::new(()),
+            idle_retry_at: Mutex::new(None),
             merge_all: AtomicBool::new(false),
             writers: Mutex::new(HashMap::new()),
             ingest: Ingest::default(),
@@ -2237,15 +2240,16 @@ impl FileSystem {
                 tracing::warn!(error = %e, "periodic commit failed");
             }
             if self.reduce() != Reduce::None {
-                match self.clean(reduce::CLEAN_BELOW).await {
-                    Ok(r) if r.segments > 0 => tracing::info!(
+                match self.clean_if_free(reduce::CLEAN_BELOW).await {
+                    None => {} // a rebuild or recompression pass is running
+                    Some(Ok(r)) if r.segments > 0 => tracing::info!(
                         segments = r.segments,
                         chunks = r.chunks_moved,
                         bytes = r.bytes_moved,
                         "cleaned mostly dead segments"
                     ),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cleaning failed"),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => tracing::warn!(error = %e, "cleaning failed"),
                 }
             }
             if let Some(idle) = self
@@ -2257,7 +2261,12 @@ impl FileSystem {
                 if w != writes {
                     (writes, quiet_since) = (w, tokio::time::Instant::now());
                 }
-                if quiet_since.elapsed() >= idle && self.recompress_due(RECOMPRESS_LEVEL) {
+                let retry = *self.idle_retry_at.lock().unwrap();
+                if quiet_since.elapsed() >= idle
+                    && retry.is_none_or(|t| std::time::Instant::now() >= t)
+                    && self.check_writable().is_ok()
+                    && self.recompress_due(RECOMPRESS_LEVEL)
+                {
                     if let Ok(running) = self.idle_pass.try_lock() {
                         drop(running);
                         let fs = self.clone();

@@ -1703,7 +1703,29 @@ impl FileSystem {
     pub async fn clean(&self, max_live: f64) -> Result<CleanReport, FsError> {
         self.check_writable()?;
         // Rebuilds replace segments' stripes: not while their chunks move.
-        let _one = self.rebuilding.lock().await;
+        let one = self.rebuilding.lock().await;
+        self.clean_holding(max_live, one).await
+    }
+
+    /// [`FileSystem::clean`] unless a rebuild or a recompression pass is
+    /// running (None): the background loop, which also renews the lease
+    /// and commits, must never wait for one of those to end.
+    pub(super) async fn clean_if_free(
+        &self,
+        max_live: f64,
+    ) -> Option<Result<CleanReport, FsError>> {
+        if let Err(e) = self.check_writable() {
+            return Some(Err(e));
+        }
+        let one = self.rebuilding.try_lock().ok()?;
+        Some(self.clean_holding(max_live, one).await)
+    }
+
+    async fn clean_holding(
+        &self,
+        max_live: f64,
+        _one: tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<CleanReport, FsError> {
         self.apply_ref_changes().await?;
         let mut candidates = self
             .state
@@ -2040,7 +2062,17 @@ impl FileSystem {
                     "idle recompression pass"
                 );
             }
-            Err(e) => tracing::warn!(error = %e, "idle recompression failed"),
+            Err(e) => {
+                // Not again at every tick (a D-node down, say): after a
+                // minute, or the idle time if longer.
+                let wait = self
+                    .opts
+                    .recompress_idle
+                    .unwrap_or_default()
+                    .max(Duration::from_secs(60));
+                *self.idle_retry_at.lock().unwrap() = Some(std::time::Instant::now() + wait);
+                tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "idle recompression failed");
+            }
         }
     }
 
