@@ -679,6 +679,18 @@ fn bad_configuration_is_a_clear_error() {
     // Not a directory.
     let s = text(rig.dase(&["mount", "--cluster", rig.cluster_str(), rig.cluster_str()]));
     assert!(s.contains("not a directory"), "{s}");
+    // Idle recompression's options out of range.
+    let mp = rig.path("m2");
+    let mp = mp.to_str().unwrap();
+    for (opt, val, says) in [
+        ("--recompress-region", "5", "--recompress-region 5"),
+        ("--recompress-region", "64M", "--recompress-region 64M"),
+        ("--recompress-idle", "nan", "--recompress-idle must be"),
+    ] {
+        let s = text(rig.dase(&["mount", "--cluster", rig.cluster_str(), opt, val, mp]));
+        assert!(s.contains(says), "{opt} {val}: {s}");
+    }
+    assert!(!is_mounted(&rig.path("m2")));
     // Fewer than a majority of D-nodes reachable.
     for i in 0..3 {
         rig.nodes[i].kill();

@@ -732,8 +732,9 @@ fn await_log(m: &Mount, what: &str, n: usize) -> String {
 /// would), reading only segments written since its last pass and never
 /// those of incompressible data; a write stops a pass, and a later pass
 /// finishes the work; the lease is renewed throughout; the mark survives a
-/// remount, so a fresh mount reads nothing old again; every file reads
-/// back exact and fsck stays clean.
+/// remount, so a fresh mount reads nothing old again (and with
+/// `--recompress-region 0` makes no regions); every file reads back exact
+/// and fsck stays clean.
 #[test]
 fn an_idle_mount_recompresses_only_what_was_written_since_its_last_pass() {
     const STARTS: &str = "idle recompression pass starts";
@@ -811,7 +812,13 @@ fn an_idle_mount_recompresses_only_what_was_written_since_its_last_pass() {
 
     // A fresh mount knows nothing of the old segments but the mark: it
     // reads only what is written now.
-    let m = rig.mount("mnt", &idle).unwrap();
+    // Chunk by chunk this time (--recompress-region 0): no regions made.
+    let m = rig
+        .mount(
+            "mnt",
+            &["--recompress-idle", "2", "--recompress-region", "0"],
+        )
+        .unwrap();
     let c = jsonl(2 << 20, 14);
     write_file(&m.path.join("c"), &c);
     commit(&m.path);
@@ -842,6 +849,10 @@ fn an_idle_mount_recompresses_only_what_was_written_since_its_last_pass() {
     assert!(
         now + (before - after) / 8 < before,
         "c was not recompressed:\n{log}"
+    );
+    assert!(
+        passes(&log).iter().all(|l| field(l, "regions") == 0),
+        "regions made with --recompress-region 0:\n{log}"
     );
     rig.assert_fsck_clean();
     let m = rig.mount("mnt", &[]).unwrap();

@@ -211,6 +211,8 @@ pub struct Options {
     /// recompresses what was written since its last pass
     /// ([`FileSystem::recompress`] with [`PassScope::Idle`]; None: never).
     pub recompress_idle: Option<Duration>,
+    /// Content per compression region of those passes (0: chunk by chunk).
+    pub recompress_region: usize,
 }
 
 impl Default for Options {
@@ -227,6 +229,7 @@ impl Default for Options {
             index_filters: reduce::INDEX_FILTERS,
             warm_filters: true,
             recompress_idle: None,
+            recompress_region: REGION_BYTES,
         }
     }
 }

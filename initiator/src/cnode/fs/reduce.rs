@@ -2044,7 +2044,12 @@ impl FileSystem {
         }
         let ing = &self.ingest;
         match self
-            .recompress(RECOMPRESS_LEVEL, REGION_BYTES, PassScope::Idle, |_, _| {})
+            .recompress(
+                RECOMPRESS_LEVEL,
+                self.opts.recompress_region,
+                PassScope::Idle,
+                |_, _| {},
+            )
             .await
         {
             Ok(r) => {
