@@ -861,6 +861,46 @@ fn an_idle_mount_recompresses_only_what_was_written_since_its_last_pass() {
     assert!(m.stop());
 }
 
+/// An offline `dase clean --recompress` holds the lease for as long as it
+/// runs, however much longer than the lease that is: a mount tried well
+/// past the offline tool's 10 s lease, while the pass still writes, is
+/// refused. (Before the lease was renewed in a task of its own, only the
+/// mount's background loop renewed it, and offline tools not at all.)
+/// Long (~1.5 min: the pass must outlast the lease), so ignored by default:
+/// `cargo test --release -p dase-tests --test reduce an_offline_pass -- --ignored`.
+#[test]
+#[ignore]
+fn an_offline_pass_keeps_its_lease_however_long_it_runs() {
+    let rig = FsRig::with_mkfs("offlease", 5, "512M", "3+2", &["--reduce", "full"]);
+    let m = rig.mount("mnt", &[]).unwrap();
+    let a = jsonl(40 << 20, 21);
+    write_file(&m.path.join("a"), &a);
+    assert!(m.stop());
+    let mut pass = std::process::Command::new(dase_bin())
+        .args(["clean", "--cluster", rig.cluster_str(), "--recompress"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(14));
+    assert!(
+        pass.try_wait().unwrap().is_none(),
+        "the pass ended before its lease would have: the check needs more data"
+    );
+    match rig.mount("mnt", &[]) {
+        Ok(m) => {
+            assert!(m.stop());
+            panic!("a mount took the lease from a running offline pass");
+        }
+        Err(e) => assert!(e.contains("dase clean"), "{e}"),
+    }
+    assert!(pass.wait().unwrap().success());
+    rig.assert_fsck_clean();
+    let m = rig.mount("mnt", &[]).unwrap();
+    assert_files(&m.path, &[("a", &a)], " after the offline pass");
+    assert!(m.stop());
+}
+
 /// `dase clean --recompress` gathers plain chunks into compression regions:
 /// fewer stored bytes than the same level chunk by chunk, every byte read
 /// back (whole and at random), new writes dedup against region members and

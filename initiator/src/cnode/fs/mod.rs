@@ -804,7 +804,34 @@ impl FileSystem {
         }
         let fs = Arc::new(fs);
         let _ = fs.me.set(Arc::downgrade(&fs));
+        if !fs.opts.read_only {
+            tokio::spawn(Self::keep_lease(Arc::downgrade(&fs)));
+        }
         Ok(fs)
+    }
+
+    /// Renews the lease every third of its time until the file system
+    /// closes, in a task of its own: whoever holds the file system open
+    /// (a mount, or `dase clean --recompress` offline for hours) keeps it
+    /// however long any of its work takes — a lease that runs out while
+    /// its holder still writes lets a second holder in.
+    async fn keep_lease(fs: std::sync::Weak<FileSystem>) {
+        let Some(every) = fs.upgrade().map(|f| f.opts.lease_ttl / 3) else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(fs) = fs.upgrade() else { return };
+            if fs.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let mut l = fs.lease.lock().await;
+            let Some(lease) = l.as_mut() else { return };
+            if let Err(e) = lease.renew(&fs.cluster).await {
+                fs.stop(format!("the lease was lost: {e}"));
+                return;
+            }
+        }
     }
 
     /// Finds the newest commit and replays the log from its image.
@@ -2198,9 +2225,11 @@ impl FileSystem {
         Ok(old)
     }
 
-    /// Background work of a mounted file system: renewing the lease,
-    /// committing periodically, reconnecting D-nodes that come back. Ends
-    /// at [`FileSystem::close`].
+    /// Background work of a mounted file system: committing periodically,
+    /// reconnecting D-nodes that come back, cleaning, idle recompression,
+    /// re-striping after a D-node stays down (the lease is renewed by a
+    /// task of its own, [`FileSystem::keep_lease`]). Ends at
+    /// [`FileSystem::close`].
     pub async fn run_background(self: Arc<Self>) {
         if self.opts.read_only {
             return;
@@ -2209,18 +2238,12 @@ impl FileSystem {
             let fs = self.clone();
             tokio::spawn(async move { fs.warm_filters().await });
         }
-        let renew_every = self.opts.lease_ttl / 3;
-        let mut last_renew = tokio::time::Instant::now();
         let mut down_since: Vec<Option<tokio::time::Instant>> = vec![None; self.cluster.len()];
         let mut evacuated = vec![false; self.cluster.len()];
         // Writes seen, and since when no more came (idle recompression).
         let mut writes = u64::MAX;
         let mut quiet_since = tokio::time::Instant::now();
-        let tick = self
-            .opts
-            .commit_interval
-            .min(renew_every)
-            .max(Duration::from_millis(50));
+        let tick = self.opts.commit_interval.max(Duration::from_millis(50));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -2230,15 +2253,6 @@ impl FileSystem {
                 return;
             }
             self.cluster.revive().await;
-            if last_renew.elapsed() >= renew_every {
-                last_renew = tokio::time::Instant::now();
-                let mut l = self.lease.lock().await;
-                if let Some(lease) = l.as_mut() {
-                    if let Err(e) = lease.renew(&self.cluster).await {
-                        self.stop(format!("the mount lease was lost: {e}"));
-                    }
-                }
-            }
             if let Err(e) = self.commit(false).await {
                 tracing::warn!(error = %e, "periodic commit failed");
             }
