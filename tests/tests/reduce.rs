@@ -26,6 +26,16 @@ fn num(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
 
+/// Starts a dase command in the background, its output discarded.
+fn spawn_dase(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(dase_bin())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Commits everything (fsync of the root directory commits the file system).
 fn commit(root: &Path) {
     File::open(root).unwrap().sync_all().unwrap();
@@ -196,12 +206,7 @@ fn a_crash_during_reclamation_loses_nothing() {
     for i in (0..12).step_by(2) {
         std::fs::remove_file(root.join(format!("f{i}"))).unwrap();
     }
-    let mut clean = std::process::Command::new(dase_bin())
-        .args(["clean", "--cluster", rig.cluster_str()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut clean = spawn_dase(&["clean", "--cluster", rig.cluster_str()]);
     std::thread::sleep(Duration::from_millis(150));
     m.crash();
     let _ = clean.wait();
@@ -625,12 +630,7 @@ fn a_crash_during_recompression_loses_nothing() {
     }
     commit(&root);
     let before = num(&rig.stats(), "after_compression_bytes");
-    let mut pass = std::process::Command::new(dase_bin())
-        .args(["clean", "--cluster", rig.cluster_str(), "--recompress"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut pass = spawn_dase(&["clean", "--cluster", rig.cluster_str(), "--recompress"]);
     // Level 19 takes seconds over 12 MiB: commits of part of the moves
     // have happened by now, and more moves are in flight.
     std::thread::sleep(Duration::from_millis(1500));
@@ -876,12 +876,7 @@ fn an_offline_pass_keeps_its_lease_however_long_it_runs() {
     let a = jsonl(40 << 20, 21);
     write_file(&m.path.join("a"), &a);
     assert!(m.stop());
-    let mut pass = std::process::Command::new(dase_bin())
-        .args(["clean", "--cluster", rig.cluster_str(), "--recompress"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut pass = spawn_dase(&["clean", "--cluster", rig.cluster_str(), "--recompress"]);
     std::thread::sleep(Duration::from_secs(14));
     assert!(
         pass.try_wait().unwrap().is_none(),
