@@ -465,8 +465,11 @@ struct State {
     /// Segments this mount filled: the lowest effort among their frames an
     /// idle pass would store again (`u8::MAX`: none), so that idle passes
     /// need not read segments of raw chunks and number planes to find
-    /// that out. Forgotten once the pass mark is past them.
+    /// that out. Forgotten once the pass mark is past them or they are
+    /// freed; kept only with idle passes on (`track_filled`), since
+    /// nothing else would ever forget them.
     filled: HashMap<u64, u8>,
+    track_filled: bool,
     open: Option<OpenSegment>,
     /// Sealed segments not yet written (or whose write failed: the next
     /// commit retries them). Reads are served from here meanwhile.
@@ -894,7 +897,10 @@ impl FileSystem {
             }
         }
         parts.reverse();
-        let mut st = State::default();
+        let mut st = State {
+            track_filled: self.opts.recompress_idle.is_some(),
+            ..State::default()
+        };
         let mut buf = Vec::new();
         let mut image_bytes = 0;
         let mut journal_bytes = 0;
@@ -3007,11 +3013,13 @@ impl State {
             // Sealed but unwritten and already dead: never write it.
             if self.unwritten.remove(&seg).is_some() {
                 self.segs.remove(&seg);
+                self.filled.remove(&seg);
             }
         }
     }
 
     fn free_segment(&mut self, seg: u64) {
+        self.filled.remove(&seg);
         if let Some(s) = self.segs.remove(&seg) {
             self.pending_free.extend(s.records.iter().map(|r| r.stripe));
             self.dirty_segs.insert(seg);

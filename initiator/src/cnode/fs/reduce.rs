@@ -704,6 +704,9 @@ impl State {
 
     /// Notes a frame of `enc` at `effort` put in segment `seg` (`filled`).
     fn note_filled(&mut self, seg: u64, enc: Encoding, effort: u8) {
+        if !self.track_filled {
+            return;
+        }
         let worth = self.filled.entry(seg).or_insert(u8::MAX);
         if PassScope::Idle.redoes(enc) {
             *worth = (*worth).min(effort);
