@@ -727,6 +727,27 @@ fn await_log(m: &Mount, what: &str, n: usize) -> String {
     }
 }
 
+/// Waits (up to three minutes) until the committed recompression mark, at
+/// level 19, has reached the last segment made (a pass is followed by the
+/// cleaner's moves, which the next pass reads); the stats then.
+fn await_recompressed(rig: &FsRig, m: &Mount) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = rig.stats();
+        if num(&s, "recompressed_level") == 19
+            && num(&s, "recompressed_below_segment") == num(&s, "segments_made")
+        {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "passes never ended:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// `dase mount --recompress-idle`: once writes stop, the mount stores text
 /// again in regions by itself (the same bytes as `dase clean --recompress`
 /// would), reading only segments written since its last pass and never
@@ -777,24 +798,8 @@ fn an_idle_mount_recompresses_only_what_was_written_since_its_last_pass() {
         first.contains("stopped=true"),
         "a write did not stop it: {first}"
     );
-    // Later passes finish the work: the committed mark reaches the last
-    // segment made (the cleaner's moves after a pass make new ones).
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let done = loop {
-        let s = rig.stats();
-        if num(&s, "recompressed_level") == 19
-            && num(&s, "recompressed_below_segment") == num(&s, "segments_made")
-        {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "passes never ended:\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    };
-    let after = num(&done, "after_compression_bytes");
+    // Later passes finish the work.
+    let after = num(&await_recompressed(&rig, &m), "after_compression_bytes");
     let log = m.log_text();
     let read: u64 = passes(&log).iter().map(|l| field(l, "segments")).sum();
     eprintln!("idle recompression: {inline} -> {after} stored bytes, {read} segments read");
@@ -824,19 +829,7 @@ fn an_idle_mount_recompresses_only_what_was_written_since_its_last_pass() {
     commit(&m.path);
     let before = num(&rig.stats(), "after_compression_bytes");
     await_log(&m, DONE, 1);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let now = loop {
-        let s = rig.stats();
-        if num(&s, "recompressed_below_segment") == num(&s, "segments_made") {
-            break num(&s, "after_compression_bytes");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "passes never ended:\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let now = num(&await_recompressed(&rig, &m), "after_compression_bytes");
     let log = m.log_text();
     assert!(m.stop());
     let read: u64 = passes(&log).iter().map(|l| field(l, "segments")).sum();

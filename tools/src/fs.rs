@@ -555,10 +555,17 @@ pub struct CleanArgs {
     region: String,
 }
 
+/// A compression region size given to option `flag` (`4M`, `0`...),
+/// checked against what regions may hold.
+pub fn region_bytes(flag: &str, value: &str) -> Result<usize> {
+    let r = dase_target::parse_size(value).map_err(anyhow::Error::msg)? as usize;
+    dase_initiator::cnode::fs::check_region_bytes(r)
+        .map_err(|e| anyhow::anyhow!("{flag} {value}: {e}"))?;
+    Ok(r)
+}
+
 pub fn clean(a: CleanArgs) -> Result<()> {
-    let region = dase_target::parse_size(&a.region).map_err(anyhow::Error::msg)? as usize;
-    dase_initiator::cnode::fs::check_region_bytes(region)
-        .map_err(|e| anyhow::anyhow!("--region {}: {e}", a.region))?;
+    let region = region_bytes("--region", &a.region)?;
     let file = ClusterFile::load(&a.cluster)?;
     let rt = runtime()?;
     if let Some(mut s) = mount_control(&rt, &file)? {

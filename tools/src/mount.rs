@@ -861,13 +861,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         index_filters: usize::try_from(a.index_filters.saturating_mul(1 << 20))
             .unwrap_or(usize::MAX),
         warm_filters: a.warm_filters,
-        recompress_region: {
-            let r =
-                dase_target::parse_size(&a.recompress_region).map_err(anyhow::Error::msg)? as usize;
-            dase_initiator::cnode::fs::check_region_bytes(r)
-                .map_err(|e| anyhow::anyhow!("--recompress-region {}: {e}", a.recompress_region))?;
-            r
-        },
+        recompress_region: crate::fs::region_bytes("--recompress-region", &a.recompress_region)?,
         recompress_idle: if a.recompress_idle == 0.0 {
             None
         } else {

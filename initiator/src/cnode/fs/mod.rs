@@ -2290,16 +2290,15 @@ impl FileSystem {
                     && self.check_writable().is_ok()
                     && self.recompress_due(RECOMPRESS_LEVEL)
                 {
-                    if let Ok(running) = self.idle_pass.try_lock() {
-                        drop(running);
-                        let fs = self.clone();
-                        tokio::spawn(async move {
-                            let Ok(_running) = fs.idle_pass.try_lock() else {
-                                return;
-                            };
-                            fs.idle_recompress().await;
-                        });
-                    }
+                    // One pass at a time: a tick during a pass spawns a
+                    // task that finds the pass's lock taken and ends.
+                    let fs = self.clone();
+                    tokio::spawn(async move {
+                        let Ok(_running) = fs.idle_pass.try_lock() else {
+                            return;
+                        };
+                        fs.idle_recompress().await;
+                    });
                 }
             }
             if let Some(after) = self.opts.rebuild_after {
