@@ -317,6 +317,16 @@ fn without_reduction_bytes_are_stored_as_written() {
     assert_eq!(s["reduce"], "none");
     assert_eq!(num(&s, "chunks"), 0);
     assert!(num(&s, "live_bytes") >= 2 * a.len() as u64, "{s}");
+    // Metadata is mirrored 1+3 here, and each of its stripes takes a data
+    // stripe's room (3 strips of 5) from the capacity: what `stats` says
+    // it takes is what the free count lost beside the data's stripes.
+    let (meta, meta_room) = (
+        num(&s, "metadata_bytes"),
+        num(&s, "metadata_capacity_bytes"),
+    );
+    assert!(meta > 0 && meta_room * 4 == meta * 3, "{s}");
+    let used = num(&s, "capacity_bytes") - num(&s, "free_bytes");
+    assert!(used >= meta_room + num(&s, "stored_bytes") * 3 / 5, "{s}");
     assert!(m.stop());
     let m = rig.mount("mnt", &[]).unwrap();
     assert!(read_cold(&m.path.join("a")) == a);

@@ -237,6 +237,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
                 "live_bytes": s.live_bytes,
                 "stored_bytes": s.stored_bytes,
                 "metadata_bytes": s.metadata_bytes,
+                "metadata_capacity_bytes": s.metadata_capacity_bytes,
                 "chunks": c.chunks,
                 "delta_chunk_bytes": c.delta_in,
                 "chunk_index_bytes": s.chunk_index_bytes,
@@ -265,7 +266,12 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         println!("logical bytes   {}", gib(s.logical_bytes));
         println!("live data       {}", gib(s.live_bytes));
         println!("stored (data)   {}", gib(s.stored_bytes));
-        println!("stored (meta)   {}", gib(s.metadata_bytes));
+        println!(
+            "stored (meta)   {}  ({} copies; its stripes take {} of the capacity)",
+            gib(s.metadata_bytes),
+            fs.meta_geometry().width(),
+            gib(s.metadata_capacity_bytes)
+        );
         let c = &s.counts;
         if s.reduce != Reduce::None {
             let after_sim = c.after_similarity();

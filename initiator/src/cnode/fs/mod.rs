@@ -574,7 +574,12 @@ pub struct Stats {
     pub logical_bytes: u64,
     pub live_bytes: u64,
     pub stored_bytes: u64,
+    /// D-node bytes of the committed metadata, every copy.
     pub metadata_bytes: u64,
+    /// The usable capacity its stripes take from data: a stripe takes its
+    /// slot on every D-node, the ones it is not on included (volume.rs),
+    /// so a mirrored metadata stripe costs a whole data stripe's room.
+    pub metadata_capacity_bytes: u64,
     pub capacity_bytes: u64,
     pub free_bytes: u64,
     /// Per D-node: strips it holds.
@@ -2439,8 +2444,9 @@ impl FileSystem {
             }
         }
         let page_stripes: usize = st.inodes.map.values().map(Vec::len).sum();
-        out.metadata_bytes =
-            ((log.chain.len() + page_stripes) * self.meta.geometry().width() * s) as u64;
+        let meta_stripes = (log.chain.len() + page_stripes) as u64;
+        out.metadata_bytes = meta_stripes * (self.meta.geometry().width() * s) as u64;
+        out.metadata_capacity_bytes = meta_stripes * self.seg_bytes as u64;
         let free = st.free_stripes();
         out.capacity_bytes = st.capacity * self.seg_bytes as u64;
         out.free_bytes = free * self.seg_bytes as u64;
