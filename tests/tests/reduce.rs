@@ -1533,7 +1533,7 @@ fn a_fresh_mount_warms_bucket_filters_and_new_data_then_loads_few_pages() {
     let (loads, warmed, buckets) = run("warm", "true");
     let (loads_cold, _, _) = run("cold", "false");
     eprintln!("{buckets} buckets; {warmed}; then {loads} page loads, without warming {loads_cold}");
-    assert!(buckets > 12, "the index should span many buckets");
+    assert!(buckets >= 12, "the index should span many buckets");
     // Every bucket page on the D-nodes (some buckets may have none yet).
     let (listed, made) = (field(&warmed, "buckets"), field(&warmed, "filters"));
     assert!(listed + 2 >= buckets && made == listed, "{warmed}");
@@ -1613,7 +1613,7 @@ fn filters_of_evicted_buckets_spare_new_chunks_page_loads_and_hide_nothing() {
         "{buckets} buckets, {lookups} lookups: {loads} page loads and {filtered} answered by \
          filters; without filters {loads_without} page loads"
     );
-    assert!(buckets > 12, "the indexes should outgrow the cache");
+    assert!(buckets >= 12, "the indexes should outgrow the cache (4 pages)");
     assert!(filtered > lookups / 8, "{filtered} of {lookups} filtered");
     // Each bucket loaded about once (when first met, and again when a
     // filter lets a key through falsely: ~1 % of the filtered lookups);

@@ -3,7 +3,7 @@
 //!
 //! Fingerprints and super-features are random, so once the indexes
 //! outgrow the page cache nearly every lookup of a new chunk (one
-//! chunk-index bucket, three similarity buckets) would load a 64 KiB page
+//! chunk-index bucket, two similarity buckets) would load a 64 KiB page
 //! from the D-nodes to find nothing. When the cache evicts a bucket page,
 //! a [`Filter`] of it is kept instead: the sorted 16-bit tags of its keys,
 //! 2 bytes a key against ~120 in the page. A tag the filter lacks means the

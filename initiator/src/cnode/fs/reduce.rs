@@ -49,9 +49,9 @@ pub const MERGE_AT: usize = 1 << 16;
 /// some hundred megabytes of a new version name.
 pub const REFERENCE_CACHE: usize = 64 << 20;
 /// Filters of evicted index buckets kept by default
-/// ([`Options::index_filters`]): at ~8 bytes a chunk (its fingerprint's
-/// tag and its three super-features'), the buckets of ~8 M chunks, some
-/// 150 GiB of unique data in 18 KiB chunks.
+/// ([`Options::index_filters`]): at ~6 bytes a chunk (its fingerprint's
+/// tag and its two super-features'), the buckets of ~11 M chunks, some
+/// 200 GiB of unique data in 18 KiB chunks.
 pub const INDEX_FILTERS: usize = 64 << 20;
 
 /// Buckets one commit merges the buffer into: a quarter of the page cache,
