@@ -1613,7 +1613,10 @@ fn filters_of_evicted_buckets_spare_new_chunks_page_loads_and_hide_nothing() {
         "{buckets} buckets, {lookups} lookups: {loads} page loads and {filtered} answered by \
          filters; without filters {loads_without} page loads"
     );
-    assert!(buckets >= 12, "the indexes should outgrow the cache (4 pages)");
+    assert!(
+        buckets >= 12,
+        "the indexes should outgrow the cache (4 pages)"
+    );
     assert!(filtered > lookups / 8, "{filtered} of {lookups} filtered");
     // Each bucket loaded about once (when first met, and again when a
     // filter lets a key through falsely: ~1 % of the filtered lookups);
