@@ -122,13 +122,42 @@ impl Fingerprinter {
                 longest = longest.max(len / CHUNK_LEN);
             }
         }
+        // Room after the last chaining value for `hash_many`'s over-read
+        // (below): the parents' inputs are in `cvs`.
+        let used = self.cvs.len();
+        self.cvs.resize(used + OVER_READ, 0);
         // Full 1 KiB chunks, one call per counter across the inputs.
         for c in 0..longest {
             self.blocks.clear();
             for (i, (off, len)) in ranges.clone().enumerate() {
                 if self.count[i] > 1 && len / CHUNK_LEN > c {
-                    self.blocks
-                        .push((off + c * CHUNK_LEN, self.at[i] + c * OUT_LEN));
+                    let (from, to) = (off + c * CHUNK_LEN, self.at[i] + c * OUT_LEN);
+                    if from + CHUNK_LEN + OVER_READ <= data.len() {
+                        self.blocks.push((from, to));
+                        continue;
+                    }
+                    // Too near the end of `data` for `hash_many`: in our
+                    // lanes (whose loads read nothing past an input), or
+                    // alone.
+                    #[cfg(target_arch = "x86_64")]
+                    if self.lanes {
+                        self.jobs.push(lanes::Job {
+                            from,
+                            to,
+                            blocks: (CHUNK_LEN / BLOCK_LEN) as u32,
+                            last_len: BLOCK_LEN as u32,
+                            counter: c as u64,
+                            flags: 0,
+                            first: CHUNK_START.into(),
+                            last: CHUNK_END.into(),
+                        });
+                        continue;
+                    }
+                    let cv = blake3::Hasher::new()
+                        .set_input_offset((c * CHUNK_LEN) as u64)
+                        .update(&data[from..from + CHUNK_LEN])
+                        .finalize_non_root();
+                    self.cvs[to..to + OUT_LEN].copy_from_slice(&cv);
                 }
             }
             // The crate's sixteen lanes take the inputs sixteen at a time,
@@ -282,6 +311,15 @@ impl Fingerprinter {
 /// Inputs per SIMD call: a multiple of the widest (16 lanes), on the stack.
 const GROUP: usize = 64;
 
+/// Bytes past its inputs the crate's `hash_many` may read. Its AVX-512
+/// two-input path (1.8.7, `blake3_avx512_x86-64_unix.S`) loads 32 bytes at
+/// offset 48 of each block, 16 past the block's end, and keeps only the
+/// first 16: harmless inside an allocation, a fault at the end of mapped
+/// memory (found by the guard-page test below). The crate's own hashing
+/// never passes an input's last block to it; we do, so every input we
+/// pass has this much readable memory after it.
+const OVER_READ: usize = 64;
+
 /// Compresses the `N`-byte inputs at `src[from..]` of `group` (at most
 /// [`GROUP`]) side by side into `out`, 32 bytes each, in order.
 #[allow(clippy::too_many_arguments)]
@@ -330,12 +368,24 @@ mod tests {
     /// Fingerprinters of every way this CPU can run: the crate's SIMD,
     /// and with AVX-512 the sixteen lanes of our own.
     fn fingerprinters() -> Vec<Fingerprinter> {
-        let crate_simd = Fingerprinter {
-            #[cfg(target_arch = "x86_64")]
-            lanes: false,
-            ..Fingerprinter::default()
-        };
-        let mut all = vec![crate_simd];
+        // The crate's SIMD, at every width this CPU has.
+        let platforms = [
+            Some(Platform::portable()),
+            Platform::sse2(),
+            Platform::sse41(),
+            Platform::avx2(),
+            Platform::avx512(),
+        ];
+        let mut all: Vec<Fingerprinter> = platforms
+            .into_iter()
+            .flatten()
+            .map(|platform| Fingerprinter {
+                platform,
+                #[cfg(target_arch = "x86_64")]
+                lanes: false,
+                ..Fingerprinter::default()
+            })
+            .collect();
         #[cfg(target_arch = "x86_64")]
         if lanes::available() {
             all.push(Fingerprinter::default());
@@ -392,6 +442,52 @@ mod tests {
             fps.clear();
             f.fingerprints(&data, [(17, 3000)].into_iter(), &mut fps);
             assert_eq!(fps, vec![*blake3::hash(&data[17..3017]).as_bytes()]);
+        }
+    }
+
+    /// Inputs that end where readable memory ends: the lanes' loads of a
+    /// short last block must read only its own bytes (a read past them
+    /// would fault on the guard page here, not just read a neighbour's).
+    #[test]
+    fn inputs_ending_at_a_guard_page_are_read_no_further() {
+        const PAGE: usize = 4096;
+        let len = 16 * PAGE;
+        // SAFETY: a fresh anonymous mapping, its last page made
+        // inaccessible, unmapped at the end; only the first `len` bytes are
+        // used as a slice.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len + PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(
+                libc::mprotect(p.cast::<u8>().add(len).cast(), PAGE, libc::PROT_NONE),
+                0
+            );
+            let data = std::slice::from_raw_parts_mut(p.cast::<u8>(), len);
+            data.copy_from_slice(&noise(3, len));
+            // Every short-last-piece length, each input ending at the
+            // guard; and 1 to 20 inputs whose last full piece does, at one
+            // counter (every width of the crate's SIMD calls).
+            let mut ranges: Vec<(usize, usize)> = (1..=1024)
+                .step_by(7)
+                .chain([1023, 1024, 1025])
+                .map(|tail| (len - (5 * CHUNK_LEN + tail), 5 * CHUNK_LEN + tail))
+                .collect();
+            check(data, &ranges);
+            for n in 1..=20 {
+                ranges = vec![(len - 6 * CHUNK_LEN, 6 * CHUNK_LEN); n];
+                check(data, &ranges);
+            }
+            for r in &ranges {
+                check(data, std::slice::from_ref(r));
+            }
+            assert_eq!(libc::munmap(p, len + PAGE), 0);
         }
     }
 
