@@ -141,16 +141,7 @@ impl Fingerprinter {
                     // alone.
                     #[cfg(target_arch = "x86_64")]
                     if self.lanes {
-                        self.jobs.push(lanes::Job {
-                            from,
-                            to,
-                            blocks: (CHUNK_LEN / BLOCK_LEN) as u32,
-                            last_len: BLOCK_LEN as u32,
-                            counter: c as u64,
-                            flags: 0,
-                            first: CHUNK_START.into(),
-                            last: CHUNK_END.into(),
-                        });
+                        self.jobs.push(piece_job(from, to, c, CHUNK_LEN));
                         continue;
                     }
                     let cv = blake3::Hasher::new()
@@ -167,17 +158,11 @@ impl Fingerprinter {
             if self.lanes {
                 let degree = self.platform.simd_degree();
                 let whole = self.blocks.len() / degree * degree;
-                self.jobs
-                    .extend(self.blocks.drain(whole..).map(|(from, to)| lanes::Job {
-                        from,
-                        to,
-                        blocks: (CHUNK_LEN / BLOCK_LEN) as u32,
-                        last_len: BLOCK_LEN as u32,
-                        counter: c as u64,
-                        flags: 0,
-                        first: CHUNK_START.into(),
-                        last: CHUNK_END.into(),
-                    }));
+                self.jobs.extend(
+                    self.blocks
+                        .drain(whole..)
+                        .map(|(from, to)| piece_job(from, to, c, CHUNK_LEN)),
+                );
             }
             for group in self.blocks.chunks(GROUP) {
                 compress::<CHUNK_LEN>(
@@ -202,18 +187,12 @@ impl Fingerprinter {
                 let from = (n - 1) * CHUNK_LEN;
                 #[cfg(target_arch = "x86_64")]
                 if self.lanes {
-                    let bytes = len - from;
-                    let blocks = bytes.div_ceil(BLOCK_LEN);
-                    self.short.push(lanes::Job {
-                        from: off + from,
-                        to: self.at[i] + (n - 1) * OUT_LEN,
-                        blocks: blocks as u32,
-                        last_len: (bytes - (blocks - 1) * BLOCK_LEN) as u32,
-                        counter: (n - 1) as u64,
-                        flags: 0,
-                        first: CHUNK_START.into(),
-                        last: CHUNK_END.into(),
-                    });
+                    self.short.push(piece_job(
+                        off + from,
+                        self.at[i] + (n - 1) * OUT_LEN,
+                        n - 1,
+                        len - from,
+                    ));
                     continue;
                 }
                 let cv = blake3::Hasher::new()
@@ -305,6 +284,23 @@ impl Fingerprinter {
             });
         }
         debug_assert_eq!(fps.len() - first, self.count.len());
+    }
+}
+
+/// The lanes' job of the `counter`-th 1 KiB piece of an input, `bytes`
+/// long (1 to 1024), at `from`; its chaining value to `to`.
+#[cfg(target_arch = "x86_64")]
+fn piece_job(from: usize, to: usize, counter: usize, bytes: usize) -> lanes::Job {
+    let blocks = bytes.div_ceil(BLOCK_LEN);
+    lanes::Job {
+        from,
+        to,
+        blocks: blocks as u32,
+        last_len: (bytes - (blocks - 1) * BLOCK_LEN) as u32,
+        counter: counter as u64,
+        flags: 0,
+        first: CHUNK_START.into(),
+        last: CHUNK_END.into(),
     }
 }
 
