@@ -110,8 +110,8 @@ def main():
                                                    "../../build/release/dase"))
     a = ap.parse_args()
     a.dase = os.path.abspath(a.dase)
-    print("| logical GiB | chunks | mount peak RSS MiB | RSS after each GiB (MiB) | index on the D-nodes MiB (all copies) | index bytes per TB logical | lookups per chunk | index page loads per chunk | lookups answered by filters per chunk | filters MiB at unmount | peak resident metadata pages | peak index entries buffered | buckets merged | writers waiting for merges s | writers held off by commits s | metadata log + pages MiB | MB/s through the mount | MB/s of each GiB |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| logical GiB | chunks | mount peak RSS MiB | RSS after each GiB (MiB) | index on the D-nodes MiB (all copies) | index bytes per TB logical | lookups per chunk | index page loads per chunk | lookups answered by filters per chunk | filters MiB at unmount | peak resident metadata pages | peak index entries buffered | buckets merged | writers waiting for merges s | writers held off by commits s | metadata log + pages MiB | capacity the metadata takes MiB | MB/s through the mount | MB/s of each GiB |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for g in [int(x) for x in a.gib.split(",")]:
         r = run(a, g)
         s, c = r["stats"], r["counters"]
@@ -128,6 +128,7 @@ def main():
               f"{c.get('merge_wait_ms', 0) / 1000:.1f} | "
               f"{c.get('commit_hold_ms', 0) / 1000:.1f} | "
               f"{s['metadata_bytes'] / 2**20:.0f} | "
+              f"{s.get('metadata_capacity_bytes', 0) / 2**20:.0f} | "
               f"{s['logical_bytes'] / r['seconds'] / 1e6:.0f} | "
               f"{', '.join(f'{x / 1e6:.0f}' for x in r['mbs_by_gib'])} |", flush=True)
         f = r["fresh"]
