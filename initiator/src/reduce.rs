@@ -85,6 +85,29 @@ pub const AVG_CHUNK: u32 = 16 << 10;
 pub const MIN_CHUNK: u32 = AVG_CHUNK / 4;
 pub const MAX_CHUNK: u32 = AVG_CHUNK * 4;
 
+/// The average chunk sizes a file system may choose at mkfs (powers of
+/// two): below 4 KiB a chunk's index entries cost more than dedup finds,
+/// and above 64 KiB its largest chunks (4× the average) no longer fit two
+/// to a stripe of 64 KiB strips at 10+3.
+pub const AVG_CHUNK_RANGE: std::ops::RangeInclusive<u32> = (4 << 10)..=(64 << 10);
+
+/// Checks an average chunk size for a file system ([`AVG_CHUNK_RANGE`]).
+pub fn check_avg_chunk(avg: u32) -> Result<(), String> {
+    if avg.is_power_of_two() && AVG_CHUNK_RANGE.contains(&avg) {
+        return Ok(());
+    }
+    Err(format!(
+        "the average chunk size is a power of two from {} to {} KiB, not {avg} bytes",
+        AVG_CHUNK_RANGE.start() >> 10,
+        AVG_CHUNK_RANGE.end() >> 10
+    ))
+}
+
+/// The largest chunk [`chunks_of_size`] cuts for average `avg`.
+pub const fn max_chunk(avg: u32) -> u32 {
+    avg * 4
+}
+
 /// One content-defined chunk of a buffer and its similarity sketch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chunk {
@@ -103,7 +126,8 @@ pub fn chunks(data: &[u8]) -> Vec<Chunk> {
 }
 
 /// [`chunks`] with another average size (a power of two; min a quarter,
-/// max four times it), for measuring the choice.
+/// max four times it): a file system's choice at mkfs, and the bench's
+/// sweep that measured the default.
 ///
 /// Gear-hash chunking with FastCDC's normalization (Xia et al. 2016/2020:
 /// no cut before `min`, a harder cut condition before `avg`, an easier one
@@ -123,8 +147,9 @@ pub fn chunks(data: &[u8]) -> Vec<Chunk> {
 /// nudged, then still cut at the same places, have the same sketches and
 /// pair up for the XOR delta. Those cuts fall between numbers.
 pub fn chunks_of_size(data: &[u8], avg: u32) -> Vec<Chunk> {
-    let avg = avg.max(1 << 10) as usize;
-    let max = avg * 4;
+    let avg = avg.max(1 << 10);
+    let max = max_chunk(avg) as usize;
+    let avg = avg as usize;
     let numbers = Numbers::detect(data);
     // Arrays of numbers are cut as if their average were the maximum, and
     // never below the average: most of their chunks end at the maximum.

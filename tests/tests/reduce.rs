@@ -296,6 +296,65 @@ fn mkfs_refuses_reduction_on_stripes_too_small_for_its_chunks() {
     assert!(err.contains("--reduce none"), "{err}");
 }
 
+/// The average chunk size is the file system's, chosen at mkfs: at 64 KiB
+/// a file is cut into about a quarter as many chunks as at the default 16,
+/// which dedup and read back the same. Sizes that are not a power of two
+/// from 4 to 64 KiB, or whose largest chunks do not fit two to a stripe,
+/// are refused with a clear error.
+#[test]
+fn the_average_chunk_size_is_chosen_at_mkfs() {
+    let a = text(8 << 20, 31);
+    let store = |name: &str, mkfs: &[&str]| {
+        let rig = FsRig::with_mkfs(name, 5, "256M", "3+2", mkfs);
+        let m = rig.mount("mnt", &[]).unwrap();
+        write_file(&m.path.join("a"), &a);
+        write_file(&m.path.join("b"), &a);
+        assert!(m.stop());
+        let s = rig.stats();
+        assert_eq!(
+            num(&s, "after_dedup_bytes"),
+            a.len() as u64,
+            "the copy dedups: {s}"
+        );
+        let m = rig.mount("mnt", &[]).unwrap();
+        assert!(read_cold(&m.path.join("a")) == a);
+        assert!(read_cold(&m.path.join("b")) == a);
+        assert!(m.stop());
+        rig.assert_fsck_clean();
+        (num(&s, "avg_chunk_bytes"), num(&s, "chunks"), rig)
+    };
+    let (avg16, n16, _) = store("c16", &[]);
+    let (avg64, n64, rig) = store("c64", &["--chunk-size", "64k", "--strip-size", "256k"]);
+    eprintln!("{n16} chunks at {avg16} bytes average, {n64} at {avg64}");
+    assert_eq!((avg16, avg64), (16 << 10, 64 << 10));
+    assert!(
+        n64 * 3 < n16 && n64 * 6 > n16,
+        "{n64} chunks at 64 KiB, {n16} at 16"
+    );
+    let mkfs = |extra: &[&str]| {
+        let mut args = vec![
+            "mkfs",
+            "--cluster",
+            rig.cluster_str(),
+            "--ec",
+            "3+2",
+            "--force",
+        ];
+        args.extend_from_slice(extra);
+        let out = rig.dase(&args);
+        assert!(!out.status.success(), "mkfs {extra:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for bad in ["48k", "128k", "2k", "lots"] {
+        let err = mkfs(&["--chunk-size", bad]);
+        assert!(err.contains(&format!("--chunk-size {bad}")), "{err}");
+    }
+    let err = mkfs(&["--chunk-size", "64k", "--strip-size", "64k"]);
+    assert!(err.contains("a smaller --chunk-size"), "{err}");
+    // Refused before anything was written: the file system is still there.
+    assert_eq!(num(&rig.stats(), "avg_chunk_bytes"), 64 << 10);
+}
+
 /// `--reduce none` keeps the raw data path: bytes as written, no chunks.
 #[test]
 fn without_reduction_bytes_are_stored_as_written() {

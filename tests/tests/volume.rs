@@ -276,21 +276,27 @@ fn mkfs_refuses_to_overwrite_and_mismatched_cluster_files_are_caught() {
     rt().block_on(async {
         let ca = Cluster::connect(&a, opts()).await;
         let cb = Cluster::connect(&b, opts()).await;
-        let sa = superblock::format(&ca, &a, &geo, false).await.unwrap();
-        let sb = superblock::format(&cb, &b, &geo, false).await.unwrap();
+        let sa = superblock::format(&ca, &a, &geo, dase_initiator::reduce::AVG_CHUNK, false)
+            .await
+            .unwrap();
+        let sb = superblock::format(&cb, &b, &geo, dase_initiator::reduce::AVG_CHUNK, false)
+            .await
+            .unwrap();
         assert_ne!(sa.uuid_string(), sb.uuid_string());
         let got = superblock::verify(&ca, &a).await.unwrap();
         assert_eq!(got.uuid_string(), sa.uuid_string());
         assert_eq!(got.geometry().unwrap(), geo);
         // Formatting over it again needs --force.
-        match superblock::format(&ca, &a, &geo, false).await {
+        match superblock::format(&ca, &a, &geo, dase_initiator::reduce::AVG_CHUNK, false).await {
             Err(SuperblockError::Exists(m)) => assert!(
                 m.contains("--force") && m.contains(&sa.uuid_string()),
                 "{m}"
             ),
             other => panic!("{:?}", other.map(|s| s.uuid_string())),
         }
-        let again = superblock::format(&ca, &a, &geo, true).await.unwrap();
+        let again = superblock::format(&ca, &a, &geo, dase_initiator::reduce::AVG_CHUNK, true)
+            .await
+            .unwrap();
         assert_ne!(again.uuid_string(), sa.uuid_string());
         // A cluster file that reorders the D-nodes does not match.
         let mut swapped = a.clone();

@@ -11,7 +11,7 @@ use dase_initiator::cnode::meta;
 use dase_initiator::cnode::superblock;
 use dase_initiator::cnode::{Cluster, ClusterFile, DNodeSpec, Volume};
 use dase_initiator::host::ControllerOptions;
-use dase_initiator::reduce::Reduce;
+use dase_initiator::reduce::{self, Reduce};
 
 #[derive(clap::Args)]
 #[command(
@@ -36,6 +36,14 @@ pub struct MkfsArgs {
     /// chunks, then compression).
     #[arg(long, default_value = "full")]
     reduce: Reduce,
+    /// Average content-defined chunk size: a power of two from 4k to 64k
+    /// (chunks are cut from a quarter to four times it). Smaller finds
+    /// more duplicates in archives whose members move between versions
+    /// (wheels, zips) and costs more index entries; 16k was within 1.5 % of
+    /// the best on the evaluation corpus (BENCHMARKS.md). 64k needs stripes
+    /// holding 512 KiB of data.
+    #[arg(long, default_value = "16k")]
+    chunk_size: String,
     /// Destroy an existing dase file system on these D-nodes.
     #[arg(long)]
     force: bool,
@@ -45,12 +53,24 @@ pub fn mkfs(a: MkfsArgs) -> Result<()> {
     let file = ClusterFile::load(&a.cluster)?;
     let strip = dase_target::parse_size(&a.strip_size).map_err(anyhow::Error::msg)? as usize;
     let geo = Geometry::parse(&a.ec, strip)?;
-    let frame = (dase_initiator::reduce::MAX_CHUNK as usize + meta::CHUNK_HEADER) * 2;
+    let avg_chunk = dase_target::parse_size(&a.chunk_size)
+        .map_err(anyhow::Error::msg)
+        .and_then(|n| u32::try_from(n).map_err(anyhow::Error::msg))
+        .and_then(|n| {
+            reduce::check_avg_chunk(n)
+                .map(|()| n)
+                .map_err(anyhow::Error::msg)
+        })
+        .with_context(|| format!("--chunk-size {}", a.chunk_size))?;
+    let frame = (reduce::max_chunk(avg_chunk) as usize + meta::CHUNK_HEADER) * 2;
     if a.reduce != Reduce::None && geo.data_bytes() < frame {
         bail!(
             "a stripe holds {} bytes of data; reduction needs at least {frame} (two of the largest \
-             chunks): use a larger --strip-size or --reduce none",
-            geo.data_bytes()
+             chunks, {} KiB for --chunk-size {}): use a larger --strip-size, a smaller \
+             --chunk-size or --reduce none",
+            geo.data_bytes(),
+            reduce::max_chunk(avg_chunk) >> 10,
+            a.chunk_size
         );
     }
     if file.dnodes.len() < geo.width() {
@@ -85,7 +105,7 @@ pub fn mkfs(a: MkfsArgs) -> Result<()> {
         if stripes == 0 {
             bail!("the D-nodes' namespaces are too small for one stripe");
         }
-        let sb = superblock::format(&cluster, &file, &geo, a.force).await?;
+        let sb = superblock::format(&cluster, &file, &geo, avg_chunk, a.force).await?;
         let sb = superblock::verify(&cluster, &file).await.map(|_| sb)?;
         dase_initiator::cnode::fs::FileSystem::format_metadata(&cluster, &sb, a.reduce)
             .await
@@ -99,6 +119,9 @@ pub fn mkfs(a: MkfsArgs) -> Result<()> {
         );
         println!("  strip size     : {} bytes", geo.strip_size());
         println!("  reduction      : {}", a.reduce);
+        if a.reduce != Reduce::None {
+            println!("  chunk size     : {} KiB average", avg_chunk >> 10);
+        }
         // Fewer D-nodes than strips per stripe: placement narrows every stripe.
         let k = geo.k().min(file.dnodes.len() - geo.m());
         let data = stripes * (k * geo.strip_size()) as u64;
@@ -228,6 +251,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
                 "fs_uuid": fs.superblock().uuid_string(),
                 "commit": s.commit_seq,
                 "reduce": s.reduce.to_string(),
+                "avg_chunk_bytes": fs.superblock().avg_chunk(),
                 "files": s.files,
                 "dirs": s.dirs,
                 "logical_bytes": s.logical_bytes,
@@ -282,7 +306,12 @@ pub fn stats(a: StatsArgs) -> Result<()> {
                     format!("  ({:.2} : 1)", s.logical_bytes as f64 / b as f64)
                 }
             };
-            println!("reduction       {} ({} chunks)", s.reduce, c.chunks);
+            println!(
+                "reduction       {} ({} chunks, {} KiB average cut)",
+                s.reduce,
+                c.chunks,
+                fs.superblock().avg_chunk() >> 10
+            );
             println!("  logical             {}", gib(s.logical_bytes));
             println!("  after dedup         {}{}", gib(c.unique_bytes), ratio(c.unique_bytes));
             println!("  after similarity    {}{}", gib(after_sim), ratio(after_sim));
@@ -512,7 +541,7 @@ async fn prepare_replacement(
     let geo = sb.geometry()?;
     let mut next = file.clone();
     next.dnodes[slot] = spec.clone();
-    let mut copy = superblock::Superblock::new(sb.fs_uuid, &next, slot, &geo);
+    let mut copy = superblock::Superblock::new(sb.fs_uuid, &next, slot, &geo, sb.avg_chunk());
     copy.created_unix = sb.created_unix;
     let block = copy.sealed_bytes();
     let mut both = block.clone();
@@ -565,7 +594,10 @@ pub struct CleanArgs {
 /// checked against what regions may hold.
 pub fn region_bytes(flag: &str, value: &str) -> Result<usize> {
     let r = dase_target::parse_size(value).map_err(anyhow::Error::msg)? as usize;
-    dase_initiator::cnode::fs::check_region_bytes(r)
+    // The smallest chunks any file system may have: the file system
+    // checks its own when it is opened.
+    let smallest = *dase_initiator::reduce::AVG_CHUNK_RANGE.start();
+    dase_initiator::cnode::fs::check_region_bytes(r, smallest)
         .map_err(|e| anyhow::anyhow!("{flag} {value}: {e}"))?;
     Ok(r)
 }

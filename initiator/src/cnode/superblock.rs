@@ -42,7 +42,10 @@ pub struct Superblock {
     /// 0 = Reed-Solomon, 1 = LRC with `lrc_groups` local groups.
     pub layout: u8,
     pub lrc_groups: u8,
-    pub rsvd0: [u8; 2],
+    /// The average content-defined chunk size in KiB, chosen at mkfs; 0
+    /// (file systems formatted before it was a choice) is 16 KiB. Only how
+    /// new data is cut depends on it: chunks of any size read back.
+    pub chunk_kib: U16,
     pub strip_size: U32,
     pub rsvd1: [u8; 4016],
     /// CRC32C of everything before it.
@@ -53,6 +56,7 @@ const _: () = assert!(size_of::<Superblock>() == SIZE);
 // The offsets ARCHITECTURE.md documents.
 const _: () = assert!(core::mem::offset_of!(Superblock, nodes) == 48);
 const _: () = assert!(core::mem::offset_of!(Superblock, k) == 64);
+const _: () = assert!(core::mem::offset_of!(Superblock, chunk_kib) == 70);
 const _: () = assert!(core::mem::offset_of!(Superblock, strip_size) == 72);
 const _: () = assert!(core::mem::offset_of!(Superblock, crc) == 4092);
 
@@ -89,7 +93,13 @@ pub fn cluster_fingerprint(file: &ClusterFile) -> u64 {
 }
 
 impl Superblock {
-    pub fn new(fs_uuid: [u8; 16], file: &ClusterFile, index: usize, geo: &Geometry) -> Self {
+    pub fn new(
+        fs_uuid: [u8; 16],
+        file: &ClusterFile,
+        index: usize,
+        geo: &Geometry,
+        avg_chunk: u32,
+    ) -> Self {
         let mut sb = Superblock::new_zeroed();
         sb.magic = MAGIC;
         sb.version = U32::new(VERSION);
@@ -111,8 +121,17 @@ impl Superblock {
             sb.lrc_groups = groups as u8;
         }
         sb.strip_size = U32::new(geo.strip_size() as u32);
+        sb.chunk_kib = U16::new((avg_chunk >> 10) as u16);
         sb.seal();
         sb
+    }
+
+    /// The average chunk size new data is cut to ([`Self::chunk_kib`]).
+    pub fn avg_chunk(&self) -> u32 {
+        match self.chunk_kib.get() {
+            0 => crate::reduce::AVG_CHUNK,
+            kib => u32::from(kib) << 10,
+        }
     }
 
     /// The on-media bytes, checksum recomputed (after fields were changed).
@@ -190,6 +209,7 @@ pub async fn format(
     cluster: &Cluster,
     file: &ClusterFile,
     geo: &Geometry,
+    avg_chunk: u32,
     force: bool,
 ) -> Result<Superblock, SuperblockError> {
     let down: Vec<String> = (0..cluster.len())
@@ -223,7 +243,7 @@ pub async fn format(
     uuid[6] = (uuid[6] & 0x0f) | 0x40;
     uuid[8] = (uuid[8] & 0x3f) | 0x80;
     let writes = (0..cluster.len()).map(|i| {
-        let sb = Superblock::new(uuid, file, i, geo);
+        let sb = Superblock::new(uuid, file, i, geo, avg_chunk);
         async move {
             let mut both = Vec::with_capacity(2 * SIZE);
             both.extend_from_slice(sb.as_bytes());
@@ -242,7 +262,7 @@ pub async fn format(
     for r in join_all(writes).await {
         r?;
     }
-    Ok(Superblock::new(uuid, file, 0, geo))
+    Ok(Superblock::new(uuid, file, 0, geo, avg_chunk))
 }
 
 /// Checks that the reachable D-nodes form one file system matching the
@@ -301,4 +321,21 @@ pub async fn verify(cluster: &Cluster, file: &ClusterFile) -> Result<Superblock,
     first
         .map(|(_, s)| s)
         .ok_or_else(|| SuperblockError::Mismatch("no D-node reachable".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chunk_size_reads_back_and_zero_is_the_old_default() {
+        let mut sb = Superblock::new_zeroed();
+        sb.magic = MAGIC;
+        sb.version = U32::new(VERSION);
+        // Formatted before the field: its reserved bytes were zero.
+        assert_eq!(sb.avg_chunk(), crate::reduce::AVG_CHUNK);
+        sb.chunk_kib = U16::new(64);
+        let parsed = Superblock::parse(&sb.sealed_bytes()).expect("a valid copy");
+        assert_eq!(parsed.avg_chunk(), 64 << 10);
+    }
 }

@@ -753,6 +753,10 @@ impl FileSystem {
                 geo.m() + 1
             )));
         }
+        if opts.recompress_idle.is_some() {
+            check_region_bytes(opts.recompress_region, sb.avg_chunk())
+                .map_err(|e| MountError::Config(format!("--recompress-region: {e}")))?;
+        }
         let mut data =
             Volume::new(cluster.clone(), geo).map_err(|e| MountError::Config(e.to_string()))?;
         let mgeo = meta_geometry(&geo, n).map_err(|e| MountError::Config(e.to_string()))?;

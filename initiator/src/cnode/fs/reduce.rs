@@ -834,10 +834,10 @@ fn verified(what: &str, fp: &Fp, got: Fp) -> Result<(), FsError> {
 }
 
 /// Checks a compression region size (`dase clean --recompress --region`):
-/// 0 (none) or from two of the largest chunks (smaller makes no region)
-/// to [`MAX_REGION`].
-pub fn check_region_bytes(n: usize) -> Result<(), String> {
-    let least = 2 * reduce::MAX_CHUNK as usize;
+/// 0 (none) or from two of the largest chunks of average `avg_chunk`
+/// (smaller makes no region) to [`MAX_REGION`].
+pub fn check_region_bytes(n: usize, avg_chunk: u32) -> Result<(), String> {
+    let least = 2 * reduce::max_chunk(avg_chunk) as usize;
     if n == 0 || (least..=MAX_REGION).contains(&n) {
         return Ok(());
     }
@@ -912,7 +912,7 @@ impl FileSystem {
         if p.buf.is_empty() {
             return Ok(());
         }
-        let mut cuts = reduce::chunks(&p.buf);
+        let mut cuts = reduce::chunks_of_size(&p.buf, self.sb.avg_chunk());
         if !all && cuts.len() > 1 {
             cuts.pop();
         }
@@ -1815,7 +1815,7 @@ impl FileSystem {
                 "zstd level {level}: the levels are 1 to 22"
             )));
         }
-        check_region_bytes(region_bytes).map_err(FsError::Invalid)?;
+        check_region_bytes(region_bytes, self.sb.avg_chunk()).map_err(FsError::Invalid)?;
         let effort = level as u8;
         // Rebuilds replace segments' stripes: not while their chunks move.
         let _one = self.rebuilding.lock().await;
