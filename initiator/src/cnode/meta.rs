@@ -45,7 +45,11 @@ pub const META_MAGIC: [u8; 8] = *b"DASEMETA";
 ///    `XorPlanes`); older versions are version 6 without them.
 /// 7: a [`RecordTail`] after each log record (how far idle recompression
 ///    has read); a version 6 record is one whose tail is the default.
-pub const VERSION: u32 = 7;
+/// 8: a file's extents in extent pages of their own ([`extent_page`]),
+///    its inode's map empty, so a commit writes only the ranges of a file
+///    that changed; a version 7 inode page holds whole maps and is read as
+///    before (the two merge). A reader of 7 refuses 8: it would see holes.
+pub const VERSION: u32 = 8;
 pub const OLDEST_READ: u32 = 4;
 
 /// Inodes per metadata page: a page of small inodes fits a strip or two,
@@ -55,6 +59,100 @@ pub const PAGE_INODES: u64 = 256;
 /// The page an inode lives in.
 pub fn page_of(ino: u64) -> u64 {
     ino / PAGE_INODES
+}
+
+/// Extent pages are numbered from here ([`extent_page`]), below the index
+/// pages and above every inode page.
+pub const EXTENT_PAGES: u64 = 1 << 61;
+/// File bytes whose extents one extent page holds: ~1,000 extents of
+/// 16 KiB chunks, ~57 KB, one strip.
+pub const EXTENT_RANGE: u64 = 16 << 20;
+/// Bits of an extent page number for the range: files up to 4 PiB, and
+/// inode numbers below 2^33.
+const RANGE_BITS: u32 = 28;
+/// The largest file ([`extent_page`]'s ranges): 4 PiB.
+pub const MAX_FILE_BYTES: u64 = EXTENT_RANGE << RANGE_BITS;
+/// Inode numbers are below this ([`extent_page`]'s bits): 8.6 billion.
+pub const MAX_INO: u64 = 1 << (61 - RANGE_BITS);
+
+/// The page holding the extents of file `ino` that start in range `r`
+/// (bytes `[r·EXTENT_RANGE, (r+1)·EXTENT_RANGE)`): a [`PageBlob`] whose one
+/// inode is the file's number with those extents as its content.
+pub fn extent_page(ino: u64, r: u64) -> u64 {
+    assert!(
+        ino < MAX_INO && r < 1 << RANGE_BITS,
+        "extent page of file {ino}, range {r}"
+    );
+    EXTENT_PAGES | (ino << RANGE_BITS) | r
+}
+
+/// The file and range of an extent page, or None for other pages.
+pub fn extent_page_of(p: u64) -> Option<(u64, u64)> {
+    (EXTENT_PAGES..CHUNK_PAGES).contains(&p).then(|| {
+        (
+            (p - EXTENT_PAGES) >> RANGE_BITS,
+            p & ((1 << RANGE_BITS) - 1),
+        )
+    })
+}
+
+/// A digest of each range's extents (index: range; 0: none), to find the
+/// ranges a commit must rewrite without each change having to say so.
+pub fn range_digests(map: &BTreeMap<u64, Extent>) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    let (mut crc, mut n, mut cur) = (0u32, 0u64, None);
+    let flush = |out: &mut Vec<u64>, r: u64, crc: u32, n: u64| {
+        out.resize(r as usize + 1, 0);
+        out[r as usize] = (n << 32) | u64::from(crc);
+    };
+    for (&off, e) in map {
+        let r = off / EXTENT_RANGE;
+        if cur != Some(r) {
+            if let Some(c) = cur {
+                flush(&mut out, c, crc, n);
+            }
+            (crc, n, cur) = (0, 0, Some(r));
+        }
+        crc = crc32c::crc32c_append(crc, &off.to_le_bytes());
+        crc = match e.at {
+            Place::Seg(s) => crc32c::crc32c_append(crc, &s.to_le_bytes()),
+            Place::Chunk(fp) => crc32c::crc32c_append(crc, &fp),
+        };
+        crc = crc32c::crc32c_append(crc, &e.offset.to_le_bytes());
+        crc = crc32c::crc32c_append(crc, &e.len.to_le_bytes());
+        n += 1;
+    }
+    if let Some(c) = cur {
+        flush(&mut out, c, crc, n);
+    }
+    out
+}
+
+/// A file's extents that start in range `r`.
+pub fn range_extents(map: &BTreeMap<u64, Extent>, r: u64) -> BTreeMap<u64, Extent> {
+    map.range(r * EXTENT_RANGE..(r + 1) * EXTENT_RANGE)
+        .map(|(&o, &e)| (o, e))
+        .collect()
+}
+
+impl Inode {
+    /// The inode with `content` in place of its own (an extent page's, or
+    /// a file's without its extents): no copy of a large map.
+    pub fn with_content(&self, content: Content) -> Inode {
+        Inode {
+            ino: self.ino,
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            nlink: self.nlink,
+            size: self.size,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            content,
+        }
+    }
 }
 
 /// Pages of the chunk index (fingerprint to chunk) are numbered from here,

@@ -70,6 +70,8 @@ pub enum FsError {
     Invalid(String),
     #[error("no space left on the D-nodes")]
     NoSpace,
+    #[error("files are at most {} bytes", meta::MAX_FILE_BYTES)]
+    FileTooBig,
     #[error("read-only: {0}")]
     ReadOnly(String),
     #[error("I/O error: {0}")]
@@ -92,6 +94,7 @@ impl FsError {
             FsError::NotPermitted => libc_errno::EPERM,
             FsError::Invalid(_) => libc_errno::EINVAL,
             FsError::NoSpace => libc_errno::ENOSPC,
+            FsError::FileTooBig => libc_errno::EFBIG,
             FsError::ReadOnly(_) => libc_errno::EROFS,
             FsError::Io(_) | FsError::NotLoaded(_) => libc_errno::EIO,
         }
@@ -107,6 +110,7 @@ mod libc_errno {
     pub const ENOTDIR: i32 = 20;
     pub const EISDIR: i32 = 21;
     pub const EINVAL: i32 = 22;
+    pub const EFBIG: i32 = 27;
     pub const ENOSPC: i32 = 28;
     pub const EROFS: i32 = 30;
     pub const ENAMETOOLONG: i32 = 36;
@@ -298,9 +302,19 @@ struct Page {
     chunks: HashMap<Fp, ChunkEntry>,
     /// Similarity-index pages hold these.
     similar: HashMap<u64, Fp>,
+    /// Inode pages: for each file of the page (and each freed since whose
+    /// extent pages are not yet removed), the digest of what each of its
+    /// extent pages holds on the D-nodes ([`meta::range_digests`]; 0: no
+    /// page, [`UNKNOWN_RANGE`]: unknown, so rewritten): a commit writes the
+    /// ranges whose extents differ from it.
+    ranges: HashMap<u64, Vec<u64>>,
     /// Last use (a clock tick), for eviction.
     used: u64,
 }
+
+/// A range digest no extents have: the range's page is written (or
+/// removed) at the next commit whatever it holds.
+const UNKNOWN_RANGE: u64 = u64::MAX;
 
 impl Page {
     fn is_empty(&self) -> bool {
@@ -1107,6 +1121,8 @@ impl FileSystem {
                 blob.page
             )));
         }
+        let mut inodes: HashMap<u64, Inode> = blob.inodes.into_iter().map(|i| (i.ino, i)).collect();
+        let ranges = self.load_extents(&mut inodes).await?;
         let mut st = self.state.lock().unwrap();
         // Unless it was loaded (or rewritten) meanwhile.
         if !st.inodes.pages.contains_key(&p) && st.inodes.map.get(&p) == Some(&loc) {
@@ -1114,9 +1130,10 @@ impl FileSystem {
             st.inodes.pages.insert(
                 p,
                 Page {
-                    inodes: blob.inodes.into_iter().map(|i| (i.ino, i)).collect(),
+                    inodes,
                     chunks: blob.chunks.into_iter().map(|c| (c.fp, c)).collect(),
                     similar: blob.similar.into_iter().collect(),
+                    ranges,
                     used,
                 },
             );
@@ -1229,6 +1246,63 @@ impl FileSystem {
         made
     }
 
+    /// Reads the extent pages of the files among `inodes` (an inode page
+    /// just read) into their maps, and returns what each range holds
+    /// ([`Page::ranges`]). A version 7 page's maps are whole already and
+    /// have no extent pages; they are written to extent pages when their
+    /// page is next committed (their digests here are 0).
+    async fn load_extents(
+        &self,
+        inodes: &mut HashMap<u64, Inode>,
+    ) -> Result<HashMap<u64, Vec<u64>>, FsError> {
+        let wanted: Vec<(u64, u64, PageLocation)> = {
+            let st = self.state.lock().unwrap();
+            inodes
+                .values()
+                .filter(|i| matches!(i.content, Content::File(_)))
+                .flat_map(|i| (0..i.size.div_ceil(meta::EXTENT_RANGE)).map(move |r| (i.ino, r)))
+                .filter_map(|(ino, r)| {
+                    st.inodes
+                        .map
+                        .get(&meta::extent_page(ino, r))
+                        .map(|l| (ino, r, l.clone()))
+                })
+                .collect()
+        };
+        let mut ranges: HashMap<u64, Vec<u64>> = HashMap::new();
+        for group in wanted.chunks(16) {
+            let read = join_all(group.iter().map(|(_, _, l)| self.read_page(l))).await;
+            for (&(ino, r, _), blob) in group.iter().zip(read) {
+                let blob = blob?;
+                let page = meta::extent_page(ino, r);
+                let extents = match (blob.page == page && blob.fs_uuid == self.sb.fs_uuid, blob.inodes.into_iter().next()) {
+                    (true, Some(Inode { ino: i, content: Content::File(m), .. })) if i == ino => m,
+                    _ => {
+                        return Err(FsError::Io(format!(
+                            "extent page {r} of file {ino}: found page {} of another file, file system or place",
+                            blob.page
+                        )))
+                    }
+                };
+                let digest = meta::range_digests(&extents)
+                    .get(r as usize)
+                    .copied()
+                    .unwrap_or(0);
+                let d = ranges.entry(ino).or_default();
+                d.resize(d.len().max(r as usize + 1), 0);
+                d[r as usize] = digest;
+                if let Some(Inode {
+                    content: Content::File(map),
+                    ..
+                }) = inodes.get_mut(&ino)
+                {
+                    map.extend(extents);
+                }
+            }
+        }
+        Ok(ranges)
+    }
+
     async fn read_page(&self, loc: &[StripeRecord]) -> Result<PageBlob, FsError> {
         let strip = self.meta.geometry().strip_size();
         let mut bytes = Vec::new();
@@ -1273,6 +1347,9 @@ impl FileSystem {
         check_name(name)?;
         self.with_state(|st| {
             let ino = st.next_ino;
+            if ino >= meta::MAX_INO {
+                return Err(FsError::NoSpace);
+            }
             st.require(&[parent, ino])?;
             if st.child(parent, name).is_ok() {
                 return Err(FsError::Exists);
@@ -1544,6 +1621,9 @@ impl FileSystem {
 
     pub async fn setattr(&self, ino: u64, set: &SetAttr) -> Result<Attr, FsError> {
         self.check_writable()?;
+        if set.size.is_some_and(|s| s > meta::MAX_FILE_BYTES) {
+            return Err(FsError::FileTooBig);
+        }
         if set.size.is_some() {
             self.flush_file(ino).await?;
         }
@@ -1657,8 +1737,10 @@ impl FileSystem {
     /// [`FileSystem::write_segments`] (holding its write guard throughout).
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<Vec<u64>, FsError> {
         self.check_writable()?;
-        if offset.checked_add(data.len() as u64).is_none() {
-            return Err(FsError::Invalid("offset + length overflows".into()));
+        match offset.checked_add(data.len() as u64) {
+            None => return Err(FsError::Invalid("offset + length overflows".into())),
+            Some(end) if end > meta::MAX_FILE_BYTES => return Err(FsError::FileTooBig),
+            Some(_) => {}
         }
         self.with_state(|st| self.write_locked(st, ino, offset, data))
             .await
@@ -1973,26 +2055,89 @@ impl FileSystem {
             st.merge_into(&to_merge, &self.ingest);
             let dirty = std::mem::take(&mut st.inodes.dirty);
             st.inodes.committing = dirty.clone();
-            let pages: Vec<(u64, Option<Vec<u8>>)> = dirty
-                .into_iter()
-                .map(|p| {
-                    let blob = st
-                        .inodes
-                        .pages
-                        .get(&p)
-                        .filter(|pg| !pg.is_empty())
-                        .map(|pg| {
+            let mut pages: Vec<(u64, Option<Vec<u8>>)> = Vec::with_capacity(dirty.len());
+            for p in dirty {
+                let fs_uuid = self.sb.fs_uuid;
+                let Some(pg) = st.inodes.pages.get_mut(&p) else {
+                    pages.push((p, None));
+                    continue;
+                };
+                // Files' extents go to their extent pages, the ranges that
+                // changed only; the inode page holds the inodes without.
+                let Page { inodes, ranges, .. } = &mut *pg;
+                ranges.retain(|ino, d| inodes.contains_key(ino) || d.iter().any(|&x| x != 0));
+                for (ino, stored) in ranges.iter_mut() {
+                    let map = match inodes.get(ino).map(|i| &i.content) {
+                        Some(Content::File(map)) => Some(map),
+                        _ => None,
+                    };
+                    let now = map.map(meta::range_digests).unwrap_or_default();
+                    stored.resize(stored.len().max(now.len()), 0);
+                    for (r, d) in stored.iter_mut().enumerate() {
+                        let want = now.get(r).copied().unwrap_or(0);
+                        if *d == want {
+                            continue;
+                        }
+                        let page = meta::extent_page(*ino, r as u64);
+                        let blob = map.filter(|_| want != 0).map(|map| {
                             meta::encode(&PageBlob {
-                                fs_uuid: self.sb.fs_uuid,
-                                page: p,
-                                inodes: pg.inodes.values().cloned().collect(),
-                                chunks: pg.chunks.values().cloned().collect(),
-                                similar: pg.similar.iter().map(|(k, v)| (*k, *v)).collect(),
+                                fs_uuid,
+                                page,
+                                inodes: vec![inodes[ino].with_content(Content::File(
+                                    meta::range_extents(map, r as u64),
+                                ))],
+                                chunks: Vec::new(),
+                                similar: Vec::new(),
                             })
                         });
-                    (p, blob)
-                })
-                .collect();
+                        pages.push((page, blob));
+                        *d = want;
+                    }
+                }
+                // Files new to the page (or to this C-node's copy of it).
+                for i in inodes.values() {
+                    if let Content::File(map) = &i.content {
+                        if ranges.contains_key(&i.ino) {
+                            continue;
+                        }
+                        let now = meta::range_digests(map);
+                        for (r, &want) in now.iter().enumerate().filter(|(_, &d)| d != 0) {
+                            let page = meta::extent_page(i.ino, r as u64);
+                            pages.push((
+                                page,
+                                Some(meta::encode(&PageBlob {
+                                    fs_uuid,
+                                    page,
+                                    inodes: vec![i.with_content(Content::File(
+                                        meta::range_extents(map, r as u64),
+                                    ))],
+                                    chunks: Vec::new(),
+                                    similar: Vec::new(),
+                                })),
+                            ));
+                            debug_assert_ne!(want, 0);
+                        }
+                        ranges.insert(i.ino, now);
+                    }
+                }
+                let blob = (!pg.is_empty()).then(|| {
+                    meta::encode(&PageBlob {
+                        fs_uuid,
+                        page: p,
+                        inodes: pg
+                            .inodes
+                            .values()
+                            .map(|i| match i.content {
+                                Content::File(_) => i.with_content(Content::File(BTreeMap::new())),
+                                _ => i.clone(),
+                            })
+                            .collect(),
+                        chunks: pg.chunks.values().cloned().collect(),
+                        similar: pg.similar.iter().map(|(k, v)| (*k, *v)).collect(),
+                    })
+                });
+                pages.push((p, blob));
+            }
             let segs = std::mem::take(&mut st.dirty_segs);
             Snapshot {
                 pages,
@@ -2138,6 +2283,13 @@ impl FileSystem {
                 // Pages whose new copies may not have been written are
                 // changed again: the next commit writes them.
                 let pending = std::mem::take(&mut st.inodes.committing);
+                // What their extent pages hold is unknown now: all of them
+                // are written (or removed) again.
+                for p in &pending {
+                    if let Some(pg) = st.inodes.pages.get_mut(p) {
+                        pg.ranges.values_mut().for_each(|d| d.fill(UNKNOWN_RANGE));
+                    }
+                }
                 st.inodes.dirty.extend(pending);
                 log.force_image = true;
                 Err(e)
@@ -2488,24 +2640,51 @@ impl FileSystem {
                 st.index.whole(),
             )
         };
-        // Pages not in memory are read from the D-nodes, one at a time.
+        // Pages not in memory are read from the D-nodes, one at a time; the
+        // extents of files whose inode page is resident are there already.
+        let mut extent_pages: Vec<(u64, u64, BTreeMap<u64, meta::Extent>)> = Vec::new();
         for (p, loc) in &map {
             let resident = {
                 let st = self.state.lock().unwrap();
-                st.inodes.pages.contains_key(p)
+                let of = meta::extent_page_of(*p).map_or(*p, |(ino, _)| page_of(ino));
+                st.inodes.pages.contains_key(&of)
             };
             if resident {
                 continue;
             }
             match self.read_page(loc).await {
-                Ok(b) if b.page == *p => {
-                    inodes.extend(b.inodes.into_iter().map(|i| (i.ino, i)));
-                    chunks.extend(b.chunks.into_iter().map(|c| (c.fp, c)));
-                }
+                Ok(b) if b.page == *p => match meta::extent_page_of(*p) {
+                    Some((ino, r)) => match b.inodes.into_iter().next() {
+                        Some(Inode {
+                            ino: i,
+                            content: Content::File(m),
+                            ..
+                        }) if i == ino => extent_pages.push((ino, r, m)),
+                        _ => rep
+                            .problems
+                            .push(format!("extent page {p} holds no extents of file {ino}")),
+                    },
+                    None => {
+                        inodes.extend(b.inodes.into_iter().map(|i| (i.ino, i)));
+                        chunks.extend(b.chunks.into_iter().map(|c| (c.fp, c)));
+                    }
+                },
                 Ok(b) => rep
                     .problems
                     .push(format!("page {p} holds page {} instead", b.page)),
                 Err(e) => rep.problems.push(format!("page {p}: {e}")),
+            }
+        }
+        for (ino, r, m) in extent_pages {
+            let outside = m.keys().any(|&o| o / meta::EXTENT_RANGE != r);
+            match inodes.get_mut(&ino).map(|i| &mut i.content) {
+                Some(Content::File(map)) if !outside => map.extend(m),
+                Some(Content::File(_)) => rep.problems.push(format!(
+                    "extent page {r} of file {ino} holds extents of other ranges"
+                )),
+                _ => rep
+                    .problems
+                    .push(format!("extent page {r} of {ino}, which is not a file")),
             }
         }
         // Buffered entries are newer than the pages'.

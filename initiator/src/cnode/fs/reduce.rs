@@ -870,6 +870,9 @@ impl FileSystem {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::Invalid("offset + length overflows".into()))?;
+        if end > meta::MAX_FILE_BYTES {
+            return Err(FsError::FileTooBig);
+        }
         self.ingest.writes.fetch_add(1, Ordering::Release);
         let w = self.writer(ino);
         let mut p = w.lock().await;
