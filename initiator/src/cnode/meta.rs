@@ -98,32 +98,51 @@ pub fn extent_page_of(p: u64) -> Option<(u64, u64)> {
 
 /// A digest of each range's extents (index: range; 0: none), to find the
 /// ranges a commit must rewrite without each change having to say so.
-pub fn range_digests(map: &BTreeMap<u64, Extent>) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
-    let (mut crc, mut n, mut cur) = (0u32, 0u64, None);
-    let flush = |out: &mut Vec<u64>, r: u64, crc: u32, n: u64| {
+/// BLAKE3, 128 bits: a range whose digest did not change is not written,
+/// so a collision would lose its change; a 32-bit checksum would meet one
+/// in some billions of commits, this never.
+pub fn range_digests(map: &BTreeMap<u64, Extent>) -> Vec<u128> {
+    const REC: usize = 49;
+    let mut out: Vec<u128> = Vec::new();
+    // The extents' fields side by side, hashed a range (or 64 KiB) at a
+    // time: ~30 ns an extent in all, ~90 with an update per extent.
+    let mut buf = vec![0u8; 1337 * REC];
+    let (mut fill, mut cur) = (0, None::<(u64, blake3::Hasher)>);
+    let finish = |out: &mut Vec<u128>, r: u64, h: &mut blake3::Hasher, rest: &[u8]| {
+        h.update(rest);
+        let d = u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().unwrap());
         out.resize(r as usize + 1, 0);
-        out[r as usize] = (n << 32) | u64::from(crc);
+        // 0 and u128::MAX mean "no page" and "unknown".
+        out[r as usize] = d.clamp(1, u128::MAX - 1);
     };
     for (&off, e) in map {
         let r = off / EXTENT_RANGE;
-        if cur != Some(r) {
-            if let Some(c) = cur {
-                flush(&mut out, c, crc, n);
+        if cur.as_ref().is_none_or(|(c, _)| *c != r) {
+            if let Some((c, mut h)) = cur.take() {
+                finish(&mut out, c, &mut h, &buf[..fill]);
             }
-            (crc, n, cur) = (0, 0, Some(r));
+            (fill, cur) = (0, Some((r, blake3::Hasher::new())));
         }
-        crc = crc32c::crc32c_append(crc, &off.to_le_bytes());
-        crc = match e.at {
-            Place::Seg(s) => crc32c::crc32c_append(crc, &s.to_le_bytes()),
-            Place::Chunk(fp) => crc32c::crc32c_append(crc, &fp),
-        };
-        crc = crc32c::crc32c_append(crc, &e.offset.to_le_bytes());
-        crc = crc32c::crc32c_append(crc, &e.len.to_le_bytes());
-        n += 1;
+        if fill == buf.len() {
+            cur.as_mut().expect("a range").1.update(&buf);
+            fill = 0;
+        }
+        let b = &mut buf[fill..fill + REC];
+        b.fill(0);
+        b[..8].copy_from_slice(&off.to_le_bytes());
+        match e.at {
+            Place::Seg(s) => b[8..16].copy_from_slice(&s.to_le_bytes()),
+            Place::Chunk(fp) => {
+                b[8..40].copy_from_slice(&fp);
+                b[48] = 1;
+            }
+        }
+        b[40..44].copy_from_slice(&e.offset.to_le_bytes());
+        b[44..48].copy_from_slice(&e.len.to_le_bytes());
+        fill += REC;
     }
-    if let Some(c) = cur {
-        flush(&mut out, c, crc, n);
+    if let Some((c, mut h)) = cur {
+        finish(&mut out, c, &mut h, &buf[..fill]);
     }
     out
 }
@@ -626,6 +645,57 @@ pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T, M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn range_digests_change_with_their_range_only() {
+        let ext = |fp: u8, len: u32| Extent {
+            at: Place::Chunk([fp; 32]),
+            offset: 0,
+            len,
+        };
+        let mut m = BTreeMap::new();
+        assert!(range_digests(&m).is_empty());
+        m.insert(0, ext(1, 4096));
+        m.insert(EXTENT_RANGE + 7, ext(2, 4096));
+        m.insert(3 * EXTENT_RANGE, ext(3, 4096));
+        let d = range_digests(&m);
+        assert_eq!(d.len(), 4);
+        assert!(d[0] != 0 && d[1] != 0 && d[2] == 0 && d[3] != 0);
+        // One extent changed (its length): its range's digest alone.
+        m.insert(EXTENT_RANGE + 7, ext(2, 4097));
+        let e = range_digests(&m);
+        assert!(e[0] == d[0] && e[1] != d[1] && e[3] == d[3]);
+        // A segment's place is not a chunk's with the same bytes.
+        let mut seg = BTreeMap::new();
+        seg.insert(
+            0,
+            Extent {
+                at: Place::Seg(0x0101_0101_0101_0101),
+                offset: 0,
+                len: 4096,
+            },
+        );
+        let mut chunk = BTreeMap::new();
+        let mut fp = [0u8; 32];
+        fp[..8].copy_from_slice(&0x0101_0101_0101_0101u64.to_le_bytes());
+        chunk.insert(
+            0,
+            Extent {
+                at: Place::Chunk(fp),
+                offset: 0,
+                len: 4096,
+            },
+        );
+        assert_ne!(range_digests(&seg), range_digests(&chunk));
+        // Every range's extents, and only its own.
+        assert_eq!(
+            range_extents(&m, 1).keys().copied().collect::<Vec<_>>(),
+            vec![EXTENT_RANGE + 7]
+        );
+        assert_eq!(extent_page_of(extent_page(42, 3)), Some((42, 3)));
+        assert_eq!(extent_page_of(CHUNK_PAGES), None);
+        assert_eq!(extent_page_of(page_of(u64::from(u32::MAX))), None);
+    }
 
     fn rec() -> StripeRecord {
         StripeRecord {

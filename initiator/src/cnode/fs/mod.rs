@@ -307,14 +307,14 @@ struct Page {
     /// extent pages holds on the D-nodes ([`meta::range_digests`]; 0: no
     /// page, [`UNKNOWN_RANGE`]: unknown, so rewritten): a commit writes the
     /// ranges whose extents differ from it.
-    ranges: HashMap<u64, Vec<u64>>,
+    ranges: HashMap<u64, Vec<u128>>,
     /// Last use (a clock tick), for eviction.
     used: u64,
 }
 
 /// A range digest no extents have: the range's page is written (or
 /// removed) at the next commit whatever it holds.
-const UNKNOWN_RANGE: u64 = u64::MAX;
+const UNKNOWN_RANGE: u128 = u128::MAX;
 
 impl Page {
     fn is_empty(&self) -> bool {
@@ -1254,7 +1254,7 @@ impl FileSystem {
     async fn load_extents(
         &self,
         inodes: &mut HashMap<u64, Inode>,
-    ) -> Result<HashMap<u64, Vec<u64>>, FsError> {
+    ) -> Result<HashMap<u64, Vec<u128>>, FsError> {
         let wanted: Vec<(u64, u64, PageLocation)> = {
             let st = self.state.lock().unwrap();
             inodes
@@ -1269,7 +1269,7 @@ impl FileSystem {
                 })
                 .collect()
         };
-        let mut ranges: HashMap<u64, Vec<u64>> = HashMap::new();
+        let mut ranges: HashMap<u64, Vec<u128>> = HashMap::new();
         for group in wanted.chunks(16) {
             let read = join_all(group.iter().map(|(_, _, l)| self.read_page(l))).await;
             for (&(ino, r, _), blob) in group.iter().zip(read) {
