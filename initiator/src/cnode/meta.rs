@@ -632,6 +632,24 @@ pub fn unframe<T: for<'de> Deserialize<'de>>(magic: [u8; 8], b: &[u8]) -> Result
     postcard::from_bytes(&b[16..end]).map_err(|e| MetaError::Corrupt(e.to_string()))
 }
 
+/// The version of an intact frame (magic and checksum right) written by a
+/// newer dase than this one, if `b` is one. Such a frame is not damage: a
+/// reader that skipped it as damaged would take an older commit for the
+/// newest and lose what came after.
+pub fn newer_version(magic: [u8; 8], b: &[u8]) -> Option<u32> {
+    if b.len() < FRAME_OVERHEAD || b[..8] != magic {
+        return None;
+    }
+    let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
+    let len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+    if version <= VERSION || len > b.len() - FRAME_OVERHEAD {
+        return None;
+    }
+    let end = 16 + len;
+    let crc = u32::from_le_bytes(b[end..end + 4].try_into().unwrap());
+    (crc32c::crc32c(&b[..end]) == crc).then_some(version)
+}
+
 /// The postcard encoding of a metadata value (a record, a page).
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_allocvec(v).expect("metadata values always serialize")
@@ -645,6 +663,29 @@ pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T, M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_of_a_newer_version_is_told_from_damage() {
+        let magic = *b"DASETEST";
+        let mut b = frame(magic, &42u32, 4096).unwrap();
+        assert_eq!(newer_version(magic, &b), None, "this version's own");
+        b[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
+        let end = 16 + u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+        let crc = crc32c::crc32c(&b[..end]);
+        b[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(newer_version(magic, &b), Some(VERSION + 1));
+        assert!(
+            unframe::<u32>(magic, &b).is_err(),
+            "and not read as if it were known"
+        );
+        b[20] ^= 1;
+        assert_eq!(
+            newer_version(magic, &b),
+            None,
+            "damaged: not a newer version"
+        );
+        assert_eq!(newer_version(*b"OTHERMAG", &b), None);
+    }
 
     #[test]
     fn range_digests_change_with_their_range_only() {

@@ -869,6 +869,20 @@ impl FileSystem {
                 c.read(i, meta::COMMIT_OFFSET, 2 * COMMIT_SLOT).await.ok()
             }))
             .await;
+        let slots = || {
+            reads
+                .iter()
+                .flatten()
+                .flat_map(|b| [0, COMMIT_SLOT].map(|o| &b[o..o + COMMIT_SLOT]))
+        };
+        if let Some(v) = slots().find_map(|s| meta::newer_version(COMMIT_MAGIC, s)) {
+            return Err(MountError::Recovery(format!(
+                "this file system was committed by a newer dase (metadata version {v}; this dase \
+                 reads versions {} to {}): use that dase or a newer one",
+                meta::OLDEST_READ,
+                meta::VERSION
+            )));
+        }
         let best = reads
             .into_iter()
             .flatten()
