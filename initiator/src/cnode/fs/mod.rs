@@ -333,6 +333,10 @@ struct Inodes {
     map: HashMap<u64, PageLocation>,
     /// Pages changed since the last commit snapshot.
     dirty: BTreeSet<u64>,
+    /// Inodes changed since the last commit snapshot (every change goes
+    /// through `get_mut`, `insert` or `remove`): the only files whose
+    /// extent ranges it digests, besides those whose digests are unknown.
+    touched: HashSet<u64>,
     /// Pages a commit has captured but whose new location is not yet in
     /// `map`: evicting one now would lose its changes.
     committing: BTreeSet<u64>,
@@ -383,6 +387,7 @@ impl Inodes {
         let p = page_of(*ino);
         let i = self.pages.get_mut(&p)?.inodes.get_mut(ino)?;
         self.dirty.insert(p);
+        self.touched.insert(*ino);
         Some(i)
     }
 
@@ -391,6 +396,7 @@ impl Inodes {
         let p = page_of(ino);
         debug_assert!(self.missing(ino).is_none());
         self.dirty.insert(p);
+        self.touched.insert(ino);
         self.pages.entry(p).or_default().inodes.insert(ino, i);
     }
 
@@ -398,6 +404,7 @@ impl Inodes {
         let p = page_of(*ino);
         let i = self.pages.get_mut(&p)?.inodes.remove(ino)?;
         self.dirty.insert(p);
+        self.touched.insert(*ino);
         Some(i)
     }
 
@@ -2070,6 +2077,7 @@ impl FileSystem {
             let dirty = std::mem::take(&mut st.inodes.dirty);
             st.inodes.committing = dirty.clone();
             let mut pages: Vec<(u64, Option<Vec<u8>>)> = Vec::with_capacity(dirty.len());
+            let touched = std::mem::take(&mut st.inodes.touched);
             for p in dirty {
                 let fs_uuid = self.sb.fs_uuid;
                 let Some(pg) = st.inodes.pages.get_mut(&p) else {
@@ -2081,6 +2089,10 @@ impl FileSystem {
                 let Page { inodes, ranges, .. } = &mut *pg;
                 ranges.retain(|ino, d| inodes.contains_key(ino) || d.iter().any(|&x| x != 0));
                 for (ino, stored) in ranges.iter_mut() {
+                    // Unchanged since its ranges were last written: as they are.
+                    if !touched.contains(ino) && !stored.contains(&UNKNOWN_RANGE) {
+                        continue;
+                    }
                     let map = match inodes.get(ino).map(|i| &i.content) {
                         Some(Content::File(map)) => Some(map),
                         _ => None,
