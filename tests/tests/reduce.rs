@@ -424,11 +424,27 @@ fn a_commit_writes_only_the_extent_ranges_that_changed() {
         assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{e}");
     }
     std::fs::remove_file(m.path.join("other")).unwrap();
+    // A sparse file with one byte run 1 PiB in: one extent page, not 2^26.
+    {
+        let f = File::create(m.path.join("sparse")).unwrap();
+        f.write_all_at(b"far", 1 << 50).unwrap();
+        f.sync_all().unwrap();
+    }
     commit(&m.path);
     assert!(m.stop());
     let m = rig.mount("mnt", &[]).unwrap();
     assert!(read_cold(&m.path.join("big")) == big);
     assert!(!m.path.join("other").exists());
+    {
+        let f = File::open(m.path.join("sparse")).unwrap();
+        let mut b = [1u8; 3];
+        f.read_exact_at(&mut b, 1 << 50).unwrap();
+        assert_eq!(&b, b"far");
+        f.read_exact_at(&mut b, 1 << 40).unwrap();
+        assert_eq!(b, [0; 3], "a hole reads as zeros");
+    }
+    std::fs::remove_file(m.path.join("sparse")).unwrap();
+    commit(&m.path);
     assert!(m.stop());
     rig.assert_fsck_clean();
     // Deleting the last file leaves no extent pages behind: the stored

@@ -307,7 +307,7 @@ struct Page {
     /// extent pages holds on the D-nodes ([`meta::range_digests`]; 0: no
     /// page, [`UNKNOWN_RANGE`]: unknown, so rewritten): a commit writes the
     /// ranges whose extents differ from it.
-    ranges: HashMap<u64, Vec<u128>>,
+    ranges: HashMap<u64, BTreeMap<u64, u128>>,
     /// Last use (a clock tick), for eviction.
     used: u64,
 }
@@ -330,7 +330,7 @@ impl Page {
 struct Inodes {
     pages: HashMap<u64, Page>,
     /// Where each page's committed blob is.
-    map: HashMap<u64, PageLocation>,
+    map: BTreeMap<u64, PageLocation>,
     /// Pages changed since the last commit snapshot.
     dirty: BTreeSet<u64>,
     /// Inodes changed since the last commit snapshot (every change goes
@@ -1275,22 +1275,25 @@ impl FileSystem {
     async fn load_extents(
         &self,
         inodes: &mut HashMap<u64, Inode>,
-    ) -> Result<HashMap<u64, Vec<u128>>, FsError> {
+    ) -> Result<HashMap<u64, BTreeMap<u64, u128>>, FsError> {
+        // The page map is ordered: a file's extent pages are one run of it,
+        // found without a lookup per range (a sparse file may have 2^28).
         let wanted: Vec<(u64, u64, PageLocation)> = {
             let st = self.state.lock().unwrap();
             inodes
                 .values()
                 .filter(|i| matches!(i.content, Content::File(_)))
-                .flat_map(|i| (0..i.size.div_ceil(meta::EXTENT_RANGE)).map(move |r| (i.ino, r)))
-                .filter_map(|(ino, r)| {
+                .flat_map(|i| {
+                    let first = meta::extent_page(i.ino, 0);
                     st.inodes
                         .map
-                        .get(&meta::extent_page(ino, r))
-                        .map(|l| (ino, r, l.clone()))
+                        .range(first..first + (meta::MAX_FILE_BYTES / meta::EXTENT_RANGE))
+                        .map(|(&p, l)| (p, l.clone()))
                 })
+                .filter_map(|(p, l)| meta::extent_page_of(p).map(|(ino, r)| (ino, r, l)))
                 .collect()
         };
-        let mut ranges: HashMap<u64, Vec<u128>> = HashMap::new();
+        let mut ranges: HashMap<u64, BTreeMap<u64, u128>> = HashMap::new();
         for group in wanted.chunks(16) {
             let read = join_all(group.iter().map(|(_, _, l)| self.read_page(l))).await;
             for (&(ino, r, _), blob) in group.iter().zip(read) {
@@ -1305,13 +1308,9 @@ impl FileSystem {
                         )))
                     }
                 };
-                let digest = meta::range_digests(&extents)
-                    .get(r as usize)
-                    .copied()
-                    .unwrap_or(0);
-                let d = ranges.entry(ino).or_default();
-                d.resize(d.len().max(r as usize + 1), 0);
-                d[r as usize] = digest;
+                if let Some(&digest) = meta::range_digests(&extents).get(&r) {
+                    ranges.entry(ino).or_default().insert(r, digest);
+                }
                 if let Some(Inode {
                     content: Content::File(map),
                     ..
@@ -2087,10 +2086,15 @@ impl FileSystem {
                 // Files' extents go to their extent pages, the ranges that
                 // changed only; the inode page holds the inodes without.
                 let Page { inodes, ranges, .. } = &mut *pg;
-                ranges.retain(|ino, d| inodes.contains_key(ino) || d.iter().any(|&x| x != 0));
+                // A 0 is a range whose page an earlier commit removed (a
+                // failed one would have made it unknown since).
+                ranges.retain(|ino, d| {
+                    d.retain(|_, v| *v != 0);
+                    inodes.contains_key(ino) || !d.is_empty()
+                });
                 for (ino, stored) in ranges.iter_mut() {
                     // Unchanged since its ranges were last written: as they are.
-                    if !touched.contains(ino) && !stored.contains(&UNKNOWN_RANGE) {
+                    if !touched.contains(ino) && !stored.values().any(|&v| v == UNKNOWN_RANGE) {
                         continue;
                     }
                     let map = match inodes.get(ino).map(|i| &i.content) {
@@ -2098,20 +2102,20 @@ impl FileSystem {
                         _ => None,
                     };
                     let now = map.map(meta::range_digests).unwrap_or_default();
-                    stored.resize(stored.len().max(now.len()), 0);
-                    for (r, d) in stored.iter_mut().enumerate() {
-                        let want = now.get(r).copied().unwrap_or(0);
+                    let all: BTreeSet<u64> = stored.keys().chain(now.keys()).copied().collect();
+                    for r in all {
+                        let want = now.get(&r).copied().unwrap_or(0);
+                        let d = stored.entry(r).or_insert(0);
                         if *d == want {
                             continue;
                         }
-                        let page = meta::extent_page(*ino, r as u64);
+                        let page = meta::extent_page(*ino, r);
                         let blob = map.filter(|_| want != 0).map(|map| {
                             meta::encode(&PageBlob {
                                 fs_uuid,
                                 page,
-                                inodes: vec![inodes[ino].with_content(Content::File(
-                                    meta::range_extents(map, r as u64),
-                                ))],
+                                inodes: vec![inodes[ino]
+                                    .with_content(Content::File(meta::range_extents(map, r)))],
                                 chunks: Vec::new(),
                                 similar: Vec::new(),
                             })
@@ -2127,16 +2131,16 @@ impl FileSystem {
                             continue;
                         }
                         let now = meta::range_digests(map);
-                        for (r, &want) in now.iter().enumerate().filter(|(_, &d)| d != 0) {
-                            let page = meta::extent_page(i.ino, r as u64);
+                        for (&r, &want) in &now {
+                            let page = meta::extent_page(i.ino, r);
                             pages.push((
                                 page,
                                 Some(meta::encode(&PageBlob {
                                     fs_uuid,
                                     page,
-                                    inodes: vec![i.with_content(Content::File(
-                                        meta::range_extents(map, r as u64),
-                                    ))],
+                                    inodes: vec![
+                                        i.with_content(Content::File(meta::range_extents(map, r)))
+                                    ],
                                     chunks: Vec::new(),
                                     similar: Vec::new(),
                                 })),
@@ -2313,7 +2317,10 @@ impl FileSystem {
                 // are written (or removed) again.
                 for p in &pending {
                     if let Some(pg) = st.inodes.pages.get_mut(p) {
-                        pg.ranges.values_mut().for_each(|d| d.fill(UNKNOWN_RANGE));
+                        pg.ranges
+                            .values_mut()
+                            .flat_map(|d| d.values_mut())
+                            .for_each(|v| *v = UNKNOWN_RANGE);
                     }
                 }
                 st.inodes.dirty.extend(pending);
