@@ -1,7 +1,8 @@
 //! What a C-node reads back from the D-nodes is decoded as untrusted:
 //! stored chunks (every encoding, with a reference; compression regions
 //! and their member tables), chunk frame headers,
-//! metadata frames, pages and log records. None may panic, hang or
+//! metadata frames (and which are of a newer version), pages (and the
+//! range digests of their extents) and log records. None may panic, hang or
 //! allocate without bound, and a chunk that decodes has exactly the
 //! length its entry claims.
 #![no_main]
@@ -35,7 +36,16 @@ fuzz_target!(|data: &[u8]| {
     let _ = d.decode(enc, stored, None, len, &mut out);
     let _ = region_members(stored);
     let _ = meta::parse_chunk_header(data);
-    let _ = meta::decode::<PageBlob>(data, "page");
+    if let Ok(page) = meta::decode::<PageBlob>(data, "page") {
+        // An extent page's extents are digested by range on load.
+        let _ = meta::extent_page_of(page.page);
+        for i in &page.inodes {
+            if let meta::Content::File(m) = &i.content {
+                let _ = meta::range_digests(m);
+            }
+        }
+    }
+    let _ = meta::newer_version(meta::COMMIT_MAGIC, data);
     let _ = meta::decode::<MetaRecord>(data, "record");
     let _ = meta::decode_record(data);
     let _ = meta::unframe::<MetaPart>(meta::META_MAGIC, data);
