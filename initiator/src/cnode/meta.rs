@@ -147,6 +147,36 @@ pub fn range_digests(map: &BTreeMap<u64, Extent>) -> BTreeMap<u64, u128> {
     out
 }
 
+/// The page numbers of every extent page file `ino` can have, in order.
+pub fn extent_pages(ino: u64) -> std::ops::Range<u64> {
+    let first = extent_page(ino, 0);
+    first..first + (1 << RANGE_BITS)
+}
+
+/// The page blob of range `r` of file `i` (whose extents are `map`).
+pub fn extent_blob(fs_uuid: [u8; 16], i: &Inode, map: &BTreeMap<u64, Extent>, r: u64) -> PageBlob {
+    PageBlob {
+        fs_uuid,
+        page: extent_page(i.ino, r),
+        inodes: vec![i.with_content(Content::File(range_extents(map, r)))],
+        chunks: Vec::new(),
+        similar: Vec::new(),
+    }
+}
+
+/// The extents an extent page of file `ino` holds, or None when it does
+/// not hold one inode of that number with extents.
+pub fn extents_of_blob(blob: PageBlob, ino: u64) -> Option<BTreeMap<u64, Extent>> {
+    match blob.inodes.into_iter().next() {
+        Some(Inode {
+            ino: i,
+            content: Content::File(m),
+            ..
+        }) if i == ino => Some(m),
+        _ => None,
+    }
+}
+
 /// A file's extents that start in range `r`.
 pub fn range_extents(map: &BTreeMap<u64, Extent>, r: u64) -> BTreeMap<u64, Extent> {
     map.range(r * EXTENT_RANGE..(r + 1) * EXTENT_RANGE)
@@ -610,16 +640,23 @@ pub fn frame<T: Serialize>(magic: [u8; 8], value: &T, size: usize) -> Result<Vec
 /// Reads a frame written by [`frame`]; any damage is an error, never a
 /// misread value.
 pub fn unframe<T: for<'de> Deserialize<'de>>(magic: [u8; 8], b: &[u8]) -> Result<T, MetaError> {
-    let bad = |s: &str| Err(MetaError::Corrupt(s.to_string()));
-    if b.len() < FRAME_OVERHEAD || b[..8] != magic {
-        return bad("bad magic");
-    }
-    let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
+    let (version, body) = frame_parts(magic, b)?;
     if !(OLDEST_READ..=VERSION).contains(&version) {
         return Err(MetaError::Corrupt(format!(
             "version {version} is not supported (this dase reads versions {OLDEST_READ} to {VERSION})"
         )));
     }
+    postcard::from_bytes(body).map_err(|e| MetaError::Corrupt(e.to_string()))
+}
+
+/// The version and body of an intact frame: magic, length and checksum
+/// checked, the version not.
+fn frame_parts(magic: [u8; 8], b: &[u8]) -> Result<(u32, &[u8]), MetaError> {
+    let bad = |s: &str| Err(MetaError::Corrupt(s.to_string()));
+    if b.len() < FRAME_OVERHEAD || b[..8] != magic {
+        return bad("bad magic");
+    }
+    let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
     let len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
     if len > b.len() - FRAME_OVERHEAD {
         return bad("length beyond the block");
@@ -629,7 +666,7 @@ pub fn unframe<T: for<'de> Deserialize<'de>>(magic: [u8; 8], b: &[u8]) -> Result
     if crc32c::crc32c(&b[..end]) != crc {
         return bad("checksum mismatch");
     }
-    postcard::from_bytes(&b[16..end]).map_err(|e| MetaError::Corrupt(e.to_string()))
+    Ok((version, &b[16..end]))
 }
 
 /// The version of an intact frame (magic and checksum right) written by a
@@ -637,17 +674,8 @@ pub fn unframe<T: for<'de> Deserialize<'de>>(magic: [u8; 8], b: &[u8]) -> Result
 /// reader that skipped it as damaged would take an older commit for the
 /// newest and lose what came after.
 pub fn newer_version(magic: [u8; 8], b: &[u8]) -> Option<u32> {
-    if b.len() < FRAME_OVERHEAD || b[..8] != magic {
-        return None;
-    }
-    let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
-    let len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
-    if version <= VERSION || len > b.len() - FRAME_OVERHEAD {
-        return None;
-    }
-    let end = 16 + len;
-    let crc = u32::from_le_bytes(b[end..end + 4].try_into().unwrap());
-    (crc32c::crc32c(&b[..end]) == crc).then_some(version)
+    let (version, _) = frame_parts(magic, b).ok()?;
+    (version > VERSION).then_some(version)
 }
 
 /// The postcard encoding of a metadata value (a record, a page).

@@ -1284,10 +1284,9 @@ impl FileSystem {
                 .values()
                 .filter(|i| matches!(i.content, Content::File(_)))
                 .flat_map(|i| {
-                    let first = meta::extent_page(i.ino, 0);
                     st.inodes
                         .map
-                        .range(first..first + (meta::MAX_FILE_BYTES / meta::EXTENT_RANGE))
+                        .range(meta::extent_pages(i.ino))
                         .map(|(&p, l)| (p, l.clone()))
                 })
                 .filter_map(|(p, l)| meta::extent_page_of(p).map(|(ino, r)| (ino, r, l)))
@@ -1298,15 +1297,12 @@ impl FileSystem {
             let read = join_all(group.iter().map(|(_, _, l)| self.read_page(l))).await;
             for (&(ino, r, _), blob) in group.iter().zip(read) {
                 let blob = blob?;
-                let page = meta::extent_page(ino, r);
-                let extents = match (blob.page == page && blob.fs_uuid == self.sb.fs_uuid, blob.inodes.into_iter().next()) {
-                    (true, Some(Inode { ino: i, content: Content::File(m), .. })) if i == ino => m,
-                    _ => {
-                        return Err(FsError::Io(format!(
-                            "extent page {r} of file {ino}: found page {} of another file, file system or place",
-                            blob.page
-                        )))
-                    }
+                let found = blob.page;
+                let ours = found == meta::extent_page(ino, r) && blob.fs_uuid == self.sb.fs_uuid;
+                let Some(extents) = meta::extents_of_blob(blob, ino).filter(|_| ours) else {
+                    return Err(FsError::Io(format!(
+                        "extent page {r} of file {ino}: found page {found} of another file, file system or place"
+                    )));
                 };
                 if let Some(&digest) = meta::range_digests(&extents).get(&r) {
                     ranges.entry(ino).or_default().insert(r, digest);
@@ -2092,16 +2088,33 @@ impl FileSystem {
                     d.retain(|_, v| *v != 0);
                     inodes.contains_key(ino) || !d.is_empty()
                 });
-                for (ino, stored) in ranges.iter_mut() {
-                    // Unchanged since its ranges were last written: as they are.
-                    if !touched.contains(ino) && !stored.values().any(|&v| v == UNKNOWN_RANGE) {
+                // Every file of the page, and every one freed whose pages
+                // are still to remove.
+                let files: BTreeSet<u64> = inodes
+                    .values()
+                    .filter(|i| matches!(i.content, Content::File(_)))
+                    .map(|i| i.ino)
+                    .chain(ranges.keys().copied())
+                    .collect();
+                for ino in files {
+                    // New to this C-node's copy of the page (created, or
+                    // read from a version 7 page whose extents were inline),
+                    // changed since the last commit, or after a failed one.
+                    let new = !ranges.contains_key(&ino);
+                    let stored = ranges.entry(ino).or_default();
+                    if !new
+                        && !touched.contains(&ino)
+                        && !stored.values().any(|&v| v == UNKNOWN_RANGE)
+                    {
                         continue;
                     }
-                    let map = match inodes.get(ino).map(|i| &i.content) {
-                        Some(Content::File(map)) => Some(map),
+                    let file = inodes.get(&ino).and_then(|i| match &i.content {
+                        Content::File(map) => Some((i, map)),
                         _ => None,
-                    };
-                    let now = map.map(meta::range_digests).unwrap_or_default();
+                    });
+                    let now = file
+                        .map(|(_, map)| meta::range_digests(map))
+                        .unwrap_or_default();
                     let all: BTreeSet<u64> = stored.keys().chain(now.keys()).copied().collect();
                     for r in all {
                         let want = now.get(&r).copied().unwrap_or(0);
@@ -2109,45 +2122,11 @@ impl FileSystem {
                         if *d == want {
                             continue;
                         }
-                        let page = meta::extent_page(*ino, r);
-                        let blob = map.filter(|_| want != 0).map(|map| {
-                            meta::encode(&PageBlob {
-                                fs_uuid,
-                                page,
-                                inodes: vec![inodes[ino]
-                                    .with_content(Content::File(meta::range_extents(map, r)))],
-                                chunks: Vec::new(),
-                                similar: Vec::new(),
-                            })
-                        });
-                        pages.push((page, blob));
+                        let blob = file
+                            .filter(|_| want != 0)
+                            .map(|(i, map)| meta::encode(&meta::extent_blob(fs_uuid, i, map, r)));
+                        pages.push((meta::extent_page(ino, r), blob));
                         *d = want;
-                    }
-                }
-                // Files new to the page (or to this C-node's copy of it).
-                for i in inodes.values() {
-                    if let Content::File(map) = &i.content {
-                        if ranges.contains_key(&i.ino) {
-                            continue;
-                        }
-                        let now = meta::range_digests(map);
-                        for (&r, &want) in &now {
-                            let page = meta::extent_page(i.ino, r);
-                            pages.push((
-                                page,
-                                Some(meta::encode(&PageBlob {
-                                    fs_uuid,
-                                    page,
-                                    inodes: vec![
-                                        i.with_content(Content::File(meta::range_extents(map, r)))
-                                    ],
-                                    chunks: Vec::new(),
-                                    similar: Vec::new(),
-                                })),
-                            ));
-                            debug_assert_ne!(want, 0);
-                        }
-                        ranges.insert(i.ino, now);
                     }
                 }
                 let blob = (!pg.is_empty()).then(|| {
@@ -2687,13 +2666,9 @@ impl FileSystem {
             }
             match self.read_page(loc).await {
                 Ok(b) if b.page == *p => match meta::extent_page_of(*p) {
-                    Some((ino, r)) => match b.inodes.into_iter().next() {
-                        Some(Inode {
-                            ino: i,
-                            content: Content::File(m),
-                            ..
-                        }) if i == ino => extent_pages.push((ino, r, m)),
-                        _ => rep
+                    Some((ino, r)) => match meta::extents_of_blob(b, ino) {
+                        Some(m) => extent_pages.push((ino, r, m)),
+                        None => rep
                             .problems
                             .push(format!("extent page {p} holds no extents of file {ino}")),
                     },
