@@ -19,7 +19,8 @@
 //! last under-16 of each counter, and every chunk's short last piece
 //! (which `hash_many` cannot take at all, so it ran alone). With AVX-512
 //! those go to [`lanes`], sixteen lanes of any counters and lengths: in
-//! cache, 6.0–6.5 GB/s became 6.8–7.2 (`blake3::hash` of 1 MiB: ~7.5).
+//! cache, 6.0–6.5 GB/s became 6.6–7.2 (`blake3::hash` of 1 MiB inputs:
+//! 6.9–7.8; BENCHMARKS.md).
 
 //! `blake3::platform` is the crate's undocumented SIMD entry point (its
 //! own docs: for benchmarks only), so the crate is pinned to one version:
@@ -124,8 +125,7 @@ impl Fingerprinter {
         }
         // Room after the last chaining value for `hash_many`'s over-read
         // (below): the parents' inputs are in `cvs`.
-        let used = self.cvs.len();
-        self.cvs.resize(used + OVER_READ, 0);
+        self.cvs.resize(self.cvs.len() + OVER_READ, 0);
         // Full 1 KiB chunks, one call per counter across the inputs.
         for c in 0..longest {
             self.blocks.clear();
@@ -144,11 +144,8 @@ impl Fingerprinter {
                         self.jobs.push(piece_job(from, to, c, CHUNK_LEN));
                         continue;
                     }
-                    let cv = blake3::Hasher::new()
-                        .set_input_offset((c * CHUNK_LEN) as u64)
-                        .update(&data[from..from + CHUNK_LEN])
-                        .finalize_non_root();
-                    self.cvs[to..to + OUT_LEN].copy_from_slice(&cv);
+                    self.cvs[to..to + OUT_LEN]
+                        .copy_from_slice(&alone(&data[from..from + CHUNK_LEN], c * CHUNK_LEN));
                 }
             }
             // The crate's sixteen lanes take the inputs sixteen at a time,
@@ -195,12 +192,9 @@ impl Fingerprinter {
                     ));
                     continue;
                 }
-                let cv = blake3::Hasher::new()
-                    .set_input_offset(from as u64)
-                    .update(&data[off + from..off + len])
-                    .finalize_non_root();
                 let at = self.at[i] + (n - 1) * OUT_LEN;
-                self.cvs[at..at + OUT_LEN].copy_from_slice(&cv);
+                self.cvs[at..at + OUT_LEN]
+                    .copy_from_slice(&alone(&data[off + from..off + len], from));
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -302,6 +296,15 @@ fn piece_job(from: usize, to: usize, counter: usize, bytes: usize) -> lanes::Job
         first: CHUNK_START.into(),
         last: CHUNK_END.into(),
     }
+}
+
+/// The chaining value of one 1 KiB piece (or a short last one) that
+/// starts `at` bytes into its input, hashed on its own.
+fn alone(piece: &[u8], at: usize) -> [u8; OUT_LEN] {
+    blake3::Hasher::new()
+        .set_input_offset(at as u64)
+        .update(piece)
+        .finalize_non_root()
 }
 
 /// Inputs per SIMD call: a multiple of the widest (16 lanes), on the stack.
