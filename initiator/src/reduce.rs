@@ -83,7 +83,7 @@ impl std::fmt::Display for Reduce {
 /// coarser, within the same bounds ([`chunks_of_size`]).
 pub const AVG_CHUNK: u32 = 16 << 10;
 pub const MIN_CHUNK: u32 = AVG_CHUNK / 4;
-pub const MAX_CHUNK: u32 = AVG_CHUNK * 4;
+pub const MAX_CHUNK: u32 = max_chunk(AVG_CHUNK);
 
 /// The average chunk sizes a file system may choose at mkfs (powers of
 /// two): below 4 KiB a chunk's index entries cost more than dedup finds,

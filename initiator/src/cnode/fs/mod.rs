@@ -246,6 +246,15 @@ pub fn meta_geometry(data: &Geometry, nodes: usize) -> Result<Geometry, dase_era
     Geometry::new(1, m, data.strip_size(), Layout::ReedSolomon)
 }
 
+/// Where a write of `len` bytes at `offset` ends, if a file may hold it.
+pub(super) fn file_end(offset: u64, len: usize) -> Result<u64, FsError> {
+    match offset.checked_add(len as u64) {
+        None => Err(FsError::Invalid("offset + length overflows".into())),
+        Some(end) if end > meta::MAX_FILE_BYTES => Err(FsError::FileTooBig),
+        Some(end) => Ok(end),
+    }
+}
+
 fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1753,11 +1762,7 @@ impl FileSystem {
     /// [`FileSystem::write_segments`] (holding its write guard throughout).
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<Vec<u64>, FsError> {
         self.check_writable()?;
-        match offset.checked_add(data.len() as u64) {
-            None => return Err(FsError::Invalid("offset + length overflows".into())),
-            Some(end) if end > meta::MAX_FILE_BYTES => return Err(FsError::FileTooBig),
-            Some(_) => {}
-        }
+        file_end(offset, data.len())?;
         self.with_state(|st| self.write_locked(st, ino, offset, data))
             .await
     }

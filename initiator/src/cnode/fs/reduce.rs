@@ -867,12 +867,7 @@ impl FileSystem {
     /// into the file's pending buffer, chunking what has gathered.
     pub async fn write_reduced(&self, ino: u64, offset: u64, data: &[u8]) -> Result<(), FsError> {
         self.check_writable()?;
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| FsError::Invalid("offset + length overflows".into()))?;
-        if end > meta::MAX_FILE_BYTES {
-            return Err(FsError::FileTooBig);
-        }
+        let end = super::file_end(offset, data.len())?;
         self.ingest.writes.fetch_add(1, Ordering::Release);
         let w = self.writer(ino);
         let mut p = w.lock().await;
